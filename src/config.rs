@@ -1,0 +1,621 @@
+//! Member configuration: [`GridConfig`] and its SWIM timings, [`SwimConfig`].
+//!
+//! `GridConfig::default()` is the embedded case on one machine: bind 127.0.0.1, take the first
+//! free port from 5701 upward for both gossip (UDP) and rpc (TCP), and use 127.0.0.1:5701-5705 as
+//! seeds, so processes started with no settings at all find each other, as Hazelcast's do.
+//! [`GridConfig::from_env`] starts from the defaults and applies `PEERGRID_*` variables.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::fault::FaultSwitch;
+
+/// The first port of the default port range (Hazelcast's, too).
+pub const DEFAULT_PORT: u16 = 5701;
+
+/// Configuration of one member. Build it with struct update syntax from `GridConfig::default()`,
+/// or with [`GridConfig::from_env`].
+///
+/// ```
+/// use peergrid::GridConfig;
+/// let config = GridConfig {
+///     cluster_name: "orders".into(),
+///     ..GridConfig::default()
+/// };
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone)]
+pub struct GridConfig {
+    /// Name of the cluster. Members only talk to members with the same name: every datagram carries
+    /// a hash of it and every rpc call carries it. 1 to 64 bytes. Default `"peergrid"`.
+    /// Environment: `PEERGRID_CLUSTER_NAME`.
+    pub cluster_name: String,
+
+    /// Human-readable name of this member, shown by `members()` and in logs. At most 64 bytes.
+    /// Default: `None`, which names the member after its advertised gossip address.
+    /// Environment: `PEERGRID_MEMBER_NAME`.
+    pub member_name: Option<String>,
+
+    /// Where the gossip (SWIM, UDP) socket binds. Port 0 picks an ephemeral port (tests do this).
+    /// Default `127.0.0.1:5701`. Environment: `PEERGRID_GOSSIP_BIND` (or `PEERGRID_BIND` for a host
+    /// used by both sockets).
+    pub gossip_bind: SocketAddr,
+
+    /// Where the rpc (gRPC, TCP) listener binds. Port 0 picks an ephemeral port. Default
+    /// `127.0.0.1:5701` (TCP and UDP ports are separate, so both sockets share the number).
+    /// Environment: `PEERGRID_RPC_BIND`.
+    pub rpc_bind: SocketAddr,
+
+    /// The gossip address peers use to reach this member. Default `None`: the bound address, which
+    /// must then not be a wildcard (0.0.0.0 or ::). Environment: `PEERGRID_GOSSIP_ADVERTISE`.
+    pub gossip_advertise: Option<SocketAddr>,
+
+    /// The rpc address peers use to reach this member. Default `None`: the bound address, which
+    /// must then not be a wildcard. Environment: `PEERGRID_RPC_ADVERTISE`.
+    pub rpc_advertise: Option<SocketAddr>,
+
+    /// How many consecutive ports to try, from the configured bind port upward, when a port is taken
+    /// (Hazelcast's port auto-increment). With the default bind port both sockets take the same
+    /// number. 1 means "exactly the configured port". Ignored for port 0. Must not be zero.
+    /// Default 100. Environment: `PEERGRID_PORT_COUNT`.
+    pub port_count: u16,
+
+    /// Gossip addresses of members to contact when joining. This member's own address is skipped.
+    /// Default `127.0.0.1:5701` to `127.0.0.1:5705`. An empty list starts a new cluster at once.
+    /// Environment: `PEERGRID_SEEDS`, comma-separated `host:port` (an empty value means no seeds).
+    pub seeds: Vec<SocketAddr>,
+
+    /// How long [`crate::Grid::join`] waits for a seed to answer before it starts alone (a
+    /// one-member cluster is valid; it keeps contacting the seeds in the background). Default 2 s.
+    /// Environment: `PEERGRID_JOIN_TIMEOUT_MS`.
+    pub join_timeout: Duration,
+
+    /// How often a member that sees no peers announces itself to the seeds again, so clusters
+    /// started in any order, or separated for a while, find each other. Default 1 s. Must not be
+    /// zero.
+    pub seed_retry_interval: Duration,
+
+    /// Number of partitions the key space is divided into. The same for every member of a
+    /// cluster. 1 to [`Self::MAX_PARTITIONS`]. Default 271 (as Hazelcast and Olric).
+    /// Environment: `PEERGRID_PARTITIONS`.
+    pub partition_count: u32,
+
+    /// Number of backup copies of each partition, besides the primary. At most
+    /// [`Self::MAX_BACKUPS`]. Default 1. Environment: `PEERGRID_BACKUPS`.
+    pub backup_count: u8,
+
+    /// SWIM failure-detector timings. Default [`SwimConfig::default`], tuned for a LAN.
+    pub swim: SwimConfig,
+
+    /// Deadline of every member-to-member rpc call. Default 5 s. Must not be zero.
+    /// Environment: `PEERGRID_RPC_TIMEOUT_MS`.
+    pub rpc_timeout: Duration,
+
+    /// Deadline for opening a TCP connection to a peer. Default 1 s. Must not be zero.
+    pub rpc_connect_timeout: Duration,
+
+    /// Largest gossip datagram produced or accepted, in bytes, headers included. Keep it below the
+    /// network's MTU. 512 to 65,000. Default 1400.
+    pub max_datagram_size: usize,
+
+    /// A switch that cuts gossip and rpc traffic between chosen members, for failure tests. Members
+    /// that share one switch obey it. Default `None` (no filtering, no cost).
+    pub fault_switch: Option<FaultSwitch>,
+}
+
+impl GridConfig {
+    /// Largest allowed backup count.
+    pub const MAX_BACKUPS: u8 = 6;
+    /// Largest allowed partition count.
+    pub const MAX_PARTITIONS: u32 = 65_536;
+    /// How many ports of the default range serve as default seeds.
+    pub const DEFAULT_SEED_COUNT: u16 = 5;
+
+    /// A configuration for tests and for processes that pick their own ports: binds 127.0.0.1 with
+    /// ephemeral ports (port 0) and has no seeds.
+    pub fn ephemeral() -> Self {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        GridConfig {
+            gossip_bind: any,
+            rpc_bind: any,
+            seeds: Vec::new(),
+            ..GridConfig::default()
+        }
+    }
+
+    /// Checks every field and returns the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cluster_name.is_empty() || self.cluster_name.len() > 64 {
+            return Err(ConfigError::ClusterName(self.cluster_name.len()));
+        }
+        if let Some(name) = &self.member_name
+            && name.len() > 64
+        {
+            return Err(ConfigError::MemberName(name.len()));
+        }
+        if self.partition_count == 0 || self.partition_count > Self::MAX_PARTITIONS {
+            return Err(ConfigError::PartitionCount {
+                got: self.partition_count,
+                max: Self::MAX_PARTITIONS,
+            });
+        }
+        if self.backup_count > Self::MAX_BACKUPS {
+            return Err(ConfigError::BackupCount {
+                got: self.backup_count,
+                max: Self::MAX_BACKUPS,
+            });
+        }
+        check_bind("gossip_bind", self.gossip_bind, self.gossip_advertise)?;
+        check_bind("rpc_bind", self.rpc_bind, self.rpc_advertise)?;
+        for (field, addr) in [
+            ("gossip_advertise", self.gossip_advertise),
+            ("rpc_advertise", self.rpc_advertise),
+        ] {
+            if let Some(addr) = addr {
+                if addr.ip().is_unspecified() {
+                    return Err(ConfigError::Address {
+                        field,
+                        addr,
+                        reason: "a wildcard address cannot be advertised",
+                    });
+                }
+                if addr.port() == 0 {
+                    return Err(ConfigError::Address {
+                        field,
+                        addr,
+                        reason: "an advertised address needs a port",
+                    });
+                }
+            }
+        }
+        for seed in &self.seeds {
+            if seed.ip().is_unspecified() || seed.port() == 0 {
+                return Err(ConfigError::Address {
+                    field: "seeds",
+                    addr: *seed,
+                    reason: "a seed needs a concrete address and port",
+                });
+            }
+        }
+        if self.port_count == 0 {
+            return Err(ConfigError::Range {
+                field: "port_count",
+                reason: "must not be zero",
+            });
+        }
+        for (field, value) in [
+            ("join_timeout", self.join_timeout),
+            ("seed_retry_interval", self.seed_retry_interval),
+            ("rpc_timeout", self.rpc_timeout),
+            ("rpc_connect_timeout", self.rpc_connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Range {
+                    field,
+                    reason: "must not be zero",
+                });
+            }
+        }
+        if !(512..=65_000).contains(&self.max_datagram_size) {
+            return Err(ConfigError::Range {
+                field: "max_datagram_size",
+                reason: "must be 512 to 65000 bytes",
+            });
+        }
+        self.swim.validate()
+    }
+
+    /// The default configuration with `PEERGRID_*` environment variables applied. See each field
+    /// for its variable. Fails with [`ConfigError::Env`] on a value that does not parse; does not
+    /// call [`Self::validate`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::default().with_env_vars(std::env::vars())
+    }
+
+    /// Applies `PEERGRID_*` variables from `vars` to this configuration. Unknown `PEERGRID_*`
+    /// names are rejected, so a typo does not pass silently.
+    pub fn with_env_vars(
+        mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("PEERGRID_"))
+            .collect();
+        // PEERGRID_BIND first, so the specific *_BIND variables override it.
+        vars.sort_by_key(|(name, _)| name != "PEERGRID_BIND");
+        for (name, value) in vars {
+            let bad = |reason: String| ConfigError::Env {
+                name: name.clone(),
+                value: value.clone(),
+                reason,
+            };
+            let v = value.trim();
+            match name.as_str() {
+                "PEERGRID_CLUSTER_NAME" => self.cluster_name = v.to_string(),
+                "PEERGRID_MEMBER_NAME" => self.member_name = (!v.is_empty()).then(|| v.to_string()),
+                "PEERGRID_BIND" => {
+                    let ip: IpAddr = v.parse().map_err(|e| bad(format!("{e}")))?;
+                    self.gossip_bind.set_ip(ip);
+                    self.rpc_bind.set_ip(ip);
+                }
+                "PEERGRID_GOSSIP_BIND" => self.gossip_bind = parse_addr(v).map_err(bad)?,
+                "PEERGRID_RPC_BIND" => self.rpc_bind = parse_addr(v).map_err(bad)?,
+                "PEERGRID_GOSSIP_ADVERTISE" => {
+                    self.gossip_advertise = Some(parse_addr(v).map_err(bad)?)
+                }
+                "PEERGRID_RPC_ADVERTISE" => self.rpc_advertise = Some(parse_addr(v).map_err(bad)?),
+                "PEERGRID_PORT_COUNT" => self.port_count = parse_num(v).map_err(bad)?,
+                "PEERGRID_SEEDS" => {
+                    self.seeds = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(parse_addr)
+                        .collect::<Result<_, _>>()
+                        .map_err(bad)?
+                }
+                "PEERGRID_JOIN_TIMEOUT_MS" => {
+                    self.join_timeout = Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
+                "PEERGRID_RPC_TIMEOUT_MS" => {
+                    self.rpc_timeout = Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
+                "PEERGRID_PARTITIONS" => self.partition_count = parse_num(v).map_err(bad)?,
+                "PEERGRID_BACKUPS" => self.backup_count = parse_num(v).map_err(bad)?,
+                // Reserved for the logging setup of binaries, not the member itself.
+                "PEERGRID_LOG" => {}
+                _ => return Err(bad("unknown PEERGRID_ variable".to_string())),
+            }
+        }
+        Ok(self)
+    }
+
+    /// The default seed list: the first [`Self::DEFAULT_SEED_COUNT`] ports of the default range on
+    /// 127.0.0.1.
+    pub fn default_seeds() -> Vec<SocketAddr> {
+        (0..Self::DEFAULT_SEED_COUNT)
+            .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + i))
+            .collect()
+    }
+}
+
+impl Default for GridConfig {
+    fn default() -> Self {
+        let base = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT);
+        GridConfig {
+            cluster_name: "peergrid".to_string(),
+            member_name: None,
+            gossip_bind: base,
+            rpc_bind: base,
+            gossip_advertise: None,
+            rpc_advertise: None,
+            port_count: 100,
+            seeds: Self::default_seeds(),
+            join_timeout: Duration::from_secs(2),
+            seed_retry_interval: Duration::from_secs(1),
+            partition_count: 271,
+            backup_count: 1,
+            swim: SwimConfig::default(),
+            rpc_timeout: Duration::from_secs(5),
+            rpc_connect_timeout: Duration::from_secs(1),
+            max_datagram_size: 1400,
+            fault_switch: None,
+        }
+    }
+}
+
+fn check_bind(
+    field: &'static str,
+    bind: SocketAddr,
+    advertise: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    if bind.ip().is_multicast() {
+        return Err(ConfigError::Address {
+            field,
+            addr: bind,
+            reason: "cannot bind a multicast address",
+        });
+    }
+    if bind.ip().is_unspecified() && advertise.is_none() {
+        return Err(ConfigError::Address {
+            field,
+            addr: bind,
+            reason: "binding a wildcard address needs an advertised address",
+        });
+    }
+    Ok(())
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("not a host:port address: {e}"))?
+        .next()
+        .ok_or_else(|| "host name resolves to no address".to_string())
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// SWIM failure-detector timings, passed to foca.
+///
+/// The defaults detect a crashed member on loopback in about 2 s (foca's LAN preset takes about
+/// 6 s): a member is probed every `probe_period`, suspected when neither the direct nor the
+/// indirect probes are answered within it, and declared down `suspect_to_down_after` later unless
+/// it refutes. Raise the timings on a slow or lossy network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwimConfig {
+    /// How often this member probes one random peer. Default 500 ms. Must exceed `probe_rtt`.
+    pub probe_period: Duration,
+    /// How long to wait for a direct ack before asking other members to probe indirectly.
+    /// Default 200 ms. Must not be zero.
+    pub probe_rtt: Duration,
+    /// How many members are asked to probe indirectly. 1 to 16. Default 3.
+    pub num_indirect_probes: usize,
+    /// How long a suspected member has to refute before it is declared down. Default 1.5 s.
+    /// Must not be zero.
+    pub suspect_to_down_after: Duration,
+    /// How often membership updates are gossiped to `gossip_fanout` random members, besides the
+    /// probe messages that carry them anyway. Default 200 ms. Must not be zero.
+    pub gossip_interval: Duration,
+    /// How many members each periodic gossip goes to. 1 to 16. Default 3.
+    pub gossip_fanout: usize,
+    /// How many times one membership update is piggybacked before it is dropped. 1 to 255.
+    /// Default 8.
+    pub max_transmissions: u8,
+    /// How often this member announces itself to one random member, to learn members it missed.
+    /// Default 10 s. Must not be zero.
+    pub announce_interval: Duration,
+    /// How often this member announces itself to members it believes down, so a healed network
+    /// partition rejoins by itself. Default 5 s. Must not be zero.
+    pub announce_to_down_interval: Duration,
+    /// How long a down member's address is remembered. A process restarted at the same address
+    /// rejoins at once regardless, because its identity carries a higher generation. Default 1 h.
+    pub remove_down_after: Duration,
+}
+
+impl Default for SwimConfig {
+    fn default() -> Self {
+        SwimConfig {
+            probe_period: Duration::from_millis(500),
+            probe_rtt: Duration::from_millis(200),
+            num_indirect_probes: 3,
+            suspect_to_down_after: Duration::from_millis(1500),
+            gossip_interval: Duration::from_millis(200),
+            gossip_fanout: 3,
+            max_transmissions: 8,
+            announce_interval: Duration::from_secs(10),
+            announce_to_down_interval: Duration::from_secs(5),
+            remove_down_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl SwimConfig {
+    /// Checks the timings; see each field for its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |field, reason| Err(ConfigError::Range { field, reason });
+        for (field, value) in [
+            ("swim.probe_rtt", self.probe_rtt),
+            ("swim.suspect_to_down_after", self.suspect_to_down_after),
+            ("swim.gossip_interval", self.gossip_interval),
+            ("swim.announce_interval", self.announce_interval),
+            (
+                "swim.announce_to_down_interval",
+                self.announce_to_down_interval,
+            ),
+            ("swim.remove_down_after", self.remove_down_after),
+        ] {
+            if value.is_zero() {
+                return range(field, "must not be zero");
+            }
+        }
+        if self.probe_period <= self.probe_rtt {
+            return range("swim.probe_period", "must be larger than swim.probe_rtt");
+        }
+        if !(1..=16).contains(&self.num_indirect_probes) {
+            return range("swim.num_indirect_probes", "must be 1 to 16");
+        }
+        if !(1..=16).contains(&self.gossip_fanout) {
+            return range("swim.gossip_fanout", "must be 1 to 16");
+        }
+        if self.max_transmissions == 0 {
+            return range("swim.max_transmissions", "must not be zero");
+        }
+        Ok(())
+    }
+
+    /// The foca configuration these timings stand for. `max_packet_size` is foca's share of a
+    /// datagram (the peergrid header is added outside it).
+    pub(crate) fn to_foca(&self, max_packet_size: usize) -> foca::Config {
+        use std::num::{NonZeroU8, NonZeroUsize};
+        let nz = |n: usize| NonZeroUsize::new(n.max(1)).expect("max(1) is non-zero");
+        foca::Config {
+            probe_period: self.probe_period,
+            probe_rtt: self.probe_rtt,
+            num_indirect_probes: nz(self.num_indirect_probes),
+            max_transmissions: NonZeroU8::new(self.max_transmissions.max(1))
+                .expect("max(1) is non-zero"),
+            suspect_to_down_after: self.suspect_to_down_after,
+            remove_down_after: Some(self.remove_down_after),
+            max_packet_size: nz(max_packet_size),
+            notify_down_members: true,
+            periodic_announce: Some(foca::PeriodicParams {
+                frequency: self.announce_interval,
+                num_members: nz(1),
+            }),
+            periodic_announce_to_down_members: Some(foca::PeriodicParams {
+                frequency: self.announce_to_down_interval,
+                num_members: nz(2),
+            }),
+            periodic_gossip: Some(foca::PeriodicParams {
+                frequency: self.gossip_interval,
+                num_members: nz(self.gossip_fanout),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn default_config_is_valid_and_seeds_the_default_port_range() {
+        let c = GridConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.partition_count, 271);
+        assert_eq!(c.backup_count, 1);
+        assert_eq!(c.gossip_bind.port(), 5701);
+        assert_eq!(c.seeds.len(), 5);
+        assert_eq!(c.seeds[4], "127.0.0.1:5705".parse().unwrap());
+        GridConfig::ephemeral().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_setting_with_a_typed_error() {
+        let bad = |f: fn(&mut GridConfig)| {
+            let mut c = GridConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(
+            bad(|c| c.partition_count = 0),
+            ConfigError::PartitionCount {
+                got: 0,
+                max: GridConfig::MAX_PARTITIONS
+            }
+        );
+        assert_eq!(
+            bad(|c| c.backup_count = 7),
+            ConfigError::BackupCount { got: 7, max: 6 }
+        );
+        assert!(matches!(
+            bad(|c| c.gossip_bind = "0.0.0.0:5701".parse().unwrap()),
+            ConfigError::Address {
+                field: "gossip_bind",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.rpc_bind = "224.0.0.1:5701".parse().unwrap()),
+            ConfigError::Address {
+                field: "rpc_bind",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.rpc_advertise = Some("0.0.0.0:1".parse().unwrap())),
+            ConfigError::Address {
+                field: "rpc_advertise",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.seeds = vec!["127.0.0.1:0".parse().unwrap()]),
+            ConfigError::Address { field: "seeds", .. }
+        ));
+        assert_eq!(bad(|c| c.cluster_name.clear()), ConfigError::ClusterName(0));
+        assert!(matches!(
+            bad(|c| c.swim.probe_rtt = c.swim.probe_period),
+            ConfigError::Range {
+                field: "swim.probe_period",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.max_datagram_size = 100),
+            ConfigError::Range {
+                field: "max_datagram_size",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.port_count = 0),
+            ConfigError::Range {
+                field: "port_count",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn wildcard_bind_is_fine_with_an_advertised_address() {
+        let c = GridConfig {
+            gossip_bind: "0.0.0.0:5701".parse().unwrap(),
+            gossip_advertise: Some("10.1.2.3:5701".parse().unwrap()),
+            ..GridConfig::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn environment_variables_override_defaults() {
+        let c = GridConfig::default()
+            .with_env_vars(env(&[
+                ("PEERGRID_CLUSTER_NAME", "orders"),
+                ("PEERGRID_SEEDS", "127.0.0.1:7000, 127.0.0.1:7001"),
+                ("PEERGRID_GOSSIP_BIND", "127.0.0.1:7100"),
+                ("PEERGRID_BIND", "127.0.0.2"),
+                ("PEERGRID_PARTITIONS", "1024"),
+                ("PEERGRID_BACKUPS", "2"),
+                ("PEERGRID_JOIN_TIMEOUT_MS", "250"),
+                ("HOME", "/root"),
+            ]))
+            .unwrap();
+        assert_eq!(c.cluster_name, "orders");
+        assert_eq!(c.seeds.len(), 2);
+        assert_eq!(c.gossip_bind, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(c.rpc_bind, "127.0.0.2:5701".parse().unwrap());
+        assert_eq!(c.partition_count, 1024);
+        assert_eq!(c.backup_count, 2);
+        assert_eq!(c.join_timeout, Duration::from_millis(250));
+        let none = GridConfig::default()
+            .with_env_vars(env(&[("PEERGRID_SEEDS", "")]))
+            .unwrap();
+        assert!(none.seeds.is_empty());
+    }
+
+    #[test]
+    fn bad_environment_values_are_reported_by_name() {
+        for (name, value) in [
+            ("PEERGRID_PARTITIONS", "many"),
+            ("PEERGRID_SEEDS", "not an address"),
+            ("PEERGRID_BIND", "localhost:1"),
+            ("PEERGRID_BACKUPS", "300"),
+            ("PEERGRID_TYPO", "1"),
+        ] {
+            let err = GridConfig::default()
+                .with_env_vars(env(&[(name, value)]))
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Env { name: n, .. } if n == name),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn swim_timings_map_onto_foca() {
+        let f = SwimConfig::default().to_foca(1388);
+        assert_eq!(f.probe_period, Duration::from_millis(500));
+        assert_eq!(f.max_packet_size.get(), 1388);
+        assert!(f.periodic_gossip.is_some());
+        assert!(f.notify_down_members);
+    }
+}

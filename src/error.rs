@@ -1,0 +1,147 @@
+//! The errors of the public API.
+//!
+//! Every fallible call returns [`Error`], an enum a caller can match on. Configuration problems are
+//! [`ConfigError`], wrapped in [`Error::Config`] when they surface through [`crate::Grid::join`].
+//! Network failures are split the way a caller reacts to them: [`Error::Timeout`] (the peer may
+//! have acted), [`Error::Unreachable`] (the request did not get through) and [`Error::Remote`] (the
+//! peer answered with an error).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::membership::MemberId;
+
+/// The result type of peergrid's public API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a peergrid call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was rejected by [`crate::GridConfig::validate`]. Nothing was started.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+
+    /// No socket could be bound. `tried` names the first address of the range that was tried;
+    /// `source` is the error of the last attempt. Nothing was started.
+    #[error("could not bind {what} socket at {tried} (tried {attempts} port(s)): {source}")]
+    Bind {
+        /// Which socket: `"gossip (udp)"` or `"rpc (tcp)"`.
+        what: &'static str,
+        /// The first address tried.
+        tried: SocketAddr,
+        /// How many consecutive ports were tried.
+        attempts: u16,
+        /// The error of the last attempt.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A call to a peer did not complete within its deadline. The peer may or may not have acted
+    /// on it.
+    #[error("{operation} on member {member} timed out after {after:?}")]
+    Timeout {
+        /// The operation that timed out.
+        operation: &'static str,
+        /// The member that was called.
+        member: MemberId,
+        /// The deadline that passed.
+        after: Duration,
+    },
+
+    /// A peer could not be reached: the connection was refused or reset, or the fault switch cuts
+    /// the link. The request was not processed.
+    #[error("member {member} at {addr} is unreachable: {reason}")]
+    Unreachable {
+        /// The member that was called.
+        member: MemberId,
+        /// The rpc address that was tried.
+        addr: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+
+    /// A peer answered the call with an error.
+    #[error("member {member} answered {code:?}: {message}")]
+    Remote {
+        /// The member that answered.
+        member: MemberId,
+        /// The gRPC status code of the answer.
+        code: tonic::Code,
+        /// The peer's error message.
+        message: String,
+    },
+
+    /// The member id is not in this member's current membership view (it never joined, or it was
+    /// declared down or left).
+    #[error("member {0} is not a live member of this cluster")]
+    UnknownMember(MemberId),
+
+    /// This grid handle's member has left the cluster (or was dropped); start a new one with
+    /// [`crate::Grid::join`].
+    #[error("this member has left the cluster")]
+    Shutdown,
+}
+
+/// A configuration value that cannot work, found by [`crate::GridConfig::validate`] or while
+/// reading the environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The cluster name is empty or longer than 64 bytes.
+    #[error("cluster name must be 1 to 64 bytes, got {0} bytes")]
+    ClusterName(usize),
+
+    /// The member name is longer than 64 bytes.
+    #[error("member name must be at most 64 bytes, got {0} bytes")]
+    MemberName(usize),
+
+    /// The partition count is zero or above [`crate::GridConfig::MAX_PARTITIONS`].
+    #[error("partition count must be 1 to {max}, got {got}")]
+    PartitionCount {
+        /// The configured count.
+        got: u32,
+        /// The largest allowed count.
+        max: u32,
+    },
+
+    /// The backup count is above [`crate::GridConfig::MAX_BACKUPS`].
+    #[error("backup count must be at most {max}, got {got}")]
+    BackupCount {
+        /// The configured count.
+        got: u8,
+        /// The largest allowed count.
+        max: u8,
+    },
+
+    /// An address cannot be used as configured.
+    #[error("{field} = {addr} is unusable: {reason}")]
+    Address {
+        /// The configuration field.
+        field: &'static str,
+        /// The offending address.
+        addr: SocketAddr,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+
+    /// A duration or count is out of its allowed range.
+    #[error("{field} is out of range: {reason}")]
+    Range {
+        /// The configuration field.
+        field: &'static str,
+        /// The allowed range.
+        reason: &'static str,
+    },
+
+    /// An environment variable holds a value that does not parse.
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Env {
+        /// The variable's name.
+        name: String,
+        /// Its value.
+        value: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+}

@@ -1,0 +1,91 @@
+//! A network fault switch for failure tests: cut and heal the links between chosen members.
+//!
+//! Hazelcast's own tests firewall connections between members; openraft's test router has
+//! `set_unreachable`. [`FaultSwitch`] does the same for peergrid: members that share one switch
+//! (through [`crate::GridConfig::fault_switch`]) drop gossip datagrams to and from a cut peer, and
+//! their rpc client refuses calls to it with [`crate::Error::Unreachable`]. Members are named by
+//! their advertised gossip address, which is unique in a cluster.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+/// Cuts and heals traffic between pairs of members. Cheap to clone; clones share the same cuts.
+#[derive(Debug, Clone, Default)]
+pub struct FaultSwitch {
+    /// Cut links, each stored once with the smaller address first.
+    cuts: Arc<RwLock<HashSet<(SocketAddr, SocketAddr)>>>,
+}
+
+fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+impl FaultSwitch {
+    /// A switch with every link up.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cuts gossip and rpc traffic between the members at gossip addresses `a` and `b`, both ways.
+    pub fn cut(&self, a: SocketAddr, b: SocketAddr) {
+        self.write().insert(link(a, b));
+    }
+
+    /// Cuts every link between the two groups (a network split).
+    pub fn split(&self, side_a: &[SocketAddr], side_b: &[SocketAddr]) {
+        let mut cuts = self.write();
+        for &a in side_a {
+            for &b in side_b {
+                cuts.insert(link(a, b));
+            }
+        }
+    }
+
+    /// Restores traffic between `a` and `b`.
+    pub fn heal(&self, a: SocketAddr, b: SocketAddr) {
+        self.write().remove(&link(a, b));
+    }
+
+    /// Restores every link.
+    pub fn heal_all(&self) {
+        self.write().clear();
+    }
+
+    /// Whether traffic between `a` and `b` is cut.
+    pub fn is_cut(&self, a: SocketAddr, b: SocketAddr) -> bool {
+        let cuts = self
+            .cuts
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !cuts.is_empty() && cuts.contains(&link(a, b))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
+        self.cuts
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_are_symmetric_and_heal() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let switch = FaultSwitch::new();
+        switch.cut(b, a);
+        assert!(switch.is_cut(a, b) && switch.is_cut(b, a));
+        assert!(!switch.is_cut(a, c));
+        switch.split(&[a], &[b, c]);
+        assert!(switch.is_cut(c, a));
+        switch.heal(a, b);
+        assert!(!switch.is_cut(a, b) && switch.is_cut(a, c));
+        switch.heal_all();
+        assert!(!switch.is_cut(a, c));
+    }
+}

@@ -1,0 +1,345 @@
+//! [`Grid`]: a running member. [`Grid::join`] starts every background task; [`Grid::leave`] stops
+//! them in order; dropping the last handle stops them at once, which peers see as a crash.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GridConfig;
+use crate::error::{Error, Result};
+use crate::membership::driver::{Command, Driver, DriverConfig};
+use crate::membership::frame;
+use crate::membership::identity::Identity;
+use crate::membership::{
+    DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents, MembershipState,
+};
+use crate::rpc::client::RpcClients;
+use crate::rpc::proto::MemberInfoRequest;
+use crate::rpc::server::{self, PeerGridService};
+
+/// A running member of a peergrid cluster.
+///
+/// Cloning is cheap (a reference count) and every clone is the same member. The member runs until
+/// [`Grid::leave`] is called or the last clone is dropped. Dropping without `leave` stops every
+/// task at once and tells no one, so peers see a crash and detect it with the failure detector.
+#[derive(Clone)]
+pub struct Grid {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GridConfig,
+    membership: Arc<MembershipState>,
+    rpc: Arc<RpcClients>,
+    commands: mpsc::Sender<Command>,
+    /// Fired on leave or drop; every task watches it.
+    cancel: CancellationToken,
+    /// Background tasks, taken by `leave` to await them. A std mutex: never held across `.await`.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    left: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Grid {
+    /// Starts a member: binds the gossip and rpc sockets, starts the rpc server and the membership
+    /// task, and contacts the seeds. Returns once a seed answered, or after
+    /// [`GridConfig::join_timeout`] with this member alone (it keeps contacting the seeds in the
+    /// background, so late seeds still merge). With no seeds it returns at once.
+    ///
+    /// Must be called within a tokio runtime.
+    pub async fn join(config: GridConfig) -> Result<Grid> {
+        config.validate()?;
+        let (udp, tcp) = bind(&config).await?;
+        let gossip_addr = match config.gossip_advertise {
+            Some(addr) => addr,
+            None => local_addr(&udp.local_addr(), config.gossip_bind, "gossip (udp)")?,
+        };
+        let rpc_addr = match config.rpc_advertise {
+            Some(addr) => addr,
+            None => local_addr(&tcp.local_addr(), config.rpc_bind, "rpc (tcp)")?,
+        };
+        let id = MemberId::random();
+        let name = config
+            .member_name
+            .clone()
+            .unwrap_or_else(|| format!("member-{gossip_addr}"));
+        let identity = Identity::new(id, gossip_addr, rpc_addr, Arc::from(name.as_str()));
+        let membership = Arc::new(MembershipState::new(identity.clone()));
+        let cluster_hash = frame::cluster_hash(&config.cluster_name);
+        let cancel = CancellationToken::new();
+
+        let rpc = Arc::new(RpcClients::new(
+            cluster_hash,
+            &identity,
+            config.rpc_timeout,
+            config.rpc_connect_timeout,
+            config.fault_switch.clone(),
+        ));
+        let server_task = server::spawn(
+            tcp,
+            PeerGridService {
+                membership: membership.clone(),
+                cluster_name: Arc::from(config.cluster_name.as_str()),
+                cluster_hash,
+                partition_count: config.partition_count,
+                closed: cancel.clone(),
+            },
+            cancel.clone(),
+        );
+
+        let (commands, command_rx) = mpsc::channel(8);
+        let driver = Driver::new(
+            DriverConfig {
+                identity,
+                swim: config
+                    .swim
+                    .to_foca(config.max_datagram_size - frame::HEADER_LEN),
+                cluster_hash,
+                seeds: config.seeds.clone(),
+                seed_retry_interval: config.seed_retry_interval,
+                max_datagram_size: config.max_datagram_size,
+                fault_switch: config.fault_switch.clone(),
+            },
+            udp,
+            membership.clone(),
+        );
+        let driver_task = tokio::spawn(driver.run(command_rx, cancel.clone()));
+        let cleanup_task = tokio::spawn(forget_gone_peers(
+            membership.subscribe(),
+            rpc.clone(),
+            cancel.clone(),
+        ));
+
+        let has_seeds = config.seeds.iter().any(|s| *s != gossip_addr);
+        let grid = Grid {
+            inner: Arc::new(Inner {
+                membership: membership.clone(),
+                rpc,
+                commands,
+                cancel,
+                tasks: Mutex::new(vec![driver_task, server_task, cleanup_task]),
+                left: AtomicBool::new(false),
+                config,
+            }),
+        };
+        tracing::info!(member = %id, %gossip_addr, %rpc_addr, "member started");
+        if has_seeds {
+            let mut connected = membership.subscribe_connected();
+            let joined =
+                tokio::time::timeout(grid.inner.config.join_timeout, connected.wait_for(|c| *c))
+                    .await;
+            if joined.is_err() {
+                tracing::info!("no seed answered; starting alone");
+            }
+        }
+        Ok(grid)
+    }
+
+    /// This member.
+    pub fn local_member(&self) -> Member {
+        self.inner.membership.local_member()
+    }
+
+    /// Every live member as this member sees it, itself first.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.membership.members()
+    }
+
+    /// A stream of membership changes from now on.
+    pub fn membership_events(&self) -> MembershipEvents {
+        self.inner.membership.subscribe()
+    }
+
+    /// Counters of the gossip socket: datagrams sent, received, and dropped by reason.
+    pub fn datagram_stats(&self) -> DatagramStats {
+        self.inner.membership.stats()
+    }
+
+    /// The configuration this member runs with.
+    pub fn config(&self) -> &GridConfig {
+        &self.inner.config
+    }
+
+    /// Asks member `id` over rpc to describe itself (this member answers for itself directly).
+    ///
+    /// Errors: [`Error::UnknownMember`] if `id` is not live in this member's view,
+    /// [`Error::Unreachable`] or [`Error::Timeout`] if the call fails, [`Error::Shutdown`] after
+    /// [`Grid::leave`].
+    pub async fn member_info(&self, id: MemberId) -> Result<Member> {
+        self.ensure_running()?;
+        let local = self.inner.membership.local_member();
+        if id == local.id {
+            return Ok(local);
+        }
+        let peer = self
+            .inner
+            .membership
+            .peer(id)
+            .ok_or(Error::UnknownMember(id))?;
+        let mut call = self.inner.rpc.get(&peer)?;
+        let request = self.inner.rpc.request(MemberInfoRequest {});
+        let response = call
+            .client
+            .member_info(request)
+            .await
+            .map_err(|status| call.error("member_info", status))?
+            .into_inner();
+        let parse = |s: &str| -> Result<SocketAddr> {
+            s.parse().map_err(|_| Error::Remote {
+                member: id,
+                code: tonic::Code::Internal,
+                message: format!("peer sent a bad address {s:?}"),
+            })
+        };
+        Ok(Member {
+            id: MemberId(response.member_id),
+            name: response.name,
+            gossip_addr: parse(&response.gossip_addr)?,
+            rpc_addr: parse(&response.rpc_addr)?,
+            generation: response.generation,
+            is_local: false,
+        })
+    }
+
+    /// Leaves the cluster gracefully: tells the peers (they see [`MembershipEvent::Left`] within
+    /// moments), then stops every background task and returns once all have stopped. Calling it
+    /// again, from any clone, returns `Ok(())` at once.
+    pub async fn leave(&self) -> Result<()> {
+        if self.inner.left.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (done, announced) = oneshot::channel();
+        if self.inner.commands.send(Command::Leave(done)).await.is_ok() {
+            // The driver answers once the leave datagrams are sent; if it is gone, so are we.
+            let _ = announced.await;
+        }
+        self.inner.cancel.cancel();
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+
+    fn ensure_running(&self) -> Result<()> {
+        if self.inner.left.load(Ordering::SeqCst) {
+            Err(Error::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl std::fmt::Debug for Grid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let me = self.local_member();
+        f.debug_struct("Grid")
+            .field("member", &me.id)
+            .field("gossip", &me.gossip_addr)
+            .field("members", &self.inner.membership.peer_count())
+            .finish()
+    }
+}
+
+/// Drops rpc channels of members that went down or left.
+async fn forget_gone_peers(
+    mut events: MembershipEvents,
+    rpc: Arc<RpcClients>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            event = events.recv() => match event {
+                Some(MembershipEvent::Down(m) | MembershipEvent::Left(m)) => rpc.forget(m.id),
+                Some(_) => {}
+                None => return,
+            },
+        }
+    }
+}
+
+fn local_addr(
+    bound: &std::io::Result<SocketAddr>,
+    configured: SocketAddr,
+    what: &'static str,
+) -> Result<SocketAddr> {
+    match bound {
+        Ok(addr) => Ok(*addr),
+        Err(e) => Err(Error::Bind {
+            what,
+            tried: configured,
+            attempts: 1,
+            source: std::io::Error::new(e.kind(), e.to_string()),
+        }),
+    }
+}
+
+/// Binds the gossip and rpc sockets. A non-zero port that is taken moves both sockets up one port
+/// at a time, up to `port_count` attempts, so they keep the same offset (the same number with the
+/// default settings). A zero port is ephemeral and tried once.
+async fn bind(config: &GridConfig) -> Result<(UdpSocket, TcpListener)> {
+    let attempts = if config.gossip_bind.port() == 0 && config.rpc_bind.port() == 0 {
+        1
+    } else {
+        config.port_count
+    };
+    let at = |base: SocketAddr, offset: u16| -> Option<SocketAddr> {
+        if base.port() == 0 {
+            return Some(base);
+        }
+        let port = base.port().checked_add(offset)?;
+        Some(SocketAddr::new(base.ip(), port))
+    };
+    let mut last_error = None;
+    for offset in 0..attempts {
+        let (Some(gossip), Some(rpc)) =
+            (at(config.gossip_bind, offset), at(config.rpc_bind, offset))
+        else {
+            break;
+        };
+        let udp = match UdpSocket::bind(gossip).await {
+            Ok(udp) => udp,
+            Err(e) => {
+                last_error = Some(("gossip (udp)", config.gossip_bind, e));
+                continue;
+            }
+        };
+        match TcpListener::bind(rpc).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last_error = Some(("rpc (tcp)", config.rpc_bind, e)),
+        }
+    }
+    let (what, tried, source) = last_error.unwrap_or_else(|| {
+        (
+            "gossip (udp)",
+            config.gossip_bind,
+            std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "port range exhausted"),
+        )
+    });
+    Err(Error::Bind {
+        what,
+        tried,
+        attempts,
+        source,
+    })
+}

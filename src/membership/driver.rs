@@ -1,0 +1,307 @@
+//! The membership task: the only owner of the `Foca` value, the gossip socket and the timer queue.
+//!
+//! It loops over four inputs (a datagram, a due timer, a command, the seed-retry tick), feeds each
+//! to foca, then carries out what foca asked for: datagrams to send, timers to schedule, and
+//! notifications that change the [`MembershipState`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use foca::{
+    AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec,
+};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, FrameError, Kind};
+use super::identity::Identity;
+use super::timers::TimerQueue;
+use super::{Counters, MemberId, MembershipState};
+use crate::fault::FaultSwitch;
+
+type SwimNode = Foca<Identity, PostcardCodec, SmallRng, NoCustomBroadcast>;
+
+/// Requests to the membership task.
+pub(crate) enum Command {
+    /// Announce the leave, gossip it, and stop; the sender is answered once the datagrams are out.
+    Leave(oneshot::Sender<()>),
+}
+
+/// Everything the task needs; built by [`crate::Grid::join`].
+pub(crate) struct DriverConfig {
+    pub(crate) identity: Identity,
+    pub(crate) swim: foca::Config,
+    pub(crate) cluster_hash: u64,
+    pub(crate) seeds: Vec<SocketAddr>,
+    pub(crate) seed_retry_interval: Duration,
+    pub(crate) max_datagram_size: usize,
+    pub(crate) fault_switch: Option<FaultSwitch>,
+}
+
+pub(crate) struct Driver {
+    foca: SwimNode,
+    runtime: AccumulatingRuntime<Identity>,
+    socket: UdpSocket,
+    timers: TimerQueue<foca::Timer<Identity>>,
+    state: Arc<MembershipState>,
+    cluster_hash: u64,
+    seeds: Vec<SocketAddr>,
+    seed_retry_interval: Duration,
+    max_datagram_size: usize,
+    fault_switch: Option<FaultSwitch>,
+    /// Identities (id, generation) that sent a leave notice, so their coming Down reads as Left.
+    leaving: HashSet<(MemberId, u64)>,
+    send_buf: Vec<u8>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: DriverConfig,
+        socket: UdpSocket,
+        state: Arc<MembershipState>,
+    ) -> Self {
+        let rng = SmallRng::seed_from_u64(config.identity.id.0 ^ config.identity.generation);
+        let own_gossip = config.identity.gossip;
+        Driver {
+            foca: Foca::new(config.identity, config.swim, rng, PostcardCodec),
+            runtime: AccumulatingRuntime::new(),
+            socket,
+            timers: TimerQueue::new(),
+            state,
+            cluster_hash: config.cluster_hash,
+            seeds: config
+                .seeds
+                .into_iter()
+                .filter(|s| *s != own_gossip)
+                .collect(),
+            seed_retry_interval: config.seed_retry_interval,
+            max_datagram_size: config.max_datagram_size,
+            fault_switch: config.fault_switch,
+            leaving: HashSet::new(),
+            send_buf: Vec::with_capacity(config.max_datagram_size),
+        }
+    }
+
+    /// Runs until a leave command completes, the command channel closes, or `cancel` fires. A
+    /// cancelled task stops at once without telling anyone: to peers that is a crash.
+    pub(crate) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        let mut buf = vec![0u8; 65_536];
+        let mut seed_tick = tokio::time::interval(self.seed_retry_interval);
+        seed_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.next_deadline();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                command = commands.recv() => match command {
+                    Some(Command::Leave(done)) => {
+                        self.leave().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return,
+                },
+                _ = async { tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)).await },
+                    if next_timer.is_some() => self.fire_due_timers(),
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((len, from)) => self.on_datagram(&buf[..len], from),
+                    // Linux reports an ICMP "port unreachable" for an earlier send on the next
+                    // receive; a seed that is not up yet causes it. Nothing to do.
+                    Err(e) => tracing::trace!(error = %e, "gossip socket receive error"),
+                },
+                _ = seed_tick.tick() => self.announce_to_seeds_if_alone(),
+            }
+            self.flush().await;
+        }
+    }
+
+    fn announce_to_seeds_if_alone(&mut self) {
+        if self.state.peer_count() > 0 {
+            return;
+        }
+        for seed in self.seeds.clone() {
+            if let Err(e) = self
+                .foca
+                .announce(Identity::placeholder(seed), &mut self.runtime)
+            {
+                tracing::debug!(%seed, error = %e, "announce failed");
+            }
+        }
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(timer) = self.timers.pop_due(now) {
+            if let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!(error = %e, "foca timer error");
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        let state = self.state.clone();
+        let counters = &state.counters;
+        if datagram.len() > self.max_datagram_size {
+            Counters::bump(&counters.dropped_oversized);
+            return;
+        }
+        if self.is_cut(from) {
+            Counters::bump(&counters.dropped_by_fault_switch);
+            return;
+        }
+        let (kind, payload) = match frame::read(datagram, self.cluster_hash) {
+            Ok(ok) => ok,
+            Err(FrameError::Malformed) => {
+                Counters::bump(&counters.dropped_malformed);
+                tracing::trace!(%from, "dropped malformed datagram");
+                return;
+            }
+            Err(FrameError::ForeignCluster) => {
+                Counters::bump(&counters.dropped_foreign_cluster);
+                tracing::trace!(%from, "dropped datagram of another cluster");
+                return;
+            }
+        };
+        let accepted = match kind {
+            Kind::Swim => match self.foca.handle_data(payload, &mut self.runtime) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::trace!(%from, error = %e, "foca rejected datagram");
+                    false
+                }
+            },
+            Kind::Leave => self.on_leave_notice(payload),
+        };
+        Counters::bump(if accepted {
+            &counters.received
+        } else {
+            &counters.dropped_invalid_payload
+        });
+    }
+
+    /// A peer says it leaves. Only a notice naming a live identity at the generation we know is
+    /// believed; it is then declared down at once instead of after the failure detector's delay.
+    fn on_leave_notice(&mut self, payload: &[u8]) -> bool {
+        let Ok(identity) = postcard::from_bytes::<Identity>(payload) else {
+            return false;
+        };
+        if self.state.peer(identity.id).as_ref() != Some(&identity) {
+            // Unknown, or an older generation: nothing to do, but well-formed.
+            return true;
+        }
+        self.leaving.insert((identity.id, identity.generation));
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::down(identity)),
+            true,
+            &mut self.runtime,
+        ) {
+            tracing::debug!(error = %e, "could not apply leave notice");
+        }
+        true
+    }
+
+    async fn leave(&mut self) {
+        let me = self.foca.identity().clone();
+        match postcard::to_stdvec(&me) {
+            Ok(notice) => {
+                for peer in self.state.peer_identities() {
+                    frame::write_header(&mut self.send_buf, Kind::Leave, self.cluster_hash);
+                    self.send_buf.extend_from_slice(&notice);
+                    let datagram = std::mem::take(&mut self.send_buf);
+                    self.send(&datagram, peer.gossip).await;
+                    self.send_buf = datagram;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode leave notice"),
+        }
+        if let Err(e) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::debug!(error = %e, "foca leave error");
+        }
+        self.flush().await;
+        tracing::info!(member = %me.id, "left the cluster");
+    }
+
+    /// Carries out what foca asked for: notifications, timers, then datagrams.
+    async fn flush(&mut self) {
+        while let Some(notification) = self.runtime.to_notify() {
+            self.on_notification(notification);
+        }
+        let now = Instant::now();
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timers.schedule(now, after, timer);
+        }
+        while let Some((to, data)) = self.runtime.to_send() {
+            frame::write_header(&mut self.send_buf, Kind::Swim, self.cluster_hash);
+            self.send_buf.extend_from_slice(&data);
+            let datagram = std::mem::take(&mut self.send_buf);
+            self.send(&datagram, to.gossip).await;
+            self.send_buf = datagram;
+        }
+    }
+
+    async fn send(&self, datagram: &[u8], to: SocketAddr) {
+        let counters = &self.state.counters;
+        if self.is_cut(to) {
+            Counters::bump(&counters.dropped_by_fault_switch);
+            return;
+        }
+        match self.socket.send_to(datagram, to).await {
+            Ok(_) => Counters::bump(&counters.sent),
+            Err(e) => {
+                Counters::bump(&counters.send_errors);
+                tracing::trace!(%to, error = %e, "gossip send failed");
+            }
+        }
+    }
+
+    fn is_cut(&self, peer: SocketAddr) -> bool {
+        self.fault_switch
+            .as_ref()
+            .is_some_and(|s| s.is_cut(self.foca.identity().gossip, peer))
+    }
+
+    fn on_notification(&mut self, notification: OwnedNotification<Identity>) {
+        match notification {
+            OwnedNotification::MemberUp(identity) => {
+                self.leaving.remove(&(identity.id, identity.generation));
+                self.state.peer_up(identity);
+            }
+            OwnedNotification::MemberDown(identity) => {
+                let left = self.leaving.remove(&(identity.id, identity.generation));
+                self.state.peer_gone(&identity, left);
+            }
+            OwnedNotification::Rename(old, new) => {
+                // The identity at an address was replaced (a restart, or a rejoin with a higher
+                // generation). If the old one was live, the new one is live too and foca sends no
+                // MemberUp for it.
+                if self.state.peer(old.id).as_ref() == Some(&old) {
+                    self.state.peer_gone(&old, false);
+                    self.state.peer_up(new);
+                }
+            }
+            OwnedNotification::Active => self.state.set_connected(true),
+            OwnedNotification::Idle => self.state.set_connected(false),
+            OwnedNotification::Rejoin(identity) => {
+                tracing::warn!(
+                    generation = identity.generation,
+                    "declared down by peers; rejoined with a new generation"
+                );
+                self.state.set_local(identity);
+            }
+            OwnedNotification::Defunct => {
+                tracing::warn!("declared down by peers and could not rejoin");
+                self.state.set_connected(false);
+            }
+        }
+    }
+}

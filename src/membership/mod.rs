@@ -1,0 +1,383 @@
+//! Membership: who is in the cluster, learned by SWIM gossip (foca) over UDP.
+//!
+//! - [`identity`]: the identity foca gossips (member id, addresses, generation, name).
+//! - [`frame`]: the header in front of every datagram (magic, version, kind, cluster hash).
+//! - [`timers`]: the single ordered timer queue foca's timers go through.
+//! - [`driver`]: the one task that owns the `Foca` value, the socket and the timer queue.
+//!
+//! The driver publishes what it learns into [`MembershipState`], which the rest of the crate reads
+//! without talking to the task: the live peers, this member's identity, counters, and a broadcast
+//! of [`MembershipEvent`]s.
+
+pub(crate) mod driver;
+pub(crate) mod frame;
+pub(crate) mod identity;
+pub(crate) mod timers;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::BroadcastStream;
+
+use identity::Identity;
+
+/// A member's id: random, 64 bits, fixed for the life of its process. A process that restarts is a
+/// new member with a new id.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MemberId(pub(crate) u64);
+
+impl MemberId {
+    /// A fresh random, non-zero id.
+    pub(crate) fn random() -> Self {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                return MemberId(id);
+            }
+        }
+    }
+
+    /// The id as a number.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for MemberId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for MemberId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemberId({self})")
+    }
+}
+
+/// A member of the cluster as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Member {
+    /// The member's id.
+    pub id: MemberId,
+    /// Its name (configured, or derived from its gossip address).
+    pub name: String,
+    /// Where it gossips (UDP).
+    pub gossip_addr: SocketAddr,
+    /// Where it serves rpc (TCP).
+    pub rpc_addr: SocketAddr,
+    /// The generation of its identity: the process start time in microseconds, plus one for every
+    /// rejoin after it was declared down.
+    pub generation: u64,
+    /// Whether this is the local member.
+    pub is_local: bool,
+}
+
+impl Member {
+    fn from_identity(identity: &Identity, is_local: bool) -> Self {
+        Member {
+            id: identity.id,
+            name: identity.name.to_string(),
+            gossip_addr: identity.gossip,
+            rpc_addr: identity.rpc,
+            generation: identity.generation,
+            is_local,
+        }
+    }
+}
+
+/// A change in the membership view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipEvent {
+    /// A member joined, or rejoined with a new generation.
+    Up(Member),
+    /// A member was declared down by the failure detector (or replaced by a newer generation of
+    /// itself at the same address).
+    Down(Member),
+    /// A member left gracefully.
+    Left(Member),
+}
+
+impl MembershipEvent {
+    /// The member the event is about.
+    pub fn member(&self) -> &Member {
+        match self {
+            MembershipEvent::Up(m) | MembershipEvent::Down(m) | MembershipEvent::Left(m) => m,
+        }
+    }
+}
+
+/// A stream of [`MembershipEvent`]s, from [`crate::Grid::membership_events`].
+///
+/// It holds the 1024 most recent events a slow reader has not taken; older ones are skipped (the
+/// view itself, [`crate::Grid::members`], is always current).
+pub struct MembershipEvents {
+    inner: BroadcastStream<MembershipEvent>,
+}
+
+impl MembershipEvents {
+    /// The next event, or `None` once the member has left and every event was taken.
+    pub async fn recv(&mut self) -> Option<MembershipEvent> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl futures::Stream for MembershipEvents {
+    type Item = MembershipEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => return Poll::Ready(Some(event)),
+                // Lagged: the oldest events were dropped; carry on with the rest.
+                Poll::Ready(Some(Err(_))) => continue,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Counters of the gossip socket, from [`crate::Grid::datagram_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DatagramStats {
+    /// Datagrams received and accepted.
+    pub received: u64,
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Dropped: not a peergrid datagram (too short, wrong magic, version or kind).
+    pub dropped_malformed: u64,
+    /// Dropped: a peergrid datagram of another cluster.
+    pub dropped_foreign_cluster: u64,
+    /// Dropped: larger than `max_datagram_size`.
+    pub dropped_oversized: u64,
+    /// Dropped: the header was fine but the SWIM payload or leave notice was not.
+    pub dropped_invalid_payload: u64,
+    /// Dropped or not sent because the fault switch cuts the link.
+    pub dropped_by_fault_switch: u64,
+    /// Sends that failed at the socket.
+    pub send_errors: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) received: AtomicU64,
+    pub(crate) sent: AtomicU64,
+    pub(crate) dropped_malformed: AtomicU64,
+    pub(crate) dropped_foreign_cluster: AtomicU64,
+    pub(crate) dropped_oversized: AtomicU64,
+    pub(crate) dropped_invalid_payload: AtomicU64,
+    pub(crate) dropped_by_fault_switch: AtomicU64,
+    pub(crate) send_errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> DatagramStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DatagramStats {
+            received: get(&self.received),
+            sent: get(&self.sent),
+            dropped_malformed: get(&self.dropped_malformed),
+            dropped_foreign_cluster: get(&self.dropped_foreign_cluster),
+            dropped_oversized: get(&self.dropped_oversized),
+            dropped_invalid_payload: get(&self.dropped_invalid_payload),
+            dropped_by_fault_switch: get(&self.dropped_by_fault_switch),
+            send_errors: get(&self.send_errors),
+        }
+    }
+}
+
+/// What the membership task knows, shared with the rest of the member.
+///
+/// Written only by the driver task; read by anyone. The locks are std locks held for a map
+/// operation, never across an `.await`.
+pub(crate) struct MembershipState {
+    local: RwLock<Identity>,
+    peers: RwLock<BTreeMap<MemberId, Identity>>,
+    events: broadcast::Sender<MembershipEvent>,
+    /// Bumped on every change of the live set, for internal subscribers that must not miss one.
+    changes: watch::Sender<u64>,
+    /// Whether this member sees at least one live peer.
+    connected: watch::Sender<bool>,
+    pub(crate) counters: Counters,
+}
+
+impl MembershipState {
+    pub(crate) fn new(local: Identity) -> Self {
+        MembershipState {
+            local: RwLock::new(local),
+            peers: RwLock::new(BTreeMap::new()),
+            events: broadcast::channel(1024).0,
+            changes: watch::channel(0).0,
+            connected: watch::channel(false).0,
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn local_identity(&self) -> Identity {
+        read(&self.local).clone()
+    }
+
+    pub(crate) fn local_member(&self) -> Member {
+        Member::from_identity(&read(&self.local), true)
+    }
+
+    /// The local member first, then the live peers by id.
+    pub(crate) fn members(&self) -> Vec<Member> {
+        let mut all = vec![self.local_member()];
+        all.extend(
+            read(&self.peers)
+                .values()
+                .map(|p| Member::from_identity(p, false)),
+        );
+        all
+    }
+
+    pub(crate) fn peer(&self, id: MemberId) -> Option<Identity> {
+        read(&self.peers).get(&id).cloned()
+    }
+
+    pub(crate) fn peer_identities(&self) -> Vec<Identity> {
+        read(&self.peers).values().cloned().collect()
+    }
+
+    pub(crate) fn peer_count(&self) -> usize {
+        read(&self.peers).len()
+    }
+
+    pub(crate) fn subscribe(&self) -> MembershipEvents {
+        MembershipEvents {
+            inner: BroadcastStream::new(self.events.subscribe()),
+        }
+    }
+
+    pub(crate) fn subscribe_connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    pub(crate) fn stats(&self) -> DatagramStats {
+        self.counters.snapshot()
+    }
+
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.connected.send_replace(connected);
+    }
+
+    pub(crate) fn set_local(&self, identity: Identity) {
+        *write(&self.local) = identity;
+    }
+
+    /// A peer is alive. Replaces an older generation of the same member, which counts as down.
+    pub(crate) fn peer_up(&self, identity: Identity) {
+        let previous = {
+            let mut peers = write(&self.peers);
+            match peers.get(&identity.id) {
+                Some(known) if known == &identity => return,
+                _ => peers.insert(identity.id, identity.clone()),
+            }
+        };
+        if let Some(previous) = previous {
+            self.emit(MembershipEvent::Down(Member::from_identity(
+                &previous, false,
+            )));
+        }
+        self.emit(MembershipEvent::Up(Member::from_identity(&identity, false)));
+    }
+
+    /// A peer is gone: declared down, or left when `left` is true. Ignored unless `identity` is the
+    /// generation in the view.
+    pub(crate) fn peer_gone(&self, identity: &Identity, left: bool) {
+        {
+            let mut peers = write(&self.peers);
+            match peers.get(&identity.id) {
+                Some(known) if known == identity => peers.remove(&identity.id),
+                _ => return,
+            };
+        }
+        let member = Member::from_identity(identity, false);
+        self.emit(if left {
+            MembershipEvent::Left(member)
+        } else {
+            MembershipEvent::Down(member)
+        });
+    }
+
+    fn emit(&self, event: MembershipEvent) {
+        tracing::info!(member = %event.member().id, name = %event.member().name, ?event, "membership changed");
+        // No receiver is fine: nobody listens yet.
+        let _ = self.events.send(event);
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn identity(id: u64, port: u16, generation: u64) -> Identity {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Identity {
+            id: MemberId(id),
+            gossip: addr,
+            rpc: addr,
+            generation,
+            name: Arc::from(format!("m{id}")),
+        }
+    }
+
+    #[test]
+    fn view_tracks_up_down_left_and_new_generations() {
+        let state = MembershipState::new(identity(1, 1, 1));
+        let mut events = state.events.subscribe();
+        state.peer_up(identity(2, 2, 1));
+        state.peer_up(identity(2, 2, 1)); // duplicate: no event
+        state.peer_up(identity(3, 3, 1));
+        assert_eq!(state.members().len(), 3);
+        assert!(state.members()[0].is_local);
+        state.peer_up(identity(2, 2, 2)); // rejoined with a new generation
+        state.peer_gone(&identity(3, 3, 1), true);
+        state.peer_gone(&identity(2, 2, 1), false); // stale generation: ignored
+        let got: Vec<_> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| match e {
+                MembershipEvent::Up(m) => ("up", m.id.0, m.generation),
+                MembershipEvent::Down(m) => ("down", m.id.0, m.generation),
+                MembershipEvent::Left(m) => ("left", m.id.0, m.generation),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("up", 2, 1),
+                ("up", 3, 1),
+                ("down", 2, 1),
+                ("up", 2, 2),
+                ("left", 3, 1)
+            ]
+        );
+        assert_eq!(state.peer_count(), 1);
+        assert_eq!(*state.changes.borrow(), 5);
+    }
+}

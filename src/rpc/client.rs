@@ -1,0 +1,158 @@
+//! The rpc client pool: one lazily connected channel per peer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::proto::peer_grid_client::PeerGridClient;
+use super::{CLUSTER_HEADER, FROM_HEADER};
+use crate::error::{Error, Result};
+use crate::fault::FaultSwitch;
+use crate::membership::MemberId;
+use crate::membership::identity::Identity;
+
+/// Channels to peers, keyed by member id and generation (a rejoined peer gets a fresh channel).
+///
+/// Channels are created lazily (no connect until the first call) and shared by every caller;
+/// tonic multiplexes concurrent calls over one HTTP/2 connection and reconnects after a failure.
+pub(crate) struct RpcClients {
+    channels: DashMap<(MemberId, u64), Channel>,
+    cluster_hash: String,
+    local_id: String,
+    local_gossip: SocketAddr,
+    timeout: Duration,
+    connect_timeout: Duration,
+    fault_switch: Option<FaultSwitch>,
+}
+
+/// A client for one call to one peer, plus what is needed to report errors about it.
+pub(crate) struct PeerClient {
+    pub(crate) client: PeerGridClient<Channel>,
+    pub(crate) member: MemberId,
+    pub(crate) addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl RpcClients {
+    pub(crate) fn new(
+        cluster_hash: u64,
+        local: &Identity,
+        timeout: Duration,
+        connect_timeout: Duration,
+        fault_switch: Option<FaultSwitch>,
+    ) -> Self {
+        RpcClients {
+            channels: DashMap::new(),
+            cluster_hash: format!("{cluster_hash:016x}"),
+            local_id: local.id.to_string(),
+            local_gossip: local.gossip,
+            timeout,
+            connect_timeout,
+            fault_switch,
+        }
+    }
+
+    /// A client for `peer`, or `Unreachable` if the fault switch cuts the link.
+    pub(crate) fn get(&self, peer: &Identity) -> Result<PeerClient> {
+        if let Some(switch) = &self.fault_switch
+            && switch.is_cut(self.local_gossip, peer.gossip)
+        {
+            return Err(Error::Unreachable {
+                member: peer.id,
+                addr: peer.rpc,
+                reason: "link cut by the fault switch".to_string(),
+            });
+        }
+        let key = (peer.id, peer.generation);
+        // Clone the channel out; no map guard outlives this statement.
+        let channel = self
+            .channels
+            .entry(key)
+            .or_insert_with(|| self.endpoint(peer.rpc).connect_lazy())
+            .clone();
+        Ok(PeerClient {
+            client: PeerGridClient::new(channel),
+            member: peer.id,
+            addr: peer.rpc,
+            timeout: self.timeout,
+        })
+    }
+
+    /// Drops the channels of a member that is gone.
+    pub(crate) fn forget(&self, member: MemberId) {
+        self.channels.retain(|(id, _), _| *id != member);
+    }
+
+    /// A request with the deadline and the peergrid metadata set.
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        let metadata = request.metadata_mut();
+        if let Ok(v) = self.cluster_hash.parse() {
+            metadata.insert(CLUSTER_HEADER, v);
+        }
+        if let Ok(v) = self.local_id.parse() {
+            metadata.insert(FROM_HEADER, v);
+        }
+        request
+    }
+
+    fn endpoint(&self, rpc: SocketAddr) -> Endpoint {
+        Endpoint::from(
+            http_uri(rpc)
+                .unwrap_or_else(|| tonic::codegen::http::Uri::from_static("http://0.0.0.0:1")),
+        )
+        .connect_timeout(self.connect_timeout)
+        .timeout(self.timeout)
+        .tcp_nodelay(true)
+    }
+}
+
+fn http_uri(addr: SocketAddr) -> Option<tonic::codegen::http::Uri> {
+    format!("http://{addr}").parse().ok()
+}
+
+impl PeerClient {
+    /// Turns a failed call into the matching [`Error`].
+    pub(crate) fn error(&self, operation: &'static str, status: Status) -> Error {
+        match status.code() {
+            Code::DeadlineExceeded | Code::Cancelled => Error::Timeout {
+                operation,
+                member: self.member,
+                after: self.timeout,
+            },
+            // tonic reports connect failures (refused, reset, timed out connecting) as Unavailable
+            // or Unknown with a transport source.
+            Code::Unavailable => Error::Unreachable {
+                member: self.member,
+                addr: self.addr,
+                reason: status.message().to_string(),
+            },
+            Code::Unknown if is_transport_error(&status) => Error::Unreachable {
+                member: self.member,
+                addr: self.addr,
+                reason: status.message().to_string(),
+            },
+            code => Error::Remote {
+                member: self.member,
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+}
+
+fn is_transport_error(status: &Status) -> bool {
+    use std::error::Error as _;
+    let mut source = status.source();
+    while let Some(err) = source {
+        if err.is::<tonic::transport::Error>() || err.is::<std::io::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

@@ -1,0 +1,201 @@
+//! The in-process cluster harness: N members in one test process on 127.0.0.1 ephemeral ports,
+//! a fault switch shared by all of them, and helpers to wait on conditions with a deadline.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use peergrid::{FaultSwitch, Grid, GridConfig, MemberId};
+use tokio::time::Instant;
+
+/// How long any harness wait may take before the test fails. Generous: CI machines are slow and
+/// run tests in parallel; a healthy cluster converges in well under a second.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A cluster name no other test in this process uses.
+pub fn unique_cluster_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, and fails the test with `what` once
+/// `deadline` has passed.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One slot of the cluster: a running member, or the addresses of a crashed one.
+pub struct Slot {
+    pub grid: Option<Grid>,
+    pub gossip: SocketAddr,
+    pub rpc: SocketAddr,
+}
+
+/// N members of one cluster in this process.
+pub struct Cluster {
+    pub name: String,
+    pub switch: FaultSwitch,
+    pub slots: Vec<Slot>,
+}
+
+impl Cluster {
+    /// Starts `n` members, one after the other, each seeded with the members already running, and
+    /// waits until every member sees all of them.
+    pub async fn start(n: usize) -> Cluster {
+        init_tracing();
+        let mut cluster = Cluster {
+            name: unique_cluster_name(),
+            switch: FaultSwitch::new(),
+            slots: Vec::new(),
+        };
+        for _ in 0..n {
+            cluster.add().await;
+        }
+        cluster.wait_converged().await;
+        cluster
+    }
+
+    /// The configuration of a new member: ephemeral ports, this cluster's name and fault switch,
+    /// and the running members as seeds.
+    pub fn config(&self) -> GridConfig {
+        GridConfig {
+            cluster_name: self.name.clone(),
+            seeds: self.live().map(|g| g.local_member().gossip_addr).collect(),
+            fault_switch: Some(self.switch.clone()),
+            ..GridConfig::ephemeral()
+        }
+    }
+
+    /// Starts one more member and returns its index.
+    pub async fn add(&mut self) -> usize {
+        let config = self.config();
+        self.add_with(config).await
+    }
+
+    /// Starts one more member with `config` and returns its index.
+    pub async fn add_with(&mut self, config: GridConfig) -> usize {
+        let grid = Grid::join(config).await.expect("member joins");
+        let me = grid.local_member();
+        self.slots.push(Slot {
+            grid: Some(grid),
+            gossip: me.gossip_addr,
+            rpc: me.rpc_addr,
+        });
+        self.slots.len() - 1
+    }
+
+    /// The running member at `i`.
+    pub fn grid(&self, i: usize) -> &Grid {
+        self.slots[i].grid.as_ref().expect("member is running")
+    }
+
+    /// Every running member.
+    pub fn live(&self) -> impl Iterator<Item = &Grid> {
+        self.slots.iter().filter_map(|s| s.grid.as_ref())
+    }
+
+    /// Ids of every running member, sorted.
+    pub fn live_ids(&self) -> Vec<MemberId> {
+        let mut ids: Vec<_> = self.live().map(|g| g.local_member().id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Drops member `i` without leaving: to its peers, a crash. Returns its id.
+    pub fn crash(&mut self, i: usize) -> MemberId {
+        let grid = self.slots[i].grid.take().expect("member is running");
+        let id = grid.local_member().id;
+        drop(grid);
+        id
+    }
+
+    /// Starts a new process-equivalent at the addresses member `i` had (it must be crashed or
+    /// left). Retries while the old sockets are still being released.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.slots[i].grid.is_none(), "member {i} is still running");
+        let config = GridConfig {
+            gossip_bind: self.slots[i].gossip,
+            rpc_bind: self.slots[i].rpc,
+            port_count: 1,
+            ..self.config()
+        };
+        let grid = wait_for("the old sockets to be released", DEADLINE, || {
+            let config = config.clone();
+            async move {
+                match Grid::join(config).await {
+                    Ok(grid) => Some(grid),
+                    Err(peergrid::Error::Bind { .. }) => None,
+                    Err(e) => panic!("restart failed: {e}"),
+                }
+            }
+        })
+        .await;
+        self.slots[i].grid = Some(grid);
+    }
+
+    /// Waits until every running member sees exactly the running members.
+    pub async fn wait_converged(&self) {
+        let expected = self.live_ids();
+        wait_for(
+            &format!("{} members to converge", expected.len()),
+            DEADLINE,
+            || {
+                let ok = self.live().all(|g| {
+                    let mut seen: Vec<_> = g.members().iter().map(|m| m.id).collect();
+                    seen.sort();
+                    seen == expected
+                });
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
+/// The path of an example binary, built by `cargo test` next to the test binaries. Builds it if it
+/// is missing (a test run with a filter that skipped examples).
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join("examples").join(name);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building example {name} failed");
+    }
+    path
+}
