@@ -55,3 +55,8 @@ pub use error::{ConfigError, Error, Result};
 pub use fault::FaultSwitch;
 pub use grid::Grid;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
+
+/// Compiles the README's code blocks as doc tests, so the embedding example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

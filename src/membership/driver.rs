@@ -57,6 +57,8 @@ pub(crate) struct Driver {
     fault_switch: Option<FaultSwitch>,
     /// Identities (id, generation) that sent a leave notice, so their coming Down reads as Left.
     leaving: HashSet<(MemberId, u64)>,
+    /// Set once this member starts leaving: foca then declares it down, which is expected.
+    self_leaving: bool,
     send_buf: Vec<u8>,
 }
 
@@ -84,6 +86,7 @@ impl Driver {
             max_datagram_size: config.max_datagram_size,
             fault_switch: config.fault_switch,
             leaving: HashSet::new(),
+            self_leaving: false,
             send_buf: Vec::with_capacity(config.max_datagram_size),
         }
     }
@@ -211,6 +214,7 @@ impl Driver {
     }
 
     async fn leave(&mut self) {
+        self.self_leaving = true;
         let me = self.foca.identity().clone();
         match postcard::to_stdvec(&me) {
             Ok(notice) => {
@@ -299,7 +303,9 @@ impl Driver {
                 self.state.set_local(identity);
             }
             OwnedNotification::Defunct => {
-                tracing::warn!("declared down by peers and could not rejoin");
+                if !self.self_leaving {
+                    tracing::warn!("declared down by peers and could not rejoin");
+                }
                 self.state.set_connected(false);
             }
         }
