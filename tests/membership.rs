@@ -98,6 +98,8 @@ async fn a_graceful_leave_is_seen_as_left_before_failure_detection_could_fire() 
         Err(Error::Shutdown)
     ));
     leaver.leave().await.expect("a second leave is a no-op");
+    // The leaver's own event streams end once it has stopped.
+    assert_eq!(leaver.membership_events().recv().await, None);
     wait_for("the survivors to drop the leaver", DEADLINE, || {
         let ok = cluster.grid(1).members().len() == 2 && cluster.grid(0).members().len() == 2;
         async move { ok.then_some(()) }

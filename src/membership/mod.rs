@@ -207,7 +207,8 @@ impl Counters {
 pub(crate) struct MembershipState {
     local: RwLock<Identity>,
     peers: RwLock<BTreeMap<MemberId, Identity>>,
-    events: broadcast::Sender<MembershipEvent>,
+    /// Taken when the member stops, which ends every event stream.
+    events: RwLock<Option<broadcast::Sender<MembershipEvent>>>,
     /// Bumped on every change of the live set, for internal subscribers that must not miss one.
     changes: watch::Sender<u64>,
     /// Whether this member sees at least one live peer.
@@ -220,7 +221,7 @@ impl MembershipState {
         MembershipState {
             local: RwLock::new(local),
             peers: RwLock::new(BTreeMap::new()),
-            events: broadcast::channel(1024).0,
+            events: RwLock::new(Some(broadcast::channel(1024).0)),
             changes: watch::channel(0).0,
             connected: watch::channel(false).0,
             counters: Counters::default(),
@@ -258,10 +259,20 @@ impl MembershipState {
         read(&self.peers).len()
     }
 
+    /// Events from now on; a stream that ends at once if the member has stopped.
     pub(crate) fn subscribe(&self) -> MembershipEvents {
+        let receiver = match &*read(&self.events) {
+            Some(sender) => sender.subscribe(),
+            None => broadcast::channel(1).1,
+        };
         MembershipEvents {
-            inner: BroadcastStream::new(self.events.subscribe()),
+            inner: BroadcastStream::new(receiver),
         }
+    }
+
+    /// Ends every event stream: called when the membership task stops.
+    pub(crate) fn close(&self) {
+        write(&self.events).take();
     }
 
     pub(crate) fn subscribe_connected(&self) -> watch::Receiver<bool> {
@@ -317,8 +328,10 @@ impl MembershipState {
 
     fn emit(&self, event: MembershipEvent) {
         tracing::info!(member = %event.member().id, name = %event.member().name, ?event, "membership changed");
-        // No receiver is fine: nobody listens yet.
-        let _ = self.events.send(event);
+        if let Some(sender) = &*read(&self.events) {
+            // No receiver is fine: nobody listens yet.
+            let _ = sender.send(event);
+        }
         self.changes.send_modify(|v| *v += 1);
     }
 }
@@ -351,7 +364,7 @@ mod tests {
     #[test]
     fn view_tracks_up_down_left_and_new_generations() {
         let state = MembershipState::new(identity(1, 1, 1));
-        let mut events = state.events.subscribe();
+        let mut events = state.events.read().unwrap().as_ref().unwrap().subscribe();
         state.peer_up(identity(2, 2, 1));
         state.peer_up(identity(2, 2, 1)); // duplicate: no event
         state.peer_up(identity(3, 3, 1));
