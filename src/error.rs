@@ -77,6 +77,67 @@ pub enum Error {
     #[error("member {0} is not a live member of this cluster")]
     UnknownMember(MemberId),
 
+    /// A key or value is larger than the configured maximum ([`crate::GridConfig::max_value_size`]).
+    /// Nothing was sent or stored.
+    #[error("{what} of {size} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// Its encoded size.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// A key or value could not be encoded by its `Serialize` implementation.
+    #[error("could not encode: {0}")]
+    Encode(String),
+
+    /// Stored bytes do not decode as the requested type (the map was written with another value
+    /// type, or the bytes were not written by peergrid). The stored entry is unchanged.
+    #[error("stored bytes do not decode as {type_name}: {reason}")]
+    Decode {
+        /// The type that was requested.
+        type_name: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
+
+    /// The called member does not own the partition in its table; the caller should refresh its
+    /// table and retry at `owner`. The router does this by itself and returns this error only
+    /// inside [`Error::RetriesExhausted`].
+    #[error(
+        "member is not the primary of partition {partition} (its table version {version}, owner {owner:?})"
+    )]
+    NotOwner {
+        /// The partition.
+        partition: u32,
+        /// The answering member's table version.
+        version: u64,
+        /// The primary in the answering member's table, if it has one.
+        owner: Option<MemberId>,
+    },
+
+    /// No live member owns the partition (the cluster is still forming its first table, or every
+    /// replica of the partition was lost).
+    #[error("partition {partition} has no live owner")]
+    NoOwner {
+        /// The partition.
+        partition: u32,
+    },
+
+    /// The operation was retried on refreshed tables within its budget and still failed; `last`
+    /// is the last failure.
+    #[error("gave up on partition {partition} after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        /// The partition.
+        partition: u32,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last error.
+        last: Box<Error>,
+    },
+
     /// This grid handle's member has left the cluster (or was dropped); start a new one with
     /// [`crate::Grid::join`].
     #[error("this member has left the cluster")]
