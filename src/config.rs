@@ -102,6 +102,28 @@ pub struct GridConfig {
     /// A switch that cuts gossip and rpc traffic between chosen members, for failure tests. Members
     /// that share one switch obey it. Default `None` (no filtering, no cost).
     pub fault_switch: Option<FaultSwitch>,
+
+    /// Largest encoded map value, in bytes. Larger values are refused with
+    /// [`crate::Error::TooLarge`] before anything is sent. 1 byte to 256 MiB. Default 16 MiB.
+    pub max_value_size: usize,
+
+    /// Largest encoded map key, in bytes. 1 byte to 1 MiB. Default 64 KiB.
+    pub max_key_size: usize,
+
+    /// Per-map settings, by map name or a pattern with one `*` (`"session*"`); the first match
+    /// wins, then a `"*"` entry, then [`MapConfig::default`]. Default empty.
+    pub maps: Vec<(String, MapConfig)>,
+}
+
+/// Settings of one map (or of the maps a pattern matches), in [`GridConfig::maps`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapConfig {
+    /// How many backups a write waits for: at most [`GridConfig::backup_count`], which is how many
+    /// copies exist. Default `None`: all of them.
+    pub backup_count: Option<u8>,
+    /// Whether writes return before the backups acknowledge (faster; a write can be lost if the
+    /// primary crashes right after it). Default `false`: writes wait for the backups.
+    pub async_backups: bool,
 }
 
 impl GridConfig {
@@ -203,7 +225,43 @@ impl GridConfig {
                 reason: "must be 512 to 65000 bytes",
             });
         }
+        if !(1..=256 << 20).contains(&self.max_value_size) {
+            return Err(ConfigError::Range {
+                field: "max_value_size",
+                reason: "must be 1 byte to 256 MiB",
+            });
+        }
+        if !(1..=1 << 20).contains(&self.max_key_size) {
+            return Err(ConfigError::Range {
+                field: "max_key_size",
+                reason: "must be 1 byte to 1 MiB",
+            });
+        }
+        for (_, map) in &self.maps {
+            if map.backup_count.is_some_and(|n| n > self.backup_count) {
+                return Err(ConfigError::Range {
+                    field: "maps.backup_count",
+                    reason: "must not exceed the grid's backup_count",
+                });
+            }
+        }
         self.swim.validate()
+    }
+
+    /// The settings of map `name`: the first entry of [`Self::maps`] whose name or pattern
+    /// matches, else the `"*"` entry, else the defaults.
+    pub fn map_config(&self, name: &str) -> MapConfig {
+        self.maps
+            .iter()
+            .find(|(pattern, _)| pattern != "*" && matches_pattern(pattern, name))
+            .or_else(|| self.maps.iter().find(|(pattern, _)| pattern == "*"))
+            .map(|(_, config)| config.clone())
+            .unwrap_or_default()
+    }
+
+    /// Largest gRPC message between members: room for a batch of maximum-size values.
+    pub(crate) fn max_message_size(&self) -> usize {
+        (self.max_value_size + self.max_key_size) * 2 + (4 << 20)
     }
 
     /// The default configuration with `PEERGRID_*` environment variables applied. See each field
@@ -302,6 +360,9 @@ impl Default for GridConfig {
             rpc_connect_timeout: Duration::from_secs(1),
             max_datagram_size: 1400,
             fault_switch: None,
+            max_value_size: 16 << 20,
+            max_key_size: 64 << 10,
+            maps: Vec::new(),
         }
     }
 }
@@ -326,6 +387,18 @@ fn check_bind(
         });
     }
     Ok(())
+}
+
+/// Whether `name` matches `pattern`: equal, or with one `*` standing for any run of characters.
+fn matches_pattern(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, suffix)) => {
+            name.len() >= prefix.len() + suffix.len()
+                && name.starts_with(prefix)
+                && name.ends_with(suffix)
+        }
+    }
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -608,6 +681,48 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn map_settings_match_by_name_then_pattern_then_wildcard() {
+        let sync = MapConfig::default();
+        let fast = MapConfig {
+            async_backups: true,
+            ..MapConfig::default()
+        };
+        let one = MapConfig {
+            backup_count: Some(1),
+            ..MapConfig::default()
+        };
+        let c = GridConfig {
+            maps: vec![
+                ("*".into(), one.clone()),
+                ("session*".into(), fast.clone()),
+                ("orders".into(), sync.clone()),
+            ],
+            ..GridConfig::default()
+        };
+        assert_eq!(c.map_config("sessions"), fast);
+        assert_eq!(c.map_config("orders"), sync);
+        assert_eq!(c.map_config("other"), one);
+        assert_eq!(GridConfig::default().map_config("x"), MapConfig::default());
+        let bad = GridConfig {
+            maps: vec![(
+                "x".into(),
+                MapConfig {
+                    backup_count: Some(2),
+                    ..MapConfig::default()
+                },
+            )],
+            ..GridConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Range {
+                field: "maps.backup_count",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -12,15 +12,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
+use crate::map::Map;
 use crate::membership::driver::{Command, Driver, DriverConfig};
 use crate::membership::frame;
 use crate::membership::identity::Identity;
 use crate::membership::{
     DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents, MembershipState,
 };
+use crate::node::Node;
+use crate::partition::coordinator;
+use crate::partition::table::TableHolder;
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto::MemberInfoRequest;
 use crate::rpc::server::{self, PeerGridService};
+use crate::store::Store;
+use crate::store::replication::{Deps, Replication};
 
 /// A running member of a peergrid cluster.
 ///
@@ -34,6 +40,7 @@ pub struct Grid {
 
 struct Inner {
     config: GridConfig,
+    node: Arc<Node>,
     membership: Arc<MembershipState>,
     rpc: Arc<RpcClients>,
     commands: mpsc::Sender<Command>,
@@ -92,17 +99,40 @@ impl Grid {
             config.rpc_timeout,
             config.rpc_connect_timeout,
             config.fault_switch.clone(),
+            config.max_message_size(),
         ));
+        let table = Arc::new(TableHolder::new(config.partition_count));
+        let store = Arc::new(Store::new(config.partition_count));
+        let node = Arc::new(Node {
+            config: config.clone(),
+            me: id,
+            membership: membership.clone(),
+            rpc: rpc.clone(),
+            table: table.clone(),
+            store: store.clone(),
+            replication: Replication::new(Deps {
+                me: id,
+                store,
+                rpc: rpc.clone(),
+                membership: membership.clone(),
+                table,
+                cancel: cancel.clone(),
+                give_up_after: config.rpc_timeout,
+            }),
+            cancel: cancel.clone(),
+        });
         let server_task = server::spawn(
             tcp,
             PeerGridService {
                 membership: membership.clone(),
+                node: node.clone(),
                 cluster_name: Arc::from(config.cluster_name.as_str()),
                 cluster_hash,
                 partition_count: config.partition_count,
                 closed: cancel.clone(),
             },
             cancel.clone(),
+            config.max_message_size(),
         );
 
         let (commands, command_rx) = mpsc::channel(8);
@@ -124,9 +154,10 @@ impl Grid {
         let driver_task = tokio::spawn(driver.run(command_rx, cancel.clone()));
         let cleanup_task = tokio::spawn(forget_gone_peers(
             membership.subscribe(),
-            rpc.clone(),
+            node.clone(),
             cancel.clone(),
         ));
+        let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
 
         let has_seeds = config.seeds.iter().any(|s| *s != gossip_addr);
         let grid = Grid {
@@ -135,8 +166,14 @@ impl Grid {
                 rpc,
                 commands,
                 cancel,
-                tasks: Mutex::new(vec![driver_task, server_task, cleanup_task]),
+                tasks: Mutex::new(vec![
+                    driver_task,
+                    server_task,
+                    cleanup_task,
+                    coordinator_task,
+                ]),
                 left: AtomicBool::new(false),
+                node: node.clone(),
                 config,
             }),
         };
@@ -150,6 +187,8 @@ impl Grid {
                 tracing::info!("no seed answered; starting alone");
             }
         }
+        // Have a table before returning, so the first operation does not wait for one.
+        coordinator::step(&node).await;
         Ok(grid)
     }
 
@@ -176,6 +215,55 @@ impl Grid {
     /// The configuration this member runs with.
     pub fn config(&self) -> &GridConfig {
         &self.inner.config
+    }
+
+    /// A handle to the distributed map `name`. Cheap: no call is made until the first operation.
+    /// Handles with the same name on any member reach the same entries.
+    pub fn map<K, V>(&self, name: &str) -> Map<K, V>
+    where
+        K: serde::Serialize,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Map::new(self.inner.node.clone(), name)
+    }
+
+    /// The partition table this member currently routes by.
+    pub fn partition_table(&self) -> PartitionTableView {
+        let table = self.inner.node.table.current();
+        PartitionTableView {
+            version: table.version,
+            replicas: table.replicas.clone(),
+        }
+    }
+
+    /// What this member holds of `partition` (as primary or backup): the sequence number of the
+    /// last mutation applied, the number of entries, and an order-independent digest of every
+    /// map, key, value and version. Two replicas with equal sequence and digest hold the same
+    /// data. `None` for a partition id out of range.
+    pub fn local_replica(&self, partition: u32) -> Option<ReplicaState> {
+        let snapshot = self.inner.node.store.snapshot(partition)?;
+        let mut entries = 0;
+        let mut digest = 0u64;
+        for map in &snapshot.maps {
+            for entry in &map.entries {
+                entries += 1;
+                let record = entry.record.clone().unwrap_or_default();
+                let mut bytes =
+                    Vec::with_capacity(map.name.len() + entry.key.len() + record.value.len() + 10);
+                bytes.extend_from_slice(map.name.as_bytes());
+                bytes.push(0);
+                bytes.extend_from_slice(&entry.key);
+                bytes.push(0);
+                bytes.extend_from_slice(&record.value);
+                bytes.extend_from_slice(&record.version.to_be_bytes());
+                digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
+            }
+        }
+        Some(ReplicaState {
+            seq: snapshot.seq,
+            entries,
+            digest,
+        })
     }
 
     /// Asks member `id` over rpc to describe itself (this member answers for itself directly).
@@ -249,6 +337,28 @@ impl Grid {
     }
 }
 
+/// A copy of a partition table, from [`Grid::partition_table`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionTableView {
+    /// The table's version; every new table the coordinator publishes has a higher one.
+    pub version: u64,
+    /// Per partition: the primary first, then the backups. Empty before the first table.
+    pub replicas: Vec<Vec<MemberId>>,
+}
+
+/// What a member holds of one partition, from [`Grid::local_replica`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicaState {
+    /// Sequence number of the last mutation applied.
+    pub seq: u64,
+    /// Number of entries, over all maps.
+    pub entries: u64,
+    /// Order-independent digest of every map name, key, value and version.
+    pub digest: u64,
+}
+
 impl std::fmt::Debug for Grid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let me = self.local_member();
@@ -260,17 +370,20 @@ impl std::fmt::Debug for Grid {
     }
 }
 
-/// Drops rpc channels of members that went down or left.
+/// Drops the rpc channels and replication queues of members that went down or left.
 async fn forget_gone_peers(
     mut events: MembershipEvents,
-    rpc: Arc<RpcClients>,
+    node: Arc<Node>,
     cancel: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             event = events.recv() => match event {
-                Some(MembershipEvent::Down(m) | MembershipEvent::Left(m)) => rpc.forget(m.id),
+                Some(MembershipEvent::Down(m) | MembershipEvent::Left(m)) => {
+                    node.replication.forget(m.id);
+                    node.rpc.forget(m.id);
+                }
                 Some(_) => {}
                 None => return,
             },

@@ -43,21 +43,24 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-#[allow(dead_code)] // Wired into the map handles in the data-path work.
 mod codec;
 mod config;
 mod error;
 mod fault;
 mod grid;
+mod map;
 mod membership;
-#[allow(dead_code)] // Wired into the router in the data-path work.
+mod node;
 mod partition;
+mod routing;
 mod rpc;
+mod store;
 
-pub use config::{DEFAULT_PORT, GridConfig, SwimConfig};
+pub use config::{DEFAULT_PORT, GridConfig, MapConfig, SwimConfig};
 pub use error::{ConfigError, Error, Result};
 pub use fault::FaultSwitch;
-pub use grid::Grid;
+pub use grid::{Grid, PartitionTableView, ReplicaState};
+pub use map::Map;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.

@@ -275,6 +275,11 @@ impl MembershipState {
         write(&self.events).take();
     }
 
+    /// A receiver that changes whenever the live member set does.
+    pub(crate) fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     pub(crate) fn subscribe_connected(&self) -> watch::Receiver<bool> {
         self.connected.subscribe()
     }

@@ -26,6 +26,7 @@ pub(crate) struct RpcClients {
     timeout: Duration,
     connect_timeout: Duration,
     fault_switch: Option<FaultSwitch>,
+    max_message_size: usize,
 }
 
 /// A client for one call to one peer, plus what is needed to report errors about it.
@@ -43,6 +44,7 @@ impl RpcClients {
         timeout: Duration,
         connect_timeout: Duration,
         fault_switch: Option<FaultSwitch>,
+        max_message_size: usize,
     ) -> Self {
         RpcClients {
             channels: DashMap::new(),
@@ -52,6 +54,7 @@ impl RpcClients {
             timeout,
             connect_timeout,
             fault_switch,
+            max_message_size,
         }
     }
 
@@ -74,7 +77,9 @@ impl RpcClients {
             .or_insert_with(|| self.endpoint(peer.rpc).connect_lazy())
             .clone();
         Ok(PeerClient {
-            client: PeerGridClient::new(channel),
+            client: PeerGridClient::new(channel)
+                .max_decoding_message_size(self.max_message_size)
+                .max_encoding_message_size(self.max_message_size),
             member: peer.id,
             addr: peer.rpc,
             timeout: self.timeout,

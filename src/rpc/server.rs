@@ -8,14 +8,20 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::proto::peer_grid_server::{PeerGrid, PeerGridServer};
-use super::proto::{MemberInfoRequest, MemberInfoResponse};
+use super::proto::{self, MemberInfoRequest, MemberInfoResponse};
 use super::{CLUSTER_HEADER, FROM_HEADER};
-use crate::membership::MembershipState;
+use crate::error::Error;
+use crate::map::ops::MapOp;
+use crate::membership::{MemberId, MembershipState};
+use crate::node::{Node, Outcome};
+use crate::partition::coordinator;
+use crate::routing::op_from_proto;
 
 /// The service state. Cheap to clone: tonic clones it per connection.
 #[derive(Clone)]
 pub(crate) struct PeerGridService {
     pub(crate) membership: Arc<MembershipState>,
+    pub(crate) node: Arc<Node>,
     pub(crate) cluster_name: Arc<str>,
     pub(crate) cluster_hash: u64,
     pub(crate) partition_count: u32,
@@ -25,8 +31,13 @@ pub(crate) struct PeerGridService {
 }
 
 impl PeerGridService {
-    /// Refuses calls once the member stopped, and calls from another cluster.
-    fn admit<T>(&self, request: &Request<T>, operation: &'static str) -> Result<(), Status> {
+    /// Refuses calls once the member stopped, and calls from another cluster. Returns the
+    /// caller's member id, if it sent one.
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        operation: &'static str,
+    ) -> Result<Option<MemberId>, Status> {
         if self.closed.is_cancelled() {
             return Err(Status::unavailable("member is shutting down"));
         }
@@ -44,9 +55,17 @@ impl PeerGridService {
             .metadata()
             .get(FROM_HEADER)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("?");
-        tracing::trace!(operation, from, "rpc");
-        Ok(())
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .map(MemberId);
+        tracing::trace!(operation, ?from, "rpc");
+        Ok(from)
+    }
+
+    /// Whether `from` is the primary of `partition` in this member's table (after catching up
+    /// with the sender's table version). Only the primary may change a backup's copy.
+    async fn sent_by_primary(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
+        self.node.catch_up(version).await;
+        from.is_some() && self.node.table.current().primary(partition) == from
     }
 }
 
@@ -70,6 +89,206 @@ impl PeerGrid for PeerGridService {
             live_peers: self.membership.peer_count() as u32,
         }))
     }
+
+    async fn get_table(
+        &self,
+        request: Request<proto::GetTableRequest>,
+    ) -> Result<Response<proto::Table>, Status> {
+        self.admit(&request, "get_table")?;
+        Ok(Response::new(self.node.table.current().to_proto()))
+    }
+
+    async fn publish_table(
+        &self,
+        request: Request<proto::Table>,
+    ) -> Result<Response<proto::PublishTableResponse>, Status> {
+        self.admit(&request, "publish_table")?;
+        Ok(Response::new(coordinator::on_publish(
+            &self.node,
+            request.get_ref(),
+        )))
+    }
+
+    async fn map_call(
+        &self,
+        request: Request<proto::MapRequest>,
+    ) -> Result<Response<proto::MapResponse>, Status> {
+        self.admit(&request, "map_call")?;
+        let request = request.into_inner();
+        let op = op_from_proto(&request)
+            .ok_or_else(|| Status::invalid_argument("unknown map operation"))?;
+        let outcome = self
+            .node
+            .execute(
+                request.partition,
+                &request.map,
+                request.key,
+                op,
+                request.table_version,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::MapResponse {
+            outcome: Some(match outcome {
+                Outcome::Done(result) => proto::map_response::Outcome::Result(proto::MapResult {
+                    found: result.found,
+                    value: result.value.unwrap_or_default(),
+                    applied: result.applied,
+                }),
+                Outcome::NotOwner { version, owner } => {
+                    proto::map_response::Outcome::NotOwner(proto::NotOwner {
+                        version,
+                        owner: owner.map(|m| m.as_u64()),
+                    })
+                }
+            }),
+        }))
+    }
+
+    async fn map_batch(
+        &self,
+        request: Request<proto::MapBatchRequest>,
+    ) -> Result<Response<proto::MapBatchResponse>, Status> {
+        self.admit(&request, "map_batch")?;
+        let request = request.into_inner();
+        self.node.catch_up(request.table_version).await;
+        let mut results = Vec::with_capacity(request.entries.len());
+        let mut acks = Vec::new();
+        for entry in request.entries {
+            let op = if request.put {
+                MapOp::Set(entry.value)
+            } else {
+                MapOp::Get
+            };
+            let pending = self
+                .node
+                .store
+                .partition(entry.partition)
+                .is_none_or(|d| d.is_pending());
+            let outcome = if pending {
+                None
+            } else {
+                match self
+                    .node
+                    .apply(entry.partition, &request.map, entry.key, &op)
+                    .map_err(to_status)?
+                {
+                    (Outcome::Done(result), mut new_acks) => {
+                        acks.append(&mut new_acks);
+                        Some(result)
+                    }
+                    (Outcome::NotOwner { .. }, _) => None,
+                }
+            };
+            results.push(match outcome {
+                Some(result) => proto::BatchResult {
+                    not_owner: false,
+                    found: result.found,
+                    value: result.value.unwrap_or_default(),
+                },
+                None => proto::BatchResult {
+                    not_owner: true,
+                    ..Default::default()
+                },
+            });
+        }
+        self.node.await_acks(acks).await.map_err(to_status)?;
+        Ok(Response::new(proto::MapBatchResponse { results }))
+    }
+
+    async fn map_scan(
+        &self,
+        request: Request<proto::MapScanRequest>,
+    ) -> Result<Response<proto::MapScanResponse>, Status> {
+        self.admit(&request, "map_scan")?;
+        let request = request.into_inner();
+        let (entries, partitions) = self
+            .node
+            .scan(&request.map, request.clear, request.table_version)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::MapScanResponse {
+            entries,
+            partitions,
+        }))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<proto::ReplicateRequest>,
+    ) -> Result<Response<proto::ReplicateResponse>, Status> {
+        let from = self.admit(&request, "replicate")?;
+        let request = request.into_inner();
+        let mut response = proto::ReplicateResponse::default();
+        for p in &request.partitions {
+            if !self
+                .sent_by_primary(from, p.partition, request.table_version)
+                .await
+            {
+                response.rejected.push(p.partition);
+            } else if self
+                .node
+                .store
+                .apply_replicated(p.partition, &p.mutations)
+                .is_err()
+            {
+                response.resync.push(p.partition);
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<proto::PartitionSnapshot>,
+    ) -> Result<Response<proto::InstallSnapshotResponse>, Status> {
+        let from = self.admit(&request, "install_snapshot")?;
+        let snapshot = request.into_inner();
+        if !self
+            .sent_by_primary(from, snapshot.partition, snapshot.table_version)
+            .await
+        {
+            return Ok(Response::new(proto::InstallSnapshotResponse {
+                installed: false,
+            }));
+        }
+        if !self.node.store.install(snapshot) {
+            return Err(Status::invalid_argument("no such partition"));
+        }
+        Ok(Response::new(proto::InstallSnapshotResponse {
+            installed: true,
+        }))
+    }
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<proto::FetchSnapshotRequest>,
+    ) -> Result<Response<proto::PartitionSnapshot>, Status> {
+        self.admit(&request, "fetch_snapshot")?;
+        let request = request.into_inner();
+        self.node
+            .fetch_snapshot(request.partition, request.table.as_ref())
+            .await
+            .map(Response::new)
+            .ok_or_else(|| Status::invalid_argument("no such partition"))
+    }
+
+    async fn echo(
+        &self,
+        request: Request<proto::EchoMessage>,
+    ) -> Result<Response<proto::EchoMessage>, Status> {
+        self.admit(&request, "echo")?;
+        Ok(Response::new(request.into_inner()))
+    }
+}
+
+/// Reports an owner-side failure to the caller.
+fn to_status(error: Error) -> Status {
+    match error {
+        Error::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
+        Error::NoOwner { .. } => Status::unavailable(error.to_string()),
+        other => Status::internal(other.to_string()),
+    }
 }
 
 /// Serves `service` on `listener` until `cancel` fires. Aborting the returned task also closes the
@@ -78,11 +297,16 @@ pub(crate) fn spawn(
     listener: TcpListener,
     service: PeerGridService,
     cancel: CancellationToken,
+    max_message_size: usize,
 ) -> JoinHandle<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .add_service(PeerGridServer::new(service))
+            .add_service(
+                PeerGridServer::new(service)
+                    .max_decoding_message_size(max_message_size)
+                    .max_encoding_message_size(max_message_size),
+            )
             .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
             .await;
         if let Err(e) = result {

@@ -1,0 +1,452 @@
+//! The distributed map: [`Map`], the typed handle, and [`ops`], the owner-side operations.
+//!
+//! A handle encodes keys and values at the edge (see `codec`), finds the key's partition, and
+//! lets the router run the operation on the partition's primary: a direct call into the local
+//! store when that is this member, a gRPC call otherwise.
+
+pub(crate) mod ops;
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::membership::MemberId;
+use crate::node::{Node, Outcome};
+use crate::partition::key::partition_of;
+use crate::rpc::proto;
+use ops::MapOp;
+
+/// A distributed map from `K` to `V`, from [`crate::Grid::map`].
+///
+/// Entries live in the partition of their key, on its primary and backups. Every method is a
+/// single round trip to the key's primary (none when this member is the primary); writes return
+/// after the backups acknowledge, unless the map is configured with asynchronous backups.
+/// Cloning is cheap.
+///
+/// Keys and values are encoded with serde: strings and byte buffers raw, everything else with
+/// postcard. Methods take keys by `Borrow`, so a `Map<String, V>` accepts `&str`.
+pub struct Map<K, V> {
+    node: Arc<Node>,
+    name: Arc<str>,
+    _types: PhantomData<fn(K) -> V>,
+}
+
+impl<K, V> Clone for Map<K, V> {
+    fn clone(&self) -> Self {
+        Map {
+            node: self.node.clone(),
+            name: self.name.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V> std::fmt::Debug for Map<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map").field("name", &self.name).finish()
+    }
+}
+
+impl<K, V> Map<K, V>
+where
+    K: Serialize,
+    V: Serialize + DeserializeOwned,
+{
+    pub(crate) fn new(node: Arc<Node>, name: &str) -> Self {
+        Map {
+            node,
+            name: Arc::from(name),
+            _types: PhantomData,
+        }
+    }
+
+    /// The map's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<(u32, Bytes)> {
+        let bytes = codec::encode(key)?;
+        let max = self.node.config.max_key_size;
+        if bytes.len() > max {
+            return Err(Error::TooLarge {
+                what: "key",
+                size: bytes.len(),
+                max,
+            });
+        }
+        Ok((
+            partition_of(&bytes, self.node.config.partition_count),
+            bytes,
+        ))
+    }
+
+    fn value(&self, value: &V) -> Result<Bytes> {
+        let bytes = codec::encode(value)?;
+        let max = self.node.config.max_value_size;
+        if bytes.len() > max {
+            return Err(Error::TooLarge {
+                what: "value",
+                size: bytes.len(),
+                max,
+            });
+        }
+        Ok(bytes)
+    }
+
+    async fn run<Q: Serialize + ?Sized>(&self, key: &Q, op: MapOp) -> Result<ops::OpResult> {
+        let (partition, key) = self.key(key)?;
+        self.node.route(partition, &self.name, key, op).await
+    }
+
+    fn decode_previous(result: ops::OpResult) -> Result<Option<V>> {
+        match result.value {
+            Some(bytes) if result.found => codec::decode(&bytes).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The value of `key`, if any.
+    pub async fn get<Q>(&self, key: &Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Self::decode_previous(self.run(key, MapOp::Get).await?)
+    }
+
+    /// Whether `key` has a value.
+    pub async fn contains_key<Q>(&self, key: &Q) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Ok(self.run(key, MapOp::ContainsKey).await?.found)
+    }
+
+    /// Stores `value` under `key` and returns the previous value.
+    pub async fn put<Q>(&self, key: &Q, value: &V) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        Self::decode_previous(self.run(key, MapOp::Put(value)).await?)
+    }
+
+    /// Stores `value` under `key` without returning the previous value (cheaper than `put`).
+    pub async fn set<Q>(&self, key: &Q, value: &V) -> Result<()>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        self.run(key, MapOp::Set(value)).await.map(|_| ())
+    }
+
+    /// Removes `key` and returns its value.
+    pub async fn remove<Q>(&self, key: &Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Self::decode_previous(self.run(key, MapOp::Remove).await?)
+    }
+
+    /// Removes `key` without returning its value; returns whether it existed.
+    pub async fn delete<Q>(&self, key: &Q) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Ok(self.run(key, MapOp::Delete).await?.found)
+    }
+
+    /// Stores `value` only if `key` has no value. Returns the existing value if there was one
+    /// (and nothing was stored), `None` if `value` was stored.
+    pub async fn put_if_absent<Q>(&self, key: &Q, value: &V) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        Self::decode_previous(self.run(key, MapOp::PutIfAbsent(value)).await?)
+    }
+
+    /// Stores `value` only if `key` has a value; returns the replaced value (`None`: nothing
+    /// stored).
+    pub async fn replace<Q>(&self, key: &Q, value: &V) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        Self::decode_previous(self.run(key, MapOp::Replace(value)).await?)
+    }
+
+    /// Compare-and-set: stores `value` only if the current value equals `expected` (compared as
+    /// encoded bytes). Returns whether it was stored.
+    pub async fn replace_if_equal<Q>(&self, key: &Q, expected: &V, value: &V) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let expected = codec::encode(expected)?;
+        let value = self.value(value)?;
+        Ok(self
+            .run(key, MapOp::ReplaceIfEqual { expected, value })
+            .await?
+            .applied)
+    }
+
+    /// The values of `keys` that have one. Keys are grouped by the member that owns them, with
+    /// one call per member, sent concurrently.
+    pub async fn get_all<'a, I>(&self, keys: I) -> Result<HashMap<K, V>>
+    where
+        I: IntoIterator<Item = &'a K>,
+        K: Clone + Eq + Hash + 'a,
+    {
+        let mut encoded = Vec::new();
+        for key in keys {
+            let (partition, bytes) = self.key(key)?;
+            encoded.push((key.clone(), partition, bytes, Bytes::new()));
+        }
+        let results = self.batch(false, &encoded).await?;
+        let mut out = HashMap::with_capacity(results.len());
+        for ((key, ..), value) in encoded.into_iter().zip(results) {
+            if let Some(bytes) = value {
+                out.insert(key, codec::decode(&bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores every entry, grouped by owning member, one call per member, sent concurrently.
+    /// Each entry is stored (and backed up) on its own; on an error, some entries may be stored.
+    pub async fn put_all<I>(&self, entries: I) -> Result<()>
+    where
+        I: IntoIterator<Item = (K, V)>,
+    {
+        let mut encoded = Vec::new();
+        for (key, value) in entries {
+            let (partition, bytes) = self.key(&key)?;
+            encoded.push(((), partition, bytes, self.value(&value)?));
+        }
+        self.batch(true, &encoded).await.map(|_| ())
+    }
+
+    /// Runs a batch: local entries directly, remote ones one call per owner, concurrently; entries
+    /// whose owner moved are retried one by one through the router.
+    async fn batch<T>(
+        &self,
+        put: bool,
+        entries: &[(T, u32, Bytes, Bytes)],
+    ) -> Result<Vec<Option<Bytes>>> {
+        let table = self.node.table.current();
+        let version = table.version;
+        let mut by_owner: BTreeMap<Option<MemberId>, Vec<usize>> = BTreeMap::new();
+        for (i, (_, partition, ..)) in entries.iter().enumerate() {
+            by_owner
+                .entry(table.primary(*partition))
+                .or_default()
+                .push(i);
+        }
+        let calls = by_owner.into_iter().map(|(owner, indexes)| async move {
+            let answers = match owner {
+                Some(owner) if owner != self.node.me => self
+                    .remote_batch(owner, put, entries, &indexes, version)
+                    .await
+                    .unwrap_or_else(|_| vec![None; indexes.len()]),
+                Some(_) => self.local_batch(put, entries, &indexes).await?,
+                None => vec![None; indexes.len()],
+            };
+            Ok::<_, Error>(indexes.into_iter().zip(answers).collect::<Vec<_>>())
+        });
+        let mut results = vec![None; entries.len()];
+        let mut retry = Vec::new();
+        for group in futures::future::join_all(calls).await {
+            for (i, answer) in group? {
+                match answer {
+                    Some(value) => results[i] = value,
+                    None => retry.push(i),
+                }
+            }
+        }
+        for i in retry {
+            let (_, partition, key, value) = &entries[i];
+            let op = if put {
+                MapOp::Set(value.clone())
+            } else {
+                MapOp::Get
+            };
+            let result = self
+                .node
+                .route(*partition, &self.name, key.clone(), op)
+                .await?;
+            results[i] = if result.found { result.value } else { None };
+        }
+        Ok(results)
+    }
+
+    /// Per entry: `Some(value or None)` when done, `None` when it must be retried.
+    async fn local_batch<T>(
+        &self,
+        put: bool,
+        entries: &[(T, u32, Bytes, Bytes)],
+        indexes: &[usize],
+    ) -> Result<Vec<Option<Option<Bytes>>>> {
+        let mut answers = Vec::with_capacity(indexes.len());
+        let mut acks = Vec::new();
+        for &i in indexes {
+            let (_, partition, key, value) = &entries[i];
+            let op = if put {
+                MapOp::Set(value.clone())
+            } else {
+                MapOp::Get
+            };
+            let data = self.node.store.partition(*partition);
+            if data.is_some_and(|d| d.is_pending()) {
+                answers.push(None);
+                continue;
+            }
+            match self.node.apply(*partition, &self.name, key.clone(), &op)? {
+                (Outcome::Done(result), mut new_acks) => {
+                    acks.append(&mut new_acks);
+                    answers.push(Some(if result.found { result.value } else { None }));
+                }
+                (Outcome::NotOwner { .. }, _) => answers.push(None),
+            }
+        }
+        self.node.await_acks(acks).await?;
+        Ok(answers)
+    }
+
+    async fn remote_batch<T>(
+        &self,
+        owner: MemberId,
+        put: bool,
+        entries: &[(T, u32, Bytes, Bytes)],
+        indexes: &[usize],
+        table_version: u64,
+    ) -> Result<Vec<Option<Option<Bytes>>>> {
+        let peer = self
+            .node
+            .membership
+            .peer(owner)
+            .ok_or(Error::UnknownMember(owner))?;
+        let request = proto::MapBatchRequest {
+            table_version,
+            map: self.name.to_string(),
+            put,
+            entries: indexes
+                .iter()
+                .map(|&i| proto::BatchEntry {
+                    partition: entries[i].1,
+                    key: entries[i].2.clone(),
+                    value: entries[i].3.clone(),
+                })
+                .collect(),
+        };
+        let mut call = self.node.rpc.get(&peer)?;
+        let response = call
+            .client
+            .map_batch(self.node.rpc.request(request))
+            .await
+            .map_err(|status| call.error("map_batch", status))?
+            .into_inner();
+        if response.results.len() != indexes.len() {
+            return Err(Error::Remote {
+                member: owner,
+                code: tonic::Code::Internal,
+                message: "batch answer of the wrong length".to_string(),
+            });
+        }
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| (!r.not_owner).then(|| r.found.then_some(r.value)))
+            .collect())
+    }
+
+    /// The number of entries in the whole cluster (each partition counted once, on its primary).
+    pub async fn size(&self) -> Result<u64> {
+        self.scan(false).await
+    }
+
+    /// Removes every entry in the whole cluster.
+    pub async fn clear(&self) -> Result<()> {
+        self.scan(true).await.map(|_| ())
+    }
+
+    /// Asks every member for its primaries' count; retries while the answers do not cover every
+    /// partition exactly once (a table change was in flight).
+    async fn scan(&self, clear: bool) -> Result<u64> {
+        let node = &self.node;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let version = node.table.current().version;
+            let mut members: Vec<MemberId> =
+                node.membership.members().iter().map(|m| m.id).collect();
+            members.sort();
+            let calls = members.into_iter().map(|member| async move {
+                if member == node.me {
+                    return node.scan(&self.name, clear, version).await;
+                }
+                let peer = node
+                    .membership
+                    .peer(member)
+                    .ok_or(Error::UnknownMember(member))?;
+                let mut call = node.rpc.get(&peer)?;
+                let response = call
+                    .client
+                    .map_scan(node.rpc.request(proto::MapScanRequest {
+                        table_version: version,
+                        map: self.name.to_string(),
+                        clear,
+                    }))
+                    .await
+                    .map_err(|status| call.error("map_scan", status))?
+                    .into_inner();
+                Ok((response.entries, response.partitions))
+            });
+            let mut total = 0;
+            let mut covered = BTreeSet::new();
+            let mut complete = true;
+            let mut last_error = None;
+            for answer in futures::future::join_all(calls).await {
+                match answer {
+                    Ok((count, partitions)) => {
+                        total += count;
+                        for p in partitions {
+                            complete &= covered.insert(p);
+                        }
+                    }
+                    Err(e) => {
+                        complete = false;
+                        last_error = Some(e);
+                    }
+                }
+            }
+            if complete && covered.len() == node.config.partition_count as usize {
+                return Ok(total);
+            }
+            if attempts >= crate::routing::MAX_ATTEMPTS {
+                return Err(Error::RetriesExhausted {
+                    partition: 0,
+                    attempts,
+                    last: Box::new(last_error.unwrap_or(Error::NoOwner { partition: 0 })),
+                });
+            }
+            node.await_table_change(version).await;
+        }
+    }
+}

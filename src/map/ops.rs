@@ -1,0 +1,200 @@
+//! The owner-side map operations: one value per operation, decided purely from the entry's
+//! current record. The store applies the resulting change and replicates it; nothing here does
+//! I/O.
+
+use bytes::Bytes;
+
+use crate::store::Record;
+
+/// A single-key map operation as the primary executes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MapOp {
+    Get,
+    ContainsKey,
+    Put(Bytes),
+    Set(Bytes),
+    Remove,
+    Delete,
+    PutIfAbsent(Bytes),
+    Replace(Bytes),
+    ReplaceIfEqual { expected: Bytes, value: Bytes },
+}
+
+/// What the caller learns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct OpResult {
+    /// Whether the key had a value before the operation.
+    pub(crate) found: bool,
+    /// The previous value, for the operations that return it.
+    pub(crate) value: Option<Bytes>,
+    /// Whether a conditional operation changed the entry.
+    pub(crate) applied: bool,
+}
+
+/// What happens to the entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    None,
+    Upsert(Bytes),
+    Remove,
+}
+
+impl MapOp {
+    /// Whether the operation only reads.
+    pub(crate) fn is_read(&self) -> bool {
+        matches!(self, MapOp::Get | MapOp::ContainsKey)
+    }
+
+    /// Decides the result and the change from the entry's current record.
+    pub(crate) fn decide(&self, current: Option<&Record>) -> (OpResult, Change) {
+        let found = current.is_some();
+        let previous = || current.map(|r| r.value.clone());
+        match self {
+            MapOp::Get => (
+                OpResult {
+                    found,
+                    value: previous(),
+                    applied: false,
+                },
+                Change::None,
+            ),
+            MapOp::ContainsKey => (
+                OpResult {
+                    found,
+                    ..OpResult::default()
+                },
+                Change::None,
+            ),
+            MapOp::Put(v) => (
+                OpResult {
+                    found,
+                    value: previous(),
+                    applied: true,
+                },
+                Change::Upsert(v.clone()),
+            ),
+            MapOp::Set(v) => (
+                OpResult {
+                    found,
+                    value: None,
+                    applied: true,
+                },
+                Change::Upsert(v.clone()),
+            ),
+            MapOp::Remove | MapOp::Delete => {
+                let result = OpResult {
+                    found,
+                    value: if matches!(self, MapOp::Remove) {
+                        previous()
+                    } else {
+                        None
+                    },
+                    applied: found,
+                };
+                (result, if found { Change::Remove } else { Change::None })
+            }
+            MapOp::PutIfAbsent(v) => {
+                let result = OpResult {
+                    found,
+                    value: previous(),
+                    applied: !found,
+                };
+                (
+                    result,
+                    if found {
+                        Change::None
+                    } else {
+                        Change::Upsert(v.clone())
+                    },
+                )
+            }
+            MapOp::Replace(v) => {
+                let result = OpResult {
+                    found,
+                    value: previous(),
+                    applied: found,
+                };
+                (
+                    result,
+                    if found {
+                        Change::Upsert(v.clone())
+                    } else {
+                        Change::None
+                    },
+                )
+            }
+            MapOp::ReplaceIfEqual { expected, value } => {
+                let equal = current.is_some_and(|r| r.value == *expected);
+                let result = OpResult {
+                    found,
+                    value: None,
+                    applied: equal,
+                };
+                (
+                    result,
+                    if equal {
+                        Change::Upsert(value.clone())
+                    } else {
+                        Change::None
+                    },
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(v: &'static str) -> Record {
+        Record {
+            value: Bytes::from_static(v.as_bytes()),
+            version: 1,
+        }
+    }
+    fn b(v: &'static str) -> Bytes {
+        Bytes::from_static(v.as_bytes())
+    }
+
+    #[test]
+    fn each_operation_decides_from_the_current_record() {
+        let a = rec("a");
+        assert_eq!(MapOp::Get.decide(Some(&a)).0.value, Some(b("a")));
+        assert_eq!(MapOp::Get.decide(None).1, Change::None);
+        assert!(MapOp::ContainsKey.decide(Some(&a)).0.found);
+        assert_eq!(
+            MapOp::Put(b("x")).decide(Some(&a)),
+            (
+                OpResult {
+                    found: true,
+                    value: Some(b("a")),
+                    applied: true
+                },
+                Change::Upsert(b("x"))
+            )
+        );
+        assert_eq!(MapOp::Remove.decide(Some(&a)).1, Change::Remove);
+        assert_eq!(MapOp::Remove.decide(None).1, Change::None);
+        assert_eq!(MapOp::Delete.decide(Some(&a)).0.value, None);
+        assert_eq!(MapOp::PutIfAbsent(b("x")).decide(Some(&a)).1, Change::None);
+        assert_eq!(
+            MapOp::PutIfAbsent(b("x")).decide(None).1,
+            Change::Upsert(b("x"))
+        );
+        assert_eq!(MapOp::Replace(b("x")).decide(None).1, Change::None);
+        assert_eq!(
+            MapOp::Replace(b("x")).decide(Some(&a)).1,
+            Change::Upsert(b("x"))
+        );
+        let cas = |expected| MapOp::ReplaceIfEqual {
+            expected: b(expected),
+            value: b("x"),
+        };
+        assert_eq!(cas("a").decide(Some(&a)).1, Change::Upsert(b("x")));
+        assert!(cas("a").decide(Some(&a)).0.applied);
+        assert_eq!(cas("z").decide(Some(&a)).1, Change::None);
+        assert_eq!(cas("a").decide(None).1, Change::None);
+        assert!(MapOp::Get.is_read() && !MapOp::Set(b("v")).is_read());
+    }
+}

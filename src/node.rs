@@ -1,0 +1,432 @@
+//! The member's data-path core, shared by the typed handles, the rpc server and the background
+//! tasks: the partition table, the store, replication, and the owner side of map operations.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GridConfig;
+use crate::error::{Error, Result};
+use crate::map::ops::{Change, MapOp, OpResult};
+use crate::membership::{MemberId, MembershipState};
+use crate::partition::table::{PartitionTable, TableHolder};
+use crate::rpc::client::RpcClients;
+use crate::rpc::proto;
+use crate::store::replication::{Item, Replication};
+use crate::store::{Record, Store};
+
+/// The answer of the owner side: done, or "not the primary here".
+#[derive(Debug)]
+pub(crate) enum Outcome<T> {
+    Done(T),
+    NotOwner {
+        version: u64,
+        owner: Option<MemberId>,
+    },
+}
+
+/// An applied mutation's pending backup acknowledgements.
+pub(crate) type Acks = Vec<oneshot::Receiver<()>>;
+
+pub(crate) struct Node {
+    pub(crate) config: GridConfig,
+    pub(crate) me: MemberId,
+    pub(crate) membership: Arc<MembershipState>,
+    pub(crate) rpc: Arc<RpcClients>,
+    pub(crate) table: Arc<TableHolder>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) replication: Replication,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Node {
+    fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
+        Outcome::NotOwner {
+            version: table.version,
+            owner: table.primary(partition),
+        }
+    }
+
+    /// Waits until the partition may be served: pulled if this member just became its primary.
+    async fn partition_ready(&self, partition: u32) -> Result<()> {
+        let data = self
+            .store
+            .partition(partition)
+            .ok_or(Error::NoOwner { partition })?;
+        if data.is_pending() {
+            tokio::time::timeout(self.config.rpc_timeout, data.ready())
+                .await
+                .map_err(|_| Error::Timeout {
+                    operation: "partition handover",
+                    member: self.me,
+                    after: self.config.rpc_timeout,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Executes a single-key operation as the partition's primary. `caller_version` is the
+    /// caller's table version; a newer one makes this member refresh its table first.
+    pub(crate) async fn execute(
+        self: &Arc<Self>,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: MapOp,
+        caller_version: u64,
+    ) -> Result<Outcome<OpResult>> {
+        self.catch_up(caller_version).await;
+        self.partition_ready(partition).await?;
+        let (outcome, acks) = self.apply(partition, map, key, &op)?;
+        self.await_acks(acks).await?;
+        Ok(outcome)
+    }
+
+    /// The synchronous part of an operation: ownership check, decision, change, sequencing and
+    /// queueing for the backups. Reads take no lock.
+    pub(crate) fn apply(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: &MapOp,
+    ) -> Result<(Outcome<OpResult>, Acks)> {
+        let data = self
+            .store
+            .partition(partition)
+            .ok_or(Error::NoOwner { partition })?;
+        let table = self.table.current();
+        if table.primary(partition) != Some(self.me) {
+            return Ok((self.not_owner(&table, partition), Vec::new()));
+        }
+        if op.is_read() {
+            let current = data
+                .entries(map)
+                .and_then(|entries| entries.get(&key).map(|r| r.clone()));
+            return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
+        }
+        let map_config = self.config.map_config(map);
+        let mut acks = Vec::new();
+        let mut seq = data.lock();
+        // Checked again under the write lock: a handover may have moved the partition away.
+        let table = self.table.current();
+        if table.primary(partition) != Some(self.me) {
+            return Ok((self.not_owner(&table, partition), acks));
+        }
+        let entries = data.entries_or_create(map);
+        let current = entries.get(&key).map(|r| r.clone());
+        let (result, change) = op.decide(current.as_ref());
+        let change = match change {
+            Change::None => None,
+            Change::Upsert(value) => {
+                let version = current.map_or(1, |r| r.version + 1);
+                entries.insert(
+                    key.clone(),
+                    Record {
+                        value: value.clone(),
+                        version,
+                    },
+                );
+                Some(proto::mutation::Change::Upsert(proto::Record {
+                    value,
+                    version,
+                }))
+            }
+            Change::Remove => {
+                entries.remove(&key);
+                Some(proto::mutation::Change::Remove(true))
+            }
+        };
+        if let Some(change) = change {
+            *seq += 1;
+            let mutation = proto::Mutation {
+                seq: *seq,
+                map: map.to_string(),
+                key,
+                change: Some(change),
+            };
+            self.replicate(partition, &table, mutation, &map_config, &mut acks);
+        }
+        Ok((Outcome::Done(result), acks))
+    }
+
+    /// Queues `mutation` for the partition's backups (the caller holds the write lock).
+    fn replicate(
+        &self,
+        partition: u32,
+        table: &PartitionTable,
+        mutation: proto::Mutation,
+        map_config: &crate::config::MapConfig,
+        acks: &mut Acks,
+    ) {
+        let backups = table.backups(partition);
+        let count = map_config
+            .backup_count
+            .map_or(backups.len(), |n| usize::from(n).min(backups.len()));
+        // Every backup gets every mutation so its sequence has no gaps; only the first `count`
+        // are waited for.
+        for (i, &backup) in backups.iter().enumerate() {
+            let ack = if i < count && !map_config.async_backups {
+                let (tx, rx) = oneshot::channel();
+                acks.push(rx);
+                Some(tx)
+            } else {
+                None
+            };
+            self.replication.send(
+                backup,
+                Item::Mutation {
+                    partition,
+                    mutation: mutation.clone(),
+                    ack,
+                },
+            );
+        }
+    }
+
+    /// Waits for the backups of synchronous writes. A backup that is declared down meanwhile
+    /// releases its acknowledgement: the write then stands on every live backup.
+    pub(crate) async fn await_acks(&self, acks: Acks) -> Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let wait = self.config.rpc_timeout * 2;
+        tokio::time::timeout(wait, futures::future::join_all(acks))
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::Timeout {
+                operation: "backup acknowledgement",
+                member: self.me,
+                after: wait,
+            })
+    }
+
+    /// Counts (and optionally clears) `map` in the partitions this member is primary of.
+    pub(crate) async fn scan(
+        self: &Arc<Self>,
+        map: &str,
+        clear: bool,
+        caller_version: u64,
+    ) -> Result<(u64, Vec<u32>)> {
+        self.catch_up(caller_version).await;
+        let table = self.table.current();
+        let owned: Vec<u32> = (0..table.partition_count())
+            .filter(|&p| table.primary(p) == Some(self.me))
+            .collect();
+        let mut count = 0u64;
+        let mut acks = Vec::new();
+        let map_config = self.config.map_config(map);
+        for &partition in &owned {
+            self.partition_ready(partition).await?;
+            let data = self
+                .store
+                .partition(partition)
+                .ok_or(Error::NoOwner { partition })?;
+            count += data.len(map) as u64;
+            if clear {
+                let mut seq = data.lock();
+                let table = self.table.current();
+                if table.primary(partition) != Some(self.me) {
+                    continue;
+                }
+                *seq += 1;
+                data.apply_change(&proto::Mutation {
+                    seq: *seq,
+                    map: map.to_string(),
+                    key: Bytes::new(),
+                    change: Some(proto::mutation::Change::Clear(true)),
+                });
+                let mutation = proto::Mutation {
+                    seq: *seq,
+                    map: map.to_string(),
+                    key: Bytes::new(),
+                    change: Some(proto::mutation::Change::Clear(true)),
+                };
+                self.replicate(partition, &table, mutation, &map_config, &mut acks);
+            }
+        }
+        self.await_acks(acks).await?;
+        Ok((count, owned))
+    }
+
+    /// Installs `table` if it is newer and reacts to the change.
+    ///
+    /// Partitions this member becomes primary of while another member was, are marked pending
+    /// before the table is installed, so no operation runs on them until the handover is done.
+    pub(crate) fn apply_table(self: &Arc<Self>, table: PartitionTable) -> bool {
+        let before = self.table.current();
+        if !table.newer_than(&before) {
+            return false;
+        }
+        let takeovers: Vec<u32> = (0..table.partition_count())
+            .filter(|&p| {
+                table.primary(p) == Some(self.me) && before.primary(p).is_some_and(|m| m != self.me)
+            })
+            .collect();
+        for &p in &takeovers {
+            if let Some(data) = self.store.partition(p) {
+                data.set_pending(true);
+            }
+        }
+        let new_version = table.version;
+        let Some(previous) = self.table.apply(table) else {
+            for &p in &takeovers {
+                if let Some(data) = self.store.partition(p) {
+                    data.set_pending(false);
+                }
+            }
+            return false;
+        };
+        let current = self.table.current();
+        tracing::debug!(version = new_version, "partition table applied");
+        self.on_table_changed(&previous, &current, &takeovers);
+        true
+    }
+
+    /// For each partition: take over from the previous primary if this member became primary;
+    /// give new backups a snapshot; forget partitions it no longer replicates.
+    fn on_table_changed(
+        self: &Arc<Self>,
+        previous: &PartitionTable,
+        current: &PartitionTable,
+        takeovers: &[u32],
+    ) {
+        for &partition in takeovers {
+            let node = self.clone();
+            let previous_replicas = previous.replicas(partition).to_vec();
+            let table = current.to_proto();
+            tokio::spawn(async move { node.take_over(partition, previous_replicas, table).await });
+        }
+        for partition in 0..current.partition_count() {
+            let was = previous.replicas(partition).contains(&self.me);
+            let is = current.replicas(partition).contains(&self.me);
+            if current.primary(partition) == Some(self.me) {
+                for &backup in current.backups(partition) {
+                    if !previous.replicas(partition).contains(&backup) {
+                        self.replication.send(backup, Item::Snapshot { partition });
+                    }
+                }
+            }
+            // A member keeps a partition it just lost for one table version, so a new primary
+            // can still pull it from here.
+            if !was && !is {
+                self.store.drop_partition(partition);
+            }
+        }
+    }
+
+    /// Takes a partition over from its previous primary: pulls it from there (the previous
+    /// primary applies the new table first, so it stops writing before the snapshot). If the
+    /// previous primary does not answer, a former backup keeps its own copy; a member that held
+    /// no copy pulls from the other previous replicas.
+    async fn take_over(
+        &self,
+        partition: u32,
+        previous_replicas: Vec<MemberId>,
+        table: proto::Table,
+    ) {
+        let was_replica = previous_replicas.contains(&self.me);
+        let sources: Vec<MemberId> = previous_replicas
+            .iter()
+            .copied()
+            .take(if was_replica { 1 } else { usize::MAX })
+            .filter(|m| *m != self.me)
+            .collect();
+        for source in sources {
+            let Some(peer) = self.membership.peer(source) else {
+                continue;
+            };
+            let Ok(mut call) = self.rpc.get(&peer) else {
+                continue;
+            };
+            let request = self.rpc.request(proto::FetchSnapshotRequest {
+                partition,
+                table: Some(table.clone()),
+            });
+            match call.client.fetch_snapshot(request).await {
+                Ok(snapshot) => {
+                    self.store.install(snapshot.into_inner());
+                    tracing::debug!(partition, %source, "partition taken over");
+                    if let Some(data) = self.store.partition(partition) {
+                        data.set_pending(false);
+                    }
+                    return;
+                }
+                Err(status) => {
+                    tracing::debug!(partition, %source, error = %status, "pull failed");
+                }
+            }
+        }
+        if !was_replica {
+            tracing::error!(
+                partition,
+                "no previous replica of the partition answered; it starts empty on its new primary"
+            );
+        }
+        if let Some(data) = self.store.partition(partition) {
+            data.set_pending(false);
+        }
+    }
+
+    /// Answers a new primary's pull: applies its table first (so this member stops writing to
+    /// the partition), then hands over a snapshot and forgets the partition if it no longer
+    /// replicates it.
+    pub(crate) async fn fetch_snapshot(
+        self: &Arc<Self>,
+        partition: u32,
+        table: Option<&proto::Table>,
+    ) -> Option<proto::PartitionSnapshot> {
+        if let Some(table) =
+            table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count))
+        {
+            self.apply_table(table);
+        }
+        let data = self.store.partition(partition)?;
+        data.ready().await;
+        let snapshot = self.store.snapshot(partition)?;
+        if !self.table.current().replicas(partition).contains(&self.me) {
+            self.store.drop_partition(partition);
+        }
+        Some(snapshot)
+    }
+
+    /// If a caller has a newer table than this member, fetch the newest from the coordinator.
+    pub(crate) async fn catch_up(self: &Arc<Self>, caller_version: u64) {
+        if caller_version > self.table.current().version {
+            self.refresh_table(None).await;
+        }
+    }
+
+    /// Fetches the table from `from` (default: the coordinator) and applies it if newer.
+    pub(crate) async fn refresh_table(self: &Arc<Self>, from: Option<MemberId>) {
+        let source = from
+            .or_else(|| self.coordinator())
+            .filter(|m| *m != self.me);
+        let Some(peer) = source.and_then(|m| self.membership.peer(m)) else {
+            return;
+        };
+        let Ok(mut call) = self.rpc.get(&peer) else {
+            return;
+        };
+        if let Ok(table) = call
+            .client
+            .get_table(self.rpc.request(proto::GetTableRequest {}))
+            .await
+            && let Some(table) =
+                PartitionTable::from_proto(table.get_ref(), self.config.partition_count)
+        {
+            self.apply_table(table);
+        }
+    }
+
+    /// The oldest live member (smallest generation, then id).
+    pub(crate) fn coordinator(&self) -> Option<MemberId> {
+        self.membership
+            .members()
+            .into_iter()
+            .min_by_key(|m| (m.generation, m.id))
+            .map(|m| m.id)
+    }
+}

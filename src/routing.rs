@@ -1,0 +1,180 @@
+//! The router: key to partition to primary, from the current table; the local fast path when
+//! this member is the primary; a gRPC call otherwise; and, on `NotOwner` or an unreachable owner,
+//! a table refresh and a retry within a bounded budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::map::ops::{MapOp, OpResult};
+use crate::membership::MemberId;
+use crate::node::{Node, Outcome};
+use crate::rpc::proto;
+
+/// Attempts per operation before [`Error::RetriesExhausted`].
+pub(crate) const MAX_ATTEMPTS: u32 = 30;
+
+impl Node {
+    /// Runs `op` on the partition's primary, wherever it is.
+    pub(crate) async fn route(
+        self: &Arc<Self>,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: MapOp,
+    ) -> Result<OpResult> {
+        let deadline = Instant::now() + self.config.rpc_timeout * 2;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let table = self.table.current();
+            let outcome = match table.primary(partition) {
+                None => Err(Error::NoOwner { partition }),
+                Some(owner) if owner == self.me => {
+                    self.execute(partition, map, key.clone(), op.clone(), table.version)
+                        .await
+                }
+                Some(owner) => {
+                    self.remote_call(owner, partition, map, &key, &op, table.version)
+                        .await
+                }
+            };
+            let last = match outcome {
+                Ok(Outcome::Done(result)) => return Ok(result),
+                Ok(Outcome::NotOwner { version, owner }) => {
+                    let answered_by = table.primary(partition);
+                    if version > table.version {
+                        self.refresh_table(answered_by).await;
+                    } else {
+                        self.await_table_change(table.version).await;
+                    }
+                    Error::NotOwner {
+                        partition,
+                        version,
+                        owner,
+                    }
+                }
+                // Not processed: safe to retry once the table has moved on.
+                Err(
+                    e @ (Error::NoOwner { .. }
+                    | Error::Unreachable { .. }
+                    | Error::UnknownMember(_)),
+                ) => {
+                    self.await_table_change(table.version).await;
+                    e
+                }
+                // A timeout may or may not have been applied; the caller decides.
+                Err(e) => return Err(e),
+            };
+            if attempts >= MAX_ATTEMPTS || Instant::now() >= deadline {
+                return Err(Error::RetriesExhausted {
+                    partition,
+                    attempts,
+                    last: Box::new(last),
+                });
+            }
+        }
+    }
+
+    /// Waits briefly for a table newer than `version` (a change in flight).
+    pub(crate) async fn await_table_change(&self, version: u64) {
+        let mut changes = self.table.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            changes.wait_for(|v| *v > version),
+        )
+        .await;
+    }
+
+    async fn remote_call(
+        &self,
+        owner: MemberId,
+        partition: u32,
+        map: &str,
+        key: &Bytes,
+        op: &MapOp,
+        table_version: u64,
+    ) -> Result<Outcome<OpResult>> {
+        let peer = self
+            .membership
+            .peer(owner)
+            .ok_or(Error::UnknownMember(owner))?;
+        let (kind, value, expected) = op_to_proto(op);
+        let request = self.rpc.request(proto::MapRequest {
+            table_version,
+            partition,
+            map: map.to_string(),
+            key: key.clone(),
+            op: kind as i32,
+            value,
+            expected,
+        });
+        let mut call = self.rpc.get(&peer)?;
+        let response = call
+            .client
+            .map_call(request)
+            .await
+            .map_err(|status| call.error("map_call", status))?
+            .into_inner();
+        Ok(match response.outcome {
+            Some(proto::map_response::Outcome::Result(r)) => Outcome::Done(OpResult {
+                found: r.found,
+                value: r.found.then_some(r.value),
+                applied: r.applied,
+            }),
+            Some(proto::map_response::Outcome::NotOwner(n)) => Outcome::NotOwner {
+                version: n.version,
+                owner: n.owner.map(MemberId),
+            },
+            None => {
+                return Err(Error::Remote {
+                    member: owner,
+                    code: tonic::Code::Internal,
+                    message: "empty map response".to_string(),
+                });
+            }
+        })
+    }
+}
+
+/// The wire form of an operation: kind, value, expected value.
+pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
+    let none = Bytes::new();
+    match op {
+        MapOp::Get => (proto::MapOp::Get, none.clone(), none),
+        MapOp::ContainsKey => (proto::MapOp::ContainsKey, none.clone(), none),
+        MapOp::Put(v) => (proto::MapOp::Put, v.clone(), none),
+        MapOp::Set(v) => (proto::MapOp::Set, v.clone(), none),
+        MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
+        MapOp::Delete => (proto::MapOp::Delete, none.clone(), none),
+        MapOp::PutIfAbsent(v) => (proto::MapOp::PutIfAbsent, v.clone(), none),
+        MapOp::Replace(v) => (proto::MapOp::Replace, v.clone(), none),
+        MapOp::ReplaceIfEqual { expected, value } => (
+            proto::MapOp::ReplaceIfEqual,
+            value.clone(),
+            expected.clone(),
+        ),
+    }
+}
+
+/// The operation a request carries; `None` for an unknown kind.
+pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
+    let value = request.value.clone();
+    Some(match proto::MapOp::try_from(request.op).ok()? {
+        proto::MapOp::Get => MapOp::Get,
+        proto::MapOp::ContainsKey => MapOp::ContainsKey,
+        proto::MapOp::Put => MapOp::Put(value),
+        proto::MapOp::Set => MapOp::Set(value),
+        proto::MapOp::Remove => MapOp::Remove,
+        proto::MapOp::Delete => MapOp::Delete,
+        proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),
+        proto::MapOp::Replace => MapOp::Replace(value),
+        proto::MapOp::ReplaceIfEqual => MapOp::ReplaceIfEqual {
+            expected: request.expected.clone(),
+            value,
+        },
+    })
+}

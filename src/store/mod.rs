@@ -1,0 +1,311 @@
+//! Per-partition record stores and the replication log.
+//!
+//! Every partition holds its maps as concurrent hash maps: reads look an entry up without any
+//! partition-wide lock. Mutations take the partition's sequencing lock (a std mutex, held only
+//! while an entry changes and its mutation is numbered and queued for the backups, never across
+//! an `.await`), so every replica applies a partition's mutations in one order.
+//!
+//! - [`replication`]: the primary-to-backup stream of sequenced mutations and snapshots.
+
+pub(crate) mod replication;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::rpc::proto;
+
+/// A stored entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) value: Bytes,
+    /// Bumped on every update of the entry; replicated with it.
+    pub(crate) version: u64,
+}
+
+/// One map's entries in one partition.
+pub(crate) type Entries = DashMap<Bytes, Record>;
+
+/// One partition's data on this member.
+pub(crate) struct PartitionData {
+    maps: DashMap<Arc<str>, Arc<Entries>>,
+    /// The sequence number of the last mutation applied (primary: assigned). Locking it is the
+    /// partition's write lock.
+    seq: Mutex<u64>,
+    /// Set while this member, newly primary, pulls the partition from a previous replica;
+    /// operations wait for it to clear.
+    pending: AtomicBool,
+    ready: Notify,
+}
+
+impl PartitionData {
+    fn new() -> Self {
+        PartitionData {
+            maps: DashMap::new(),
+            seq: Mutex::new(0),
+            pending: AtomicBool::new(false),
+            ready: Notify::new(),
+        }
+    }
+
+    /// The entries of `map`, if the partition has any.
+    pub(crate) fn entries(&self, map: &str) -> Option<Arc<Entries>> {
+        self.maps.get(map).map(|e| e.value().clone())
+    }
+
+    /// The entries of `map`, created empty if missing.
+    pub(crate) fn entries_or_create(&self, map: &str) -> Arc<Entries> {
+        if let Some(entries) = self.entries(map) {
+            return entries;
+        }
+        self.maps
+            .entry(Arc::from(map))
+            .or_insert_with(|| Arc::new(Entries::new()))
+            .value()
+            .clone()
+    }
+
+    /// Takes the write lock. The guard derefs to the last sequence number.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, u64> {
+        self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies one replicated change (the caller holds the write lock).
+    pub(crate) fn apply_change(&self, mutation: &proto::Mutation) {
+        use proto::mutation::Change;
+        match &mutation.change {
+            Some(Change::Upsert(record)) => {
+                self.entries_or_create(&mutation.map).insert(
+                    mutation.key.clone(),
+                    Record {
+                        value: record.value.clone(),
+                        version: record.version,
+                    },
+                );
+            }
+            Some(Change::Remove(_)) => {
+                if let Some(entries) = self.entries(&mutation.map) {
+                    entries.remove(&mutation.key);
+                }
+            }
+            Some(Change::Clear(_)) => {
+                self.maps.remove(mutation.map.as_str());
+            }
+            None => {}
+        }
+    }
+
+    /// Number of entries of `map`.
+    pub(crate) fn len(&self, map: &str) -> usize {
+        self.entries(map).map_or(0, |e| e.len())
+    }
+
+    fn snapshot_locked(&self, partition: u32, seq: u64) -> proto::PartitionSnapshot {
+        let maps = self
+            .maps
+            .iter()
+            .map(|m| proto::SnapshotMap {
+                name: m.key().to_string(),
+                entries: m
+                    .value()
+                    .iter()
+                    .map(|e| proto::SnapshotEntry {
+                        key: e.key().clone(),
+                        record: Some(proto::Record {
+                            value: e.value().value.clone(),
+                            version: e.value().version,
+                        }),
+                    })
+                    .collect(),
+            })
+            .collect();
+        proto::PartitionSnapshot {
+            partition,
+            seq,
+            maps,
+            table_version: 0,
+        }
+    }
+
+    /// Waits until the partition is not pending.
+    pub(crate) async fn ready(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if !self.pending.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_pending(&self, pending: bool) {
+        self.pending.store(pending, Ordering::Release);
+        if !pending {
+            self.ready.notify_waiters();
+        }
+    }
+}
+
+/// Every partition's data on this member.
+pub(crate) struct Store {
+    partitions: Box<[PartitionData]>,
+}
+
+/// A replicated batch did not continue the partition's sequence.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Gap;
+
+impl Store {
+    pub(crate) fn new(partition_count: u32) -> Self {
+        Store {
+            partitions: (0..partition_count).map(|_| PartitionData::new()).collect(),
+        }
+    }
+
+    /// The partition's data; `None` for an id out of range (from a peer with another count).
+    pub(crate) fn partition(&self, partition: u32) -> Option<&PartitionData> {
+        self.partitions.get(partition as usize)
+    }
+
+    /// A consistent copy of the partition with the sequence number it reflects.
+    pub(crate) fn snapshot(&self, partition: u32) -> Option<proto::PartitionSnapshot> {
+        let data = self.partition(partition)?;
+        let seq = data.lock();
+        Some(data.snapshot_locked(partition, *seq))
+    }
+
+    /// Replaces the partition's contents with `snapshot`.
+    pub(crate) fn install(&self, snapshot: proto::PartitionSnapshot) -> bool {
+        let Some(data) = self.partition(snapshot.partition) else {
+            return false;
+        };
+        let mut seq = data.lock();
+        data.maps.clear();
+        for map in snapshot.maps {
+            let entries = data.entries_or_create(&map.name);
+            for entry in map.entries {
+                let record = entry.record.unwrap_or_default();
+                entries.insert(
+                    entry.key,
+                    Record {
+                        value: record.value,
+                        version: record.version,
+                    },
+                );
+            }
+        }
+        *seq = snapshot.seq;
+        true
+    }
+
+    /// Applies a primary's mutations in sequence order. Already applied ones are skipped; a
+    /// mutation beyond the next expected number is a gap, and the partition needs a snapshot.
+    pub(crate) fn apply_replicated(
+        &self,
+        partition: u32,
+        mutations: &[proto::Mutation],
+    ) -> Result<(), Gap> {
+        let data = self.partition(partition).ok_or(Gap)?;
+        let mut seq = data.lock();
+        for mutation in mutations {
+            if mutation.seq <= *seq {
+                continue;
+            }
+            if mutation.seq != *seq + 1 {
+                return Err(Gap);
+            }
+            data.apply_change(mutation);
+            *seq = mutation.seq;
+        }
+        Ok(())
+    }
+
+    /// Forgets the partition (this member no longer holds a replica of it).
+    pub(crate) fn drop_partition(&self, partition: u32) {
+        if let Some(data) = self.partition(partition) {
+            let mut seq = data.lock();
+            data.maps.clear();
+            *seq = 0;
+        }
+    }
+
+    /// The partition's last sequence number.
+    #[cfg(test)]
+    pub(crate) fn seq(&self, partition: u32) -> u64 {
+        self.partition(partition).map_or(0, |d| *d.lock())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::mutation::Change;
+
+    fn upsert(seq: u64, key: &'static str, value: &'static str) -> proto::Mutation {
+        proto::Mutation {
+            seq,
+            map: "m".into(),
+            key: Bytes::from_static(key.as_bytes()),
+            change: Some(Change::Upsert(proto::Record {
+                value: Bytes::from_static(value.as_bytes()),
+                version: seq,
+            })),
+        }
+    }
+
+    #[test]
+    fn replicated_mutations_apply_in_order_and_gaps_are_reported() {
+        let store = Store::new(4);
+        assert_eq!(
+            store.apply_replicated(1, &[upsert(1, "a", "1"), upsert(2, "b", "2")]),
+            Ok(())
+        );
+        // A duplicate is skipped; the next one applies.
+        assert_eq!(
+            store.apply_replicated(1, &[upsert(2, "b", "x"), upsert(3, "a", "3")]),
+            Ok(())
+        );
+        assert_eq!(store.seq(1), 3);
+        let entries = store.partition(1).unwrap().entries("m").unwrap();
+        assert_eq!(&entries.get(&b"b"[..]).unwrap().value[..], b"2");
+        assert_eq!(&entries.get(&b"a"[..]).unwrap().value[..], b"3");
+        assert_eq!(store.apply_replicated(1, &[upsert(5, "c", "5")]), Err(Gap));
+        assert_eq!(store.seq(1), 3);
+        assert_eq!(store.apply_replicated(99, &[upsert(1, "c", "5")]), Err(Gap));
+    }
+
+    #[test]
+    fn snapshots_install_exactly() {
+        let primary = Store::new(2);
+        primary
+            .apply_replicated(0, &[upsert(1, "a", "1"), upsert(2, "b", "2")])
+            .unwrap();
+        let backup = Store::new(2);
+        backup
+            .apply_replicated(0, &[upsert(1, "z", "stale")])
+            .unwrap();
+        assert!(backup.install(primary.snapshot(0).unwrap()));
+        let sorted = |store: &Store| {
+            let mut entries: Vec<_> = store.snapshot(0).unwrap().maps[0]
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.record.clone()))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries
+        };
+        assert_eq!(sorted(&backup), sorted(&primary));
+        assert_eq!(sorted(&backup).len(), 2);
+        assert_eq!(backup.seq(0), 2);
+        backup.drop_partition(0);
+        assert_eq!(backup.seq(0), 0);
+        assert_eq!(backup.partition(0).unwrap().len("m"), 0);
+    }
+}

@@ -1,0 +1,259 @@
+//! Primary-to-backup replication.
+//!
+//! The primary queues each mutation for each backup while it holds the partition's write lock, so
+//! a backup's queue is in sequence order. One task per backup member drains its queue in batches
+//! (up to [`MAX_BATCH_BYTES`]) into one `Replicate` call, retrying with backoff until the call
+//! succeeds, the member is gone, or the grid stops. A backup that finds a gap answers with the
+//! partition, and the task installs a fresh snapshot of it; a queued `Snapshot` item (a new backup
+//! after a table change) does the same. Writers of synchronous maps wait for their mutation's
+//! acknowledgement; when a backup member is declared down its queue is dropped, which releases
+//! them (the write is then acknowledged by every *live* backup).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::membership::{MemberId, MembershipState};
+use crate::partition::table::TableHolder;
+use crate::rpc::client::RpcClients;
+use crate::rpc::proto;
+
+/// Upper bound of one `Replicate` call's payload (one mutation may exceed it alone).
+pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// One entry of a backup's queue.
+pub(crate) enum Item {
+    /// A mutation, with the writer's acknowledgement channel for synchronous maps.
+    Mutation {
+        partition: u32,
+        mutation: proto::Mutation,
+        ack: Option<oneshot::Sender<()>>,
+    },
+    /// Install a snapshot of the partition, taken when the item is sent.
+    Snapshot { partition: u32 },
+}
+
+impl Item {
+    fn bytes(&self) -> usize {
+        match self {
+            Item::Mutation { mutation, .. } => {
+                mutation.key.len()
+                    + match &mutation.change {
+                        Some(proto::mutation::Change::Upsert(r)) => r.value.len(),
+                        _ => 0,
+                    }
+                    + 32
+            }
+            Item::Snapshot { .. } => 64,
+        }
+    }
+}
+
+/// What replicator tasks need.
+pub(crate) struct Deps {
+    /// This member.
+    pub(crate) me: MemberId,
+    pub(crate) store: Arc<Store>,
+    pub(crate) rpc: Arc<RpcClients>,
+    pub(crate) membership: Arc<MembershipState>,
+    pub(crate) table: Arc<TableHolder>,
+    pub(crate) cancel: CancellationToken,
+    /// How long a backup that is missing from the membership view is waited for.
+    pub(crate) give_up_after: Duration,
+}
+
+struct Replicator {
+    queue: mpsc::UnboundedSender<Item>,
+    stop: CancellationToken,
+}
+
+/// The replication queues of this member, one per backup member.
+pub(crate) struct Replication {
+    deps: Arc<Deps>,
+    replicators: DashMap<MemberId, Replicator>,
+}
+
+impl Replication {
+    pub(crate) fn new(deps: Deps) -> Self {
+        Replication {
+            deps: Arc::new(deps),
+            replicators: DashMap::new(),
+        }
+    }
+
+    /// Queues `item` for `backup`. Never blocks: callers hold a partition's write lock.
+    pub(crate) fn send(&self, backup: MemberId, item: Item) {
+        let replicator = self.replicators.entry(backup).or_insert_with(|| {
+            let (queue, rx) = mpsc::unbounded_channel();
+            let stop = self.deps.cancel.child_token();
+            tokio::spawn(run(self.deps.clone(), backup, rx, stop.clone()));
+            Replicator { queue, stop }
+        });
+        if replicator.queue.send(item).is_err() {
+            // The task ended (the member was given up on); the item's ack is dropped with it.
+            drop(replicator);
+            self.replicators.remove(&backup);
+        }
+    }
+
+    /// Stops replicating to a member that is gone; its pending acknowledgements are released.
+    pub(crate) fn forget(&self, member: MemberId) {
+        if let Some((_, replicator)) = self.replicators.remove(&member) {
+            replicator.stop.cancel();
+        }
+    }
+}
+
+async fn run(
+    deps: Arc<Deps>,
+    member: MemberId,
+    mut queue: mpsc::UnboundedReceiver<Item>,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<Item> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            item = queue.recv() => match item {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes();
+        batch.push(first);
+        while bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(item) => {
+                    bytes += item.bytes();
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(20);
+        let mut missing_since: Option<Instant> = None;
+        loop {
+            match send_batch(&deps, member, &batch).await {
+                Ok(()) => {
+                    for item in batch.drain(..) {
+                        if let Item::Mutation { ack: Some(ack), .. } = item {
+                            let _ = ack.send(());
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    if let Error::UnknownMember(_) = e {
+                        let since = *missing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > deps.give_up_after {
+                            tracing::warn!(%member, "backup is not a live member; dropping its replication queue");
+                            return;
+                        }
+                    } else {
+                        tracing::debug!(%member, error = %e, "replication failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Sends one batch: snapshots first (they cover every queued mutation of their partition), then
+/// the mutations, then snapshots for any partition the backup reports a gap in.
+async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()> {
+    let peer = deps
+        .membership
+        .peer(member)
+        .ok_or(Error::UnknownMember(member))?;
+    // Items of partitions this member no longer leads are stale: the new primary serves the
+    // backup now, and a late snapshot from here would overwrite its newer copy.
+    let table = deps.table.current();
+    let leads = |partition: u32| table.primary(partition) == Some(deps.me);
+    let snapshots: BTreeSet<u32> = batch
+        .iter()
+        .filter_map(|item| match item {
+            Item::Snapshot { partition } if leads(*partition) => Some(*partition),
+            _ => None,
+        })
+        .collect();
+    for &partition in &snapshots {
+        install_snapshot(deps, &peer, partition).await?;
+    }
+    let mut by_partition: BTreeMap<u32, Vec<proto::Mutation>> = BTreeMap::new();
+    for item in batch {
+        if let Item::Mutation {
+            partition,
+            mutation,
+            ..
+        } = item
+            && !snapshots.contains(partition)
+            && leads(*partition)
+        {
+            by_partition
+                .entry(*partition)
+                .or_default()
+                .push(mutation.clone());
+        }
+    }
+    if by_partition.is_empty() {
+        return Ok(());
+    }
+    let request = proto::ReplicateRequest {
+        table_version: deps.table.current().version,
+        partitions: by_partition
+            .into_iter()
+            .map(|(partition, mutations)| proto::PartitionMutations {
+                partition,
+                mutations,
+            })
+            .collect(),
+    };
+    let mut call = deps.rpc.get(&peer)?;
+    let response = call
+        .client
+        .replicate(deps.rpc.request(request))
+        .await
+        .map_err(|status| call.error("replicate", status))?
+        .into_inner();
+    if !response.rejected.is_empty() {
+        tracing::debug!(%member, partitions = ?response.rejected, "backup does not take these partitions from this member");
+    }
+    for partition in response.resync {
+        tracing::debug!(%member, partition, "backup reported a gap; sending a snapshot");
+        install_snapshot(deps, &peer, partition).await?;
+    }
+    Ok(())
+}
+
+async fn install_snapshot(
+    deps: &Deps,
+    peer: &crate::membership::identity::Identity,
+    partition: u32,
+) -> Result<()> {
+    // A partition this member is still pulling has nothing trustworthy to send yet.
+    if let Some(data) = deps.store.partition(partition) {
+        data.ready().await;
+    }
+    let Some(mut snapshot) = deps.store.snapshot(partition) else {
+        return Ok(());
+    };
+    snapshot.table_version = deps.table.current().version;
+    let mut call = deps.rpc.get(peer)?;
+    call.client
+        .install_snapshot(deps.rpc.request(snapshot))
+        .await
+        .map_err(|status| call.error("install_snapshot", status))?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The replicated map on a real cluster: members in one process over real sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Cluster, DEADLINE, wait_for};
+use peergrid::{Error, Grid, GridConfig, Map};
+use rand::{RngExt, SeedableRng, rngs::SmallRng};
+
+/// Waits until every live member routes by the same table, which covers every live member.
+async fn wait_table_settled(cluster: &Cluster) {
+    let live = cluster.live_ids();
+    wait_for("every member to route by one table", DEADLINE, || {
+        let tables: Vec<_> = cluster.live().map(|g| g.partition_table()).collect();
+        let same = tables.windows(2).all(|w| w[0] == w[1]);
+        let owners_live = tables[0]
+            .replicas
+            .iter()
+            .all(|r| !r.is_empty() && r.iter().all(|m| live.contains(m)));
+        async move { (same && owners_live).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_serves_every_operation() {
+    let grid = Grid::join(GridConfig::ephemeral()).await.unwrap();
+    let map: Map<String, u64> = grid.map("counters");
+    assert_eq!(map.get("a").await.unwrap(), None);
+    assert_eq!(map.put("a", &1).await.unwrap(), None);
+    assert_eq!(map.put("a", &2).await.unwrap(), Some(1));
+    map.set("b", &10).await.unwrap();
+    assert!(map.contains_key("b").await.unwrap());
+    assert_eq!(map.put_if_absent("b", &11).await.unwrap(), Some(10));
+    assert_eq!(map.put_if_absent("c", &12).await.unwrap(), None);
+    assert_eq!(map.replace("zz", &1).await.unwrap(), None);
+    assert!(!map.contains_key("zz").await.unwrap());
+    assert_eq!(map.replace("c", &13).await.unwrap(), Some(12));
+    assert!(!map.replace_if_equal("c", &12, &14).await.unwrap());
+    assert!(map.replace_if_equal("c", &13, &14).await.unwrap());
+    assert_eq!(map.get("c").await.unwrap(), Some(14));
+    assert_eq!(map.size().await.unwrap(), 3);
+    assert_eq!(map.remove("a").await.unwrap(), Some(2));
+    assert!(map.delete("b").await.unwrap());
+    assert!(!map.delete("b").await.unwrap());
+    assert_eq!(map.size().await.unwrap(), 1);
+    map.put_all((0..100u64).map(|i| (format!("k{i}"), i)))
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..110).map(|i| format!("k{i}")).collect();
+    let all = map.get_all(&keys).await.unwrap();
+    assert_eq!(all.len(), 100);
+    assert_eq!(all["k42"], 42);
+    map.clear().await.unwrap();
+    assert_eq!(map.size().await.unwrap(), 0);
+    // Another map with the same name and a struct value type.
+    let other: Map<u32, Vec<String>> = grid.map("lists");
+    other.set(&7, &vec!["x".into()]).await.unwrap();
+    assert_eq!(other.get(&7).await.unwrap(), Some(vec!["x".to_string()]));
+}
+
+/// Random operations from one client, checked against a local HashMap model.
+async fn random_ops_match_a_model(members: usize) {
+    let cluster = Cluster::start(members).await;
+    wait_table_settled(&cluster).await;
+    let mut rng = SmallRng::seed_from_u64(members as u64);
+    let mut model: HashMap<String, u64> = HashMap::new();
+    for i in 0..600u64 {
+        let via = cluster.grid(rng.random_range(0..members));
+        let map: Map<String, u64> = via.map("model");
+        let key = format!("key-{}", rng.random_range(0..40));
+        match rng.random_range(0..8) {
+            0 => assert_eq!(map.get(&key).await.unwrap(), model.get(&key).copied()),
+            1 => assert_eq!(map.put(&key, &i).await.unwrap(), model.insert(key, i)),
+            2 => assert_eq!(map.remove(&key).await.unwrap(), model.remove(&key)),
+            3 => assert_eq!(
+                map.put_if_absent(&key, &i).await.unwrap(),
+                match model.get(&key) {
+                    Some(v) => Some(*v),
+                    None => {
+                        model.insert(key.clone(), i);
+                        None
+                    }
+                }
+            ),
+            4 => {
+                let current = model.get(&key).copied();
+                let expected = if rng.random_bool(0.5) {
+                    current.unwrap_or(0)
+                } else {
+                    u64::MAX
+                };
+                let swapped = map.replace_if_equal(&key, &expected, &i).await.unwrap();
+                assert_eq!(swapped, current == Some(expected));
+                if swapped {
+                    model.insert(key, i);
+                }
+            }
+            5 => assert_eq!(
+                map.delete(&key).await.unwrap(),
+                model.remove(&key).is_some()
+            ),
+            6 => assert_eq!(
+                map.contains_key(&key).await.unwrap(),
+                model.contains_key(&key)
+            ),
+            _ => {
+                map.set(&key, &i).await.unwrap();
+                model.insert(key, i);
+            }
+        }
+    }
+    let map: Map<String, u64> = cluster.grid(0).map("model");
+    assert_eq!(map.size().await.unwrap(), model.len() as u64);
+    let keys: Vec<String> = (0..40).map(|k| format!("key-{k}")).collect();
+    assert_eq!(map.get_all(&keys).await.unwrap(), model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_on_three_members_match_a_model() {
+    random_ops_match_a_model(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_on_five_members_match_a_model() {
+    random_ops_match_a_model(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_hold_exactly_the_primarys_data() {
+    let cluster = Cluster::start(3).await;
+    wait_table_settled(&cluster).await;
+    let map: Map<String, String> = cluster.grid(1).map("replicated");
+    for i in 0..500 {
+        map.set(&format!("k{i}"), &format!("v{i}")).await.unwrap();
+    }
+    for i in (0..500).step_by(7) {
+        map.remove(&format!("k{i}")).await.unwrap();
+    }
+    let table = cluster.grid(0).partition_table();
+    let by_id: HashMap<_, _> = cluster
+        .live()
+        .map(|g| (g.local_member().id, g.clone()))
+        .collect();
+    let mut compared = 0;
+    for (partition, replicas) in table.replicas.iter().enumerate() {
+        let primary = by_id[&replicas[0]].local_replica(partition as u32).unwrap();
+        for backup in &replicas[1..] {
+            // Writes returned after the backups acknowledged: no waiting needed.
+            let copy = by_id[backup].local_replica(partition as u32).unwrap();
+            assert_eq!(copy, primary, "partition {partition}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 271);
+    let total: u64 = (0..271u32)
+        .map(|p| {
+            by_id[&table.replicas[p as usize][0]]
+                .local_replica(p)
+                .unwrap()
+                .entries
+        })
+        .sum();
+    assert_eq!(total, 500 - 500usize.div_ceil(7) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_tags_keep_related_keys_in_one_partition() {
+    let cluster = Cluster::start(3).await;
+    wait_table_settled(&cluster).await;
+    let map: Map<String, u32> = cluster.grid(0).map("tags");
+    map.set("{user:1}:profile", &1).await.unwrap();
+    map.set("{user:1}:cart", &2).await.unwrap();
+    map.set("{user:1}:orders", &3).await.unwrap();
+    let holders: Vec<u32> = (0..271u32)
+        .filter(|&p| {
+            let primary = cluster.grid(0).partition_table().replicas[p as usize][0];
+            cluster
+                .live()
+                .find(|g| g.local_member().id == primary)
+                .unwrap()
+                .local_replica(p)
+                .unwrap()
+                .entries
+                > 0
+        })
+        .collect();
+    assert_eq!(holders.len(), 1, "all three keys share one partition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_on_every_member_see_their_own_writes() {
+    let cluster = Cluster::start(3).await;
+    wait_table_settled(&cluster).await;
+    let mut tasks = Vec::new();
+    for (m, grid) in cluster.live().enumerate() {
+        for t in 0..8 {
+            let map: Map<String, u64> = grid.map("concurrent");
+            tasks.push(tokio::spawn(async move {
+                for i in 0..100u64 {
+                    let key = format!("m{m}-t{t}-{}", i % 10);
+                    map.set(&key, &i).await.unwrap();
+                    assert_eq!(map.get(&key).await.unwrap(), Some(i));
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let map: Map<String, u64> = cluster.grid(2).map("concurrent");
+    assert_eq!(map.size().await.unwrap(), 3 * 8 * 10);
+    assert_eq!(map.get("m1-t3-9").await.unwrap(), Some(99));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_mistyped_values_are_typed_errors_and_the_member_stays_healthy() {
+    let cluster = {
+        let mut c = Cluster {
+            name: common::unique_cluster_name(),
+            switch: peergrid::FaultSwitch::new(),
+            slots: Vec::new(),
+        };
+        for _ in 0..2 {
+            let config = GridConfig {
+                max_value_size: 1024,
+                ..c.config()
+            };
+            c.add_with(config).await;
+        }
+        c.wait_converged().await;
+        c
+    };
+    wait_table_settled(&cluster).await;
+    let map: Map<String, Vec<u8>> = cluster.grid(0).map("limits");
+    let err = map.set("big", &vec![7u8; 2000]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "value",
+                max: 1024,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(map.get("big").await.unwrap(), None, "nothing stored");
+    // Written as a string, read as a struct-like type: a decode error, entry unchanged.
+    let strings: Map<String, String> = cluster.grid(1).map("typed");
+    strings.set("k", &"hello".to_string()).await.unwrap();
+    let numbers: Map<String, Vec<u64>> = cluster.grid(0).map("typed");
+    let err = numbers.get("k").await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    assert_eq!(strings.get("k").await.unwrap().as_deref(), Some("hello"));
+    map.set("small", &vec![1, 2, 3]).await.unwrap();
+    assert_eq!(map.get("small").await.unwrap(), Some(vec![1, 2, 3]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_owner_is_a_typed_error_after_bounded_retries() {
+    let cluster = {
+        let mut c = Cluster {
+            name: common::unique_cluster_name(),
+            switch: peergrid::FaultSwitch::new(),
+            slots: Vec::new(),
+        };
+        for _ in 0..2 {
+            let config = GridConfig {
+                rpc_timeout: Duration::from_millis(500),
+                backup_count: 0,
+                ..c.config()
+            };
+            c.add_with(config).await;
+        }
+        c.wait_converged().await;
+        c
+    };
+    wait_table_settled(&cluster).await;
+    let other = cluster.grid(1).local_member().id;
+    let table = cluster.grid(0).partition_table();
+    // A key whose primary is the other member.
+    let map: Map<String, u32> = cluster.grid(0).map("cut");
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let p = xxhash_rust::xxh3::xxh3_64(k.as_bytes()) % 271;
+            table.replicas[p as usize][0] == other
+        })
+        .unwrap();
+    // Cut only rpc-visible traffic long enough for the call; gossip is cut too, but failure
+    // detection takes seconds, longer than the retry budget of 2 x rpc_timeout.
+    cluster
+        .switch
+        .cut(cluster.slots[0].gossip, cluster.slots[1].gossip);
+    let err = map.set(&key, &1).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::RetriesExhausted { last, .. } if matches!(**last, Error::Unreachable { .. })),
+        "{err}"
+    );
+    cluster.switch.heal_all();
+    wait_for("the link to work again", DEADLINE, || {
+        let map = map.clone();
+        let key = key.clone();
+        async move { map.set(&key, &2).await.ok() }
+    })
+    .await;
+    assert_eq!(map.get(&key).await.unwrap(), Some(2));
+}
