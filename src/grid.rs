@@ -157,7 +157,6 @@ impl Grid {
             node.clone(),
             cancel.clone(),
         ));
-        let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
 
         let has_seeds = config.seeds.iter().any(|s| *s != gossip_addr);
         let grid = Grid {
@@ -166,12 +165,7 @@ impl Grid {
                 rpc,
                 commands,
                 cancel,
-                tasks: Mutex::new(vec![
-                    driver_task,
-                    server_task,
-                    cleanup_task,
-                    coordinator_task,
-                ]),
+                tasks: Mutex::new(vec![driver_task, server_task, cleanup_task]),
                 left: AtomicBool::new(false),
                 node: node.clone(),
                 config,
@@ -187,8 +181,16 @@ impl Grid {
                 tracing::info!("no seed answered; starting alone");
             }
         }
-        // Have a table before returning, so the first operation does not wait for one.
+        // Only now, with the seeds' answers in the view, may this member decide whether it is the
+        // oldest and so the coordinator. Have a table before returning, so the first operation
+        // does not wait for one.
         coordinator::step(&node).await;
+        let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
+        grid.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(coordinator_task);
         Ok(grid)
     }
 

@@ -260,9 +260,12 @@ impl Node {
         if !table.newer_than(&before) {
             return false;
         }
+        // The previous primary as the coordinator knew it, or as this member did.
         let takeovers: Vec<u32> = (0..table.partition_count())
             .filter(|&p| {
-                table.primary(p) == Some(self.me) && before.primary(p).is_some_and(|m| m != self.me)
+                table.primary(p) == Some(self.me)
+                    && (table.previous_primary(p).is_some_and(|m| m != self.me)
+                        || before.primary(p).is_some_and(|m| m != self.me))
             })
             .collect();
         for &p in &takeovers {
@@ -271,6 +274,7 @@ impl Node {
             }
         }
         let new_version = table.version;
+        let publisher = table.publisher;
         let Some(previous) = self.table.apply(table) else {
             for &p in &takeovers {
                 if let Some(data) = self.store.partition(p) {
@@ -280,7 +284,13 @@ impl Node {
             return false;
         };
         let current = self.table.current();
-        tracing::debug!(version = new_version, "partition table applied");
+        tracing::debug!(
+            member = %self.me,
+            version = new_version,
+            %publisher,
+            takeovers = takeovers.len(),
+            "partition table applied"
+        );
         self.on_table_changed(&previous, &current, &takeovers);
         true
     }
@@ -295,9 +305,28 @@ impl Node {
     ) {
         for &partition in takeovers {
             let node = self.clone();
-            let previous_replicas = previous.replicas(partition).to_vec();
+            let was_replica = previous.replicas(partition).contains(&self.me);
+            // Whom to pull from: the previous primary per the coordinator, then per this member;
+            // a member that held no copy also tries the other replicas it knew of.
+            let mut sources: Vec<MemberId> = Vec::new();
+            let candidates = current
+                .previous_primary(partition)
+                .into_iter()
+                .chain(previous.primary(partition))
+                .chain(if was_replica {
+                    Vec::new()
+                } else {
+                    previous.replicas(partition).to_vec()
+                });
+            for candidate in candidates {
+                if candidate != self.me && !sources.contains(&candidate) {
+                    sources.push(candidate);
+                }
+            }
             let table = current.to_proto();
-            tokio::spawn(async move { node.take_over(partition, previous_replicas, table).await });
+            tokio::spawn(
+                async move { node.take_over(partition, sources, was_replica, table).await },
+            );
         }
         for partition in 0..current.partition_count() {
             let was = previous.replicas(partition).contains(&self.me);
@@ -324,16 +353,10 @@ impl Node {
     async fn take_over(
         &self,
         partition: u32,
-        previous_replicas: Vec<MemberId>,
+        sources: Vec<MemberId>,
+        was_replica: bool,
         table: proto::Table,
     ) {
-        let was_replica = previous_replicas.contains(&self.me);
-        let sources: Vec<MemberId> = previous_replicas
-            .iter()
-            .copied()
-            .take(if was_replica { 1 } else { usize::MAX })
-            .filter(|m| *m != self.me)
-            .collect();
         for source in sources {
             let Some(peer) = self.membership.peer(source) else {
                 continue;
@@ -378,12 +401,19 @@ impl Node {
         partition: u32,
         table: Option<&proto::Table>,
     ) -> Option<proto::PartitionSnapshot> {
-        if let Some(table) =
-            table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count))
-        {
+        let requested =
+            table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count));
+        let requested_version = requested.as_ref().map_or(0, |t| t.version);
+        if let Some(table) = requested {
             self.apply_table(table);
         }
         let data = self.store.partition(partition)?;
+        // A pull made under an older table than this member's, for a partition this member is
+        // itself taking over, is stale: answering would mean waiting on a handover that may be
+        // waiting on the caller.
+        if data.is_pending() && requested_version < self.table.current().version {
+            return None;
+        }
         data.ready().await;
         let snapshot = self.store.snapshot(partition)?;
         if !self.table.current().replicas(partition).contains(&self.me) {

@@ -9,7 +9,8 @@ use common::{Cluster, DEADLINE, wait_for};
 use peergrid::{Error, Grid, GridConfig, Map};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 
-/// Waits until every live member routes by the same table, which covers every live member.
+/// Waits until every live member routes by the same table, in which every live member is a
+/// primary and every owner is live.
 async fn wait_table_settled(cluster: &Cluster) {
     let live = cluster.live_ids();
     wait_for("every member to route by one table", DEADLINE, || {
@@ -19,7 +20,10 @@ async fn wait_table_settled(cluster: &Cluster) {
             .replicas
             .iter()
             .all(|r| !r.is_empty() && r.iter().all(|m| live.contains(m)));
-        async move { (same && owners_live).then_some(()) }
+        let everyone_owns = live
+            .iter()
+            .all(|m| tables[0].replicas.iter().any(|r| r[0] == *m));
+        async move { (same && owners_live && everyone_owns).then_some(()) }
     })
     .await;
 }
@@ -308,4 +312,87 @@ async fn an_unreachable_owner_is_a_typed_error_after_bounded_retries() {
     })
     .await;
     assert_eq!(map.get(&key).await.unwrap(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowledged_write() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = Cluster::start(3).await;
+    wait_table_settled(&cluster).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (m, grid) in cluster.live().enumerate() {
+        for t in 0..4 {
+            let map: Map<String, u64> = grid.map("rebalance");
+            let stop = stop.clone();
+            writers.push(tokio::spawn(async move {
+                let mut acked: HashMap<String, u64> = HashMap::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("m{m}-t{t}-{}", i % 50);
+                    // Every write must succeed: NotOwner answers are retried inside the router.
+                    map.set(&key, &i).await.expect("write during the join");
+                    acked.insert(key.clone(), i);
+                    let read = map.get(&key).await.expect("read during the join");
+                    assert_eq!(read, Some(i), "read-your-write of {key}");
+                    i += 1;
+                }
+                acked
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let version_before = cluster.grid(0).partition_table().version;
+    cluster.add().await;
+    cluster.wait_converged().await;
+    wait_table_settled(&cluster).await;
+    assert!(cluster.grid(0).partition_table().version > version_before);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut expected = HashMap::new();
+    for writer in writers {
+        expected.extend(writer.await.unwrap());
+    }
+    assert!(expected.len() > 100, "writers made progress");
+    let newcomer = cluster.slots.len() - 1;
+    for reader in [0, newcomer] {
+        let map: Map<String, u64> = cluster.grid(reader).map("rebalance");
+        let keys: Vec<String> = expected.keys().cloned().collect();
+        let got = map.get_all(&keys).await.unwrap();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .collect();
+        if !missing.is_empty() {
+            let table = cluster.grid(0).partition_table();
+            for (key, value) in missing.iter().take(5) {
+                let p = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % 271) as u32;
+                let copies: Vec<_> = cluster
+                    .live()
+                    .map(|g| (g.local_member().id, g.local_replica(p).unwrap()))
+                    .collect();
+                eprintln!(
+                    "missing {key}={value}: partition {p}, replicas {:?}, copies {copies:?}",
+                    table.replicas[p as usize]
+                );
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "via member {reader}: {} of {} acknowledged writes missing",
+            missing.len(),
+            expected.len()
+        );
+    }
+    // The newcomer owns partitions now and holds their data.
+    let me = cluster.grid(newcomer).local_member().id;
+    let owned = cluster
+        .grid(newcomer)
+        .partition_table()
+        .replicas
+        .iter()
+        .filter(|r| r[0] == me)
+        .count();
+    assert!(owned > 40, "newcomer is primary of {owned} partitions");
 }

@@ -18,7 +18,7 @@ use crate::partition::table::PartitionTable;
 use crate::rpc::proto;
 
 /// How often the coordinator pushes its table even when nothing changed.
-pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs until the member stops.
 pub(crate) async fn run(node: Arc<Node>) {
@@ -36,6 +36,10 @@ pub(crate) async fn run(node: Arc<Node>) {
 }
 
 /// One round: coordinate if this member is the oldest, otherwise make sure it has a table.
+///
+/// The coordinator moves to a new table only from a settled one: every peer holds the current
+/// table and has finished taking over its partitions. A member that is moved again while its
+/// previous handover is still running could otherwise wait on a member that waits on it.
 pub(crate) async fn step(node: &Arc<Node>) {
     let Some(coordinator) = node.coordinator() else {
         return;
@@ -46,44 +50,55 @@ pub(crate) async fn step(node: &Arc<Node>) {
         }
         return;
     }
-    let members: Vec<_> = node.membership.members().iter().map(|m| m.id).collect();
-    let target = assign(
-        &members,
-        node.config.partition_count,
-        node.config.backup_count,
-    );
     let current = node.table.current();
-    if current.replicas != target || current.publisher != node.me {
-        node.apply_table(PartitionTable {
-            version: current.version + 1,
-            publisher: node.me,
-            replicas: target,
-        });
-    }
-    let highest_seen = publish(node).await;
-    let current = node.table.current();
-    if let Some((version, publisher)) = highest_seen
-        && (version, publisher) != (current.version, current.publisher.as_u64())
-        && version >= current.version
+    let peers = node.membership.peer_count();
+    let answers = publish(node).await;
+    let mine = (current.version, current.publisher.as_u64());
+    if let Some(&(version, publisher, _)) = answers
+        .iter()
+        .filter(|&&(v, p, _)| (v, p) != mine && v >= current.version)
+        .max()
     {
         tracing::info!(
             version,
+            publisher,
             "a peer holds a competing table; republishing above it"
         );
         node.apply_table(PartitionTable {
             version: version + 1,
             publisher: node.me,
             replicas: current.replicas.clone(),
+            previous: current.previous.clone(),
         });
         publish(node).await;
+        return;
     }
+    let settled = node.store.pending_count() == 0
+        && answers.len() == peers
+        && answers
+            .iter()
+            .all(|&(v, p, pending)| (v, p) == mine && pending == 0);
+    let members: Vec<_> = node.membership.members().iter().map(|m| m.id).collect();
+    let target = assign(
+        &members,
+        node.config.partition_count,
+        node.config.backup_count,
+    );
+    if current.replicas == target && current.publisher == node.me {
+        return;
+    }
+    if !settled && current.version > 0 {
+        tracing::debug!("waiting for the current table to settle before the next one");
+        return;
+    }
+    node.apply_table(current.successor(node.me, target));
+    publish(node).await;
 }
 
-/// Pushes the current table to every peer; returns the highest competing table version a peer
-/// reported, if any.
-async fn publish(node: &Arc<Node>) -> Option<(u64, u64)> {
-    let table = node.table.current();
-    let message = table.to_proto();
+/// Pushes the current table to every peer; returns each answer: the table the peer holds after
+/// the push and how many partitions it is still taking over.
+async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32)> {
+    let message = node.table.current().to_proto();
     let calls = node.membership.peer_identities().into_iter().map(|peer| {
         let message = message.clone();
         async move {
@@ -94,17 +109,14 @@ async fn publish(node: &Arc<Node>) -> Option<(u64, u64)> {
                 .await
                 .ok()?
                 .into_inner();
-            Some((response.version, response.publisher))
+            Some((response.version, response.publisher, response.pending))
         }
     });
     futures::future::join_all(calls)
         .await
         .into_iter()
         .flatten()
-        .filter(|&(version, publisher)| {
-            (version, publisher) != (table.version, table.publisher.as_u64())
-        })
-        .max()
+        .collect()
 }
 
 /// Handles a pushed table: applies it if newer and reports what this member now has.
@@ -116,5 +128,6 @@ pub(crate) fn on_publish(node: &Arc<Node>, table: &proto::Table) -> proto::Publi
     proto::PublishTableResponse {
         version: current.version,
         publisher: current.publisher.as_u64(),
+        pending: node.store.pending_count() as u32,
     }
 }

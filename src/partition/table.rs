@@ -18,6 +18,8 @@ pub(crate) struct PartitionTable {
     pub(crate) publisher: MemberId,
     /// Per partition: primary first, then backups in order.
     pub(crate) replicas: Vec<Vec<MemberId>>,
+    /// Per partition: the primary in the table this one replaced at the coordinator.
+    pub(crate) previous: Vec<Option<MemberId>>,
 }
 
 impl PartitionTable {
@@ -27,7 +29,25 @@ impl PartitionTable {
             version: 0,
             publisher: MemberId(0),
             replicas: vec![Vec::new(); partition_count as usize],
+            previous: vec![None; partition_count as usize],
         }
+    }
+
+    /// The table that replaces `self` with `replicas`, published by `publisher`.
+    pub(crate) fn successor(&self, publisher: MemberId, replicas: Vec<Vec<MemberId>>) -> Self {
+        PartitionTable {
+            version: self.version + 1,
+            publisher,
+            previous: (0..replicas.len() as u32)
+                .map(|p| self.primary(p))
+                .collect(),
+            replicas,
+        }
+    }
+
+    /// The previous primary of `partition`, per the coordinator.
+    pub(crate) fn previous_primary(&self, partition: u32) -> Option<MemberId> {
+        self.previous.get(partition as usize).copied().flatten()
     }
 
     /// Whether `self` supersedes `other`.
@@ -64,6 +84,7 @@ impl PartitionTable {
             partition_count: self.partition_count(),
             replica_counts: self.replicas.iter().map(|r| r.len() as u32).collect(),
             owners: self.replicas.iter().flatten().map(|m| m.0).collect(),
+            previous_primaries: self.previous.iter().map(|m| m.map_or(0, |m| m.0)).collect(),
         }
     }
 
@@ -94,10 +115,22 @@ impl PartitionTable {
         if owners.next().is_some() {
             return None;
         }
+        let previous = if table.previous_primaries.is_empty() {
+            vec![None; partition_count as usize]
+        } else if table.previous_primaries.len() == partition_count as usize {
+            table
+                .previous_primaries
+                .iter()
+                .map(|&m| (m != 0).then_some(MemberId(m)))
+                .collect()
+        } else {
+            return None;
+        };
         Some(PartitionTable {
             version: table.version,
             publisher: MemberId(table.publisher),
             replicas,
+            previous,
         })
     }
 }
@@ -152,6 +185,7 @@ mod tests {
             version: 3,
             publisher: MemberId(9),
             replicas: vec![vec![MemberId(1), MemberId(2)], vec![MemberId(2)], vec![]],
+            previous: vec![Some(MemberId(2)), None, None],
         };
         let wire = table.to_proto();
         assert_eq!(PartitionTable::from_proto(&wire, 3), Some(table.clone()));
@@ -171,6 +205,7 @@ mod tests {
             version,
             publisher: MemberId(publisher),
             replicas: vec![vec![MemberId(publisher)]; 2],
+            previous: vec![None; 2],
         };
         assert!(holder.apply(t(2, 5)).is_some());
         assert!(holder.apply(t(1, 9)).is_none());

@@ -270,7 +270,7 @@ impl PeerGrid for PeerGridService {
             .fetch_snapshot(request.partition, request.table.as_ref())
             .await
             .map(Response::new)
-            .ok_or_else(|| Status::invalid_argument("no such partition"))
+            .ok_or_else(|| Status::failed_precondition("no such partition, or a stale handover"))
     }
 
     async fn echo(

@@ -227,6 +227,11 @@ impl Store {
         Ok(())
     }
 
+    /// How many partitions are pending (being taken over).
+    pub(crate) fn pending_count(&self) -> usize {
+        self.partitions.iter().filter(|p| p.is_pending()).count()
+    }
+
     /// Forgets the partition (this member no longer holds a replica of it).
     pub(crate) fn drop_partition(&self, partition: u32) {
         if let Some(data) = self.partition(partition) {
