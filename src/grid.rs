@@ -268,6 +268,30 @@ impl Grid {
         })
     }
 
+    /// Sends `payload` to member `id` and returns it as echoed: one round trip through the
+    /// member-to-member rpc path with no other work (a diagnostic like Redis' `PING`, and the
+    /// floor that benchmarks compare remote operations with).
+    pub async fn echo(&self, id: MemberId, payload: bytes::Bytes) -> Result<bytes::Bytes> {
+        self.ensure_running()?;
+        let peer = self
+            .inner
+            .membership
+            .peer(id)
+            .ok_or(Error::UnknownMember(id))?;
+        let mut call = self.inner.rpc.get(&peer)?;
+        let request = self
+            .inner
+            .rpc
+            .request(crate::rpc::proto::EchoMessage { payload });
+        Ok(call
+            .client
+            .echo(request)
+            .await
+            .map_err(|status| call.error("echo", status))?
+            .into_inner()
+            .payload)
+    }
+
     /// Asks member `id` over rpc to describe itself (this member answers for itself directly).
     ///
     /// Errors: [`Error::UnknownMember`] if `id` is not live in this member's view,

@@ -25,6 +25,9 @@ pub(crate) enum Outcome<T> {
         version: u64,
         owner: Option<MemberId>,
     },
+    /// This member is the primary but is still taking the partition over; try again once it is
+    /// ready.
+    Pending,
 }
 
 /// An applied mutation's pending backup acknowledgements.
@@ -78,10 +81,15 @@ impl Node {
         caller_version: u64,
     ) -> Result<Outcome<OpResult>> {
         self.catch_up(caller_version).await;
-        self.partition_ready(partition).await?;
-        let (outcome, acks) = self.apply(partition, map, key, &op)?;
-        self.await_acks(acks).await?;
-        Ok(outcome)
+        loop {
+            self.partition_ready(partition).await?;
+            let (outcome, acks) = self.apply(partition, map, key.clone(), &op)?;
+            if let Outcome::Pending = outcome {
+                continue;
+            }
+            self.await_acks(acks).await?;
+            return Ok(outcome);
+        }
     }
 
     /// The synchronous part of an operation: ownership check, decision, change, sequencing and
@@ -101,6 +109,11 @@ impl Node {
         if table.primary(partition) != Some(self.me) {
             return Ok((self.not_owner(&table, partition), Vec::new()));
         }
+        // Checked after the table: a handover marks the partition pending before it installs
+        // the table that starts it, so seeing that table means seeing the mark.
+        if data.is_pending() {
+            return Ok((Outcome::Pending, Vec::new()));
+        }
         if op.is_read() {
             let current = data
                 .entries(map)
@@ -114,6 +127,9 @@ impl Node {
         let table = self.table.current();
         if table.primary(partition) != Some(self.me) {
             return Ok((self.not_owner(&table, partition), acks));
+        }
+        if data.is_pending() {
+            return Ok((Outcome::Pending, acks));
         }
         let entries = data.entries_or_create(map);
         let current = entries.get(&key).map(|r| r.clone());

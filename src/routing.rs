@@ -44,6 +44,10 @@ impl Node {
             };
             let last = match outcome {
                 Ok(Outcome::Done(result)) => return Ok(result),
+                Ok(Outcome::Pending) => {
+                    self.await_table_change(table.version).await;
+                    Error::NoOwner { partition }
+                }
                 Ok(Outcome::NotOwner { version, owner }) => {
                     let answered_by = table.primary(partition);
                     if version > table.version {

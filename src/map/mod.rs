@@ -322,7 +322,7 @@ where
                     acks.append(&mut new_acks);
                     answers.push(Some(if result.found { result.value } else { None }));
                 }
-                (Outcome::NotOwner { .. }, _) => answers.push(None),
+                (Outcome::NotOwner { .. } | Outcome::Pending, _) => answers.push(None),
             }
         }
         self.node.await_acks(acks).await?;

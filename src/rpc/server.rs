@@ -141,6 +141,11 @@ impl PeerGrid for PeerGridService {
                         owner: owner.map(|m| m.as_u64()),
                     })
                 }
+                // `execute` waits pending partitions out; kept total for the compiler.
+                Outcome::Pending => proto::map_response::Outcome::NotOwner(proto::NotOwner {
+                    version: self.node.table.current().version,
+                    owner: Some(self.node.me.as_u64()),
+                }),
             }),
         }))
     }
@@ -177,7 +182,7 @@ impl PeerGrid for PeerGridService {
                         acks.append(&mut new_acks);
                         Some(result)
                     }
-                    (Outcome::NotOwner { .. }, _) => None,
+                    (Outcome::NotOwner { .. } | Outcome::Pending, _) => None,
                 }
             };
             results.push(match outcome {

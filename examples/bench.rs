@@ -1,0 +1,288 @@
+//! Map benchmark: local and remote get/put against the bare rpc round trip, in one run.
+//!
+//! ```sh
+//! cargo run --release --example bench            # full run
+//! cargo run --release --example bench -- quick   # a few seconds (CI smoke test)
+//! ```
+//!
+//! Two members in this process over real loopback sockets, backup count 1, 100-byte values.
+//! Every figure is measured in rounds that interleave the systems under test, and the report
+//! gives the median over rounds. The echo is the member-to-member gRPC path with no map work:
+//! the floor a remote operation cannot beat. Nothing here asserts on time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use peergrid::{Grid, GridConfig, Map, MemberId};
+use tokio::time::Instant;
+
+const VALUE: [u8; 100] = [7; 100];
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (rounds, sequential, concurrent_for) = if quick {
+        (1, 300, Duration::from_millis(300))
+    } else {
+        (5, 4000, Duration::from_secs(2))
+    };
+    let name = format!("bench-{}", std::process::id());
+    let a = Grid::join(GridConfig {
+        cluster_name: name.clone(),
+        ..GridConfig::ephemeral()
+    })
+    .await?;
+    let b = Grid::join(GridConfig {
+        cluster_name: name,
+        seeds: vec![a.local_member().gossip_addr],
+        ..GridConfig::ephemeral()
+    })
+    .await?;
+    let (ida, idb) = (a.local_member().id, b.local_member().id);
+    wait_settled(&a, &b).await;
+
+    let map: Map<String, Bytes> = a.map("bench");
+    let value = Bytes::from_static(&VALUE);
+    let table = a.partition_table();
+    let primary = |key: &str| {
+        let p = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % table.replicas.len() as u64;
+        table.replicas[p as usize][0]
+    };
+    let keys: Vec<String> = (0..20_000).map(|i| format!("key:{i}")).collect();
+    let local: Arc<Vec<String>> = Arc::new(
+        keys.iter()
+            .filter(|k| primary(k) == ida)
+            .take(2000)
+            .cloned()
+            .collect(),
+    );
+    let remote: Arc<Vec<String>> = Arc::new(
+        keys.iter()
+            .filter(|k| primary(k) == idb)
+            .take(2000)
+            .cloned()
+            .collect(),
+    );
+    map.put_all(
+        local
+            .iter()
+            .chain(remote.iter())
+            .map(|k| (k.clone(), value.clone())),
+    )
+    .await?;
+
+    let mut rows: Vec<(&str, Vec<Stats>)> = vec![
+        ("local get", vec![]),
+        ("local set (1 sync backup)", vec![]),
+        ("remote get", vec![]),
+        ("remote set (1 sync backup)", vec![]),
+        ("echo (bare rpc round trip)", vec![]),
+    ];
+    let mut throughput: Vec<(&str, Vec<f64>)> = vec![
+        ("remote get, 64 tasks", vec![]),
+        ("echo, 64 tasks", vec![]),
+        ("local get, 64 tasks", vec![]),
+    ];
+    for _ in 0..rounds {
+        rows[0].1.push(
+            sequential_run(sequential, &local, |k| {
+                let m = map.clone();
+                async move { m.get(&k).await.map(|_| ()) }
+            })
+            .await?,
+        );
+        rows[1].1.push(
+            sequential_run(sequential, &local, |k| {
+                let (m, v) = (map.clone(), value.clone());
+                async move { m.set(&k, &v).await }
+            })
+            .await?,
+        );
+        rows[2].1.push(
+            sequential_run(sequential, &remote, |k| {
+                let m = map.clone();
+                async move { m.get(&k).await.map(|_| ()) }
+            })
+            .await?,
+        );
+        rows[3].1.push(
+            sequential_run(sequential, &remote, |k| {
+                let (m, v) = (map.clone(), value.clone());
+                async move { m.set(&k, &v).await }
+            })
+            .await?,
+        );
+        rows[4].1.push(
+            sequential_run(sequential, &remote, |_| {
+                let (g, v) = (a.clone(), value.clone());
+                async move { g.echo(idb, v).await.map(|_| ()) }
+            })
+            .await?,
+        );
+        throughput[0].1.push(
+            concurrent_run(64, concurrent_for, remote.clone(), map.clone(), Mode::Get).await?,
+        );
+        throughput[1].1.push(
+            concurrent_run(
+                64,
+                concurrent_for,
+                remote.clone(),
+                map.clone(),
+                Mode::Echo(a.clone(), idb, value.clone()),
+            )
+            .await?,
+        );
+        throughput[2]
+            .1
+            .push(concurrent_run(64, concurrent_for, local.clone(), map.clone(), Mode::Get).await?);
+    }
+
+    println!(
+        "peergrid map benchmark: 2 members in one process, loopback, 100-byte values, backup count 1"
+    );
+    println!("median of {rounds} interleaved round(s), {sequential} sequential ops per figure\n");
+    println!("| operation | ops/s | p50 µs | p99 µs |");
+    println!("|---|---:|---:|---:|");
+    let mut medians = Vec::new();
+    for (label, runs) in &rows {
+        let m = Stats::median(runs);
+        println!(
+            "| {label} | {:.0} | {:.1} | {:.1} |",
+            m.ops_per_sec, m.p50_us, m.p99_us
+        );
+        medians.push(m);
+    }
+    println!("\n| concurrent workload | ops/s |");
+    println!("|---|---:|");
+    let mut tput = Vec::new();
+    for (label, runs) in &throughput {
+        let m = median(runs);
+        println!("| {label} | {m:.0} |");
+        tput.push(m);
+    }
+    println!("\nratios");
+    println!(
+        "  remote get p50 / echo p50:         {:.2}  (target at most 1.20)",
+        medians[2].p50_us / medians[4].p50_us
+    );
+    println!(
+        "  remote set p50 / echo p50:         {:.2}",
+        medians[3].p50_us / medians[4].p50_us
+    );
+    println!(
+        "  remote get ops/s / echo ops/s (64): {:.2}",
+        tput[0] / tput[1]
+    );
+    println!(
+        "  local get ops/s / remote get ops/s: {:.1}",
+        medians[0].ops_per_sec / medians[2].ops_per_sec
+    );
+    Ok(())
+}
+
+async fn wait_settled(a: &Grid, b: &Grid) {
+    let (ida, idb) = (a.local_member().id, b.local_member().id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ta, tb) = (a.partition_table(), b.partition_table());
+        if ta == tb
+            && [ida, idb]
+                .iter()
+                .all(|m| ta.replicas.iter().any(|r| r[0] == *m))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cluster did not settle");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stats {
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Stats {
+    fn median(runs: &[Stats]) -> Stats {
+        Stats {
+            ops_per_sec: median(&runs.iter().map(|s| s.ops_per_sec).collect::<Vec<_>>()),
+            p50_us: median(&runs.iter().map(|s| s.p50_us).collect::<Vec<_>>()),
+            p99_us: median(&runs.iter().map(|s| s.p99_us).collect::<Vec<_>>()),
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn sequential_run<F, Fut>(ops: usize, keys: &[String], op: F) -> peergrid::Result<Stats>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = peergrid::Result<()>>,
+{
+    let mut latencies = Vec::with_capacity(ops);
+    let start = Instant::now();
+    for i in 0..ops {
+        let key = keys[i % keys.len()].clone();
+        let t = Instant::now();
+        op(key).await?;
+        latencies.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Ok(Stats {
+        ops_per_sec: ops as f64 / total.as_secs_f64(),
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+    })
+}
+
+#[derive(Clone)]
+enum Mode {
+    Get,
+    Echo(Grid, MemberId, Bytes),
+}
+
+async fn concurrent_run(
+    tasks: usize,
+    duration: Duration,
+    keys: Arc<Vec<String>>,
+    map: Map<String, Bytes>,
+    mode: Mode,
+) -> peergrid::Result<f64> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (keys, map, mode) = (keys.clone(), map.clone(), mode.clone());
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                let mut i = t;
+                while start.elapsed() < duration {
+                    match &mode {
+                        Mode::Get => {
+                            map.get(&keys[i % keys.len()]).await?;
+                        }
+                        Mode::Echo(grid, to, payload) => {
+                            grid.echo(*to, payload.clone()).await?;
+                        }
+                    }
+                    done += 1;
+                    i += tasks;
+                }
+                Ok::<u64, peergrid::Error>(done)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.await.expect("task")?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
