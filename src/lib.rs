@@ -1,8 +1,8 @@
 //! peergrid: an embeddable, peer-to-peer, in-memory data grid.
 //!
 //! An application calls [`Grid::join`] and its process becomes an equal member of a cluster:
-//! members find each other by SWIM gossip over UDP, talk gRPC to each other, and (as the data path
-//! lands) each holds a share of the partitions of distributed maps, queues and locks.
+//! members find each other by SWIM gossip over UDP, talk gRPC to each other, and each holds a
+//! share of the partitions of the distributed maps (primary and backup copies).
 //!
 //! ```no_run
 //! # async fn demo() -> peergrid::Result<()> {
@@ -20,25 +20,33 @@
 //!
 //! # Layout
 //!
-//! In the order a member starts and data flows:
+//! In the order a map operation flows, then the parts underneath:
 //!
-//! - `config`: [`GridConfig`] and [`SwimConfig`], with defaults, limits and `validate()`.
-//! - `grid`: [`Grid`], which binds the sockets, owns every background task, and is the handle the
-//!   application holds.
+//! - `grid`: [`Grid`], which binds the sockets, owns every background task, and hands out the
+//!   typed handles. `config` holds [`GridConfig`], [`MapConfig`] and [`SwimConfig`].
+//! - `map`: [`Map`], the typed handle (keys and values encoded at the edge by `codec`: strings and
+//!   bytes raw, everything else postcard), and `map::ops`, the owner-side operations, each a
+//!   value decided purely from the entry's current record.
+//! - `routing`: key to partition to primary from the current table; the local fast path or a
+//!   gRPC call; `NotOwner` refresh and bounded retry.
+//! - `partition`: `partition::key` (XXH3-64 of the key's bytes with Redis-style hash tags),
+//!   `partition::assignment` (the pure member-set-to-table function: bounded-load consistent
+//!   hashing over the `hashring` crate), `partition::table` (versioned tables and their holder),
+//!   `partition::coordinator` (the oldest member computes and publishes tables, advancing only
+//!   from a settled one).
+//! - `node`: the owner side of the data path: ownership checks, sequencing, replication hand-off,
+//!   and the takeover of partitions when the table changes.
+//! - `store`: per-partition record stores (reads take no partition lock) and
+//!   `store::replication`, the ordered primary-to-backup stream with gap resync.
 //! - `membership`: SWIM membership with foca. `membership::driver` is the one task that owns
 //!   the `Foca` value, the UDP socket and the ordered timer queue (`membership::timers`);
 //!   `membership::frame` is the datagram header (magic, version, cluster hash);
-//!   `membership::identity` is what foca gossips about a member. The task publishes the live view
-//!   into `MembershipState`, read by everything else.
-//! - `rpc`: member-to-member gRPC from `proto/peergrid.proto`: `rpc::server` (the service every
-//!   member runs) and `rpc::client` (one lazily connected channel per peer, deadlines, and the
-//!   mapping of failures onto [`Error`]).
+//!   `membership::identity` is what foca gossips about a member.
+//! - `rpc`: member-to-member gRPC from `proto/peergrid.proto`: `rpc::server` and `rpc::client`
+//!   (one lazily connected channel per peer, deadlines, size limits, and the mapping of failures
+//!   onto [`Error`]).
 //! - `fault`: [`FaultSwitch`], which cuts gossip and rpc links between chosen members for
-//!   failure tests.
-//! - `error`: [`Error`] and [`ConfigError`].
-//!
-//! The partition table, router, replicated stores and the typed map, queue and lock handles build
-//! on these (see `DESIGN.md` in the repository).
+//!   failure tests. `error`: [`Error`] and [`ConfigError`].
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

@@ -396,3 +396,60 @@ async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowled
         .count();
     assert!(owned > 40, "newcomer is primary of {owned} partitions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_backup_cannot_acknowledge_times_out_with_a_typed_error() {
+    let mut cluster = Cluster {
+        name: common::unique_cluster_name(),
+        switch: peergrid::FaultSwitch::new(),
+        slots: Vec::new(),
+    };
+    for _ in 0..3 {
+        let config = GridConfig {
+            rpc_timeout: Duration::from_millis(300),
+            ..cluster.config()
+        };
+        cluster.add_with(config).await;
+    }
+    cluster.wait_converged().await;
+    wait_table_settled(&cluster).await;
+    let table = cluster.grid(0).partition_table();
+    let by_id: HashMap<_, _> = cluster
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.grid.as_ref().unwrap().local_member().id, i))
+        .collect();
+    let key = "timeout-key";
+    let p = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % 271) as usize;
+    let (primary, backup) = (by_id[&table.replicas[p][0]], by_id[&table.replicas[p][1]]);
+    // An asymmetric split: primary and backup cannot talk, but the third member still probes the
+    // backup for the primary, so the backup is not declared down and stays in the replica set.
+    cluster
+        .switch
+        .cut(cluster.slots[primary].gossip, cluster.slots[backup].gossip);
+    let map: Map<String, u32> = cluster.grid(primary).map("acks");
+    let err = map.set(key, &1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                operation: "backup acknowledgement",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    cluster.switch.heal_all();
+    // The outcome of a timed-out write is unknown to its caller; here it was applied on the
+    // primary and reaches the backup once the link heals. The member is healthy throughout.
+    assert_eq!(map.get(key).await.unwrap(), Some(1));
+    map.set(key, &2).await.unwrap();
+    let backup_copy = wait_for("the backup to catch up", DEADLINE, || {
+        let copy = cluster.grid(backup).local_replica(p as u32).unwrap();
+        let primary_copy = cluster.grid(primary).local_replica(p as u32).unwrap();
+        async move { (copy == primary_copy).then_some(copy) }
+    })
+    .await;
+    assert_eq!(backup_copy.entries, 1);
+}
