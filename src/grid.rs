@@ -273,12 +273,7 @@ impl Grid {
     /// floor that benchmarks compare remote operations with).
     pub async fn echo(&self, id: MemberId, payload: bytes::Bytes) -> Result<bytes::Bytes> {
         self.ensure_running()?;
-        let peer = self
-            .inner
-            .membership
-            .peer(id)
-            .ok_or(Error::UnknownMember(id))?;
-        let mut call = self.inner.rpc.get(&peer)?;
+        let mut call = self.inner.node.peer_client(id)?;
         let request = self
             .inner
             .rpc
@@ -303,12 +298,7 @@ impl Grid {
         if id == local.id {
             return Ok(local);
         }
-        let peer = self
-            .inner
-            .membership
-            .peer(id)
-            .ok_or(Error::UnknownMember(id))?;
-        let mut call = self.inner.rpc.get(&peer)?;
+        let mut call = self.inner.node.peer_client(id)?;
         let request = self.inner.rpc.request(MemberInfoRequest {});
         let response = call
             .client

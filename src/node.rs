@@ -45,6 +45,16 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// A client for one call to live member `member`: [`Error::UnknownMember`] if it is not in the
+    /// membership view, [`Error::Unreachable`] if the fault switch cuts the link.
+    pub(crate) fn peer_client(&self, member: MemberId) -> Result<crate::rpc::client::PeerClient> {
+        let peer = self
+            .membership
+            .peer(member)
+            .ok_or(Error::UnknownMember(member))?;
+        self.rpc.get(&peer)
+    }
+
     fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
         Outcome::NotOwner {
             version: table.version,
@@ -374,10 +384,7 @@ impl Node {
         table: proto::Table,
     ) {
         for source in sources {
-            let Some(peer) = self.membership.peer(source) else {
-                continue;
-            };
-            let Ok(mut call) = self.rpc.get(&peer) else {
+            let Ok(mut call) = self.peer_client(source) else {
                 continue;
             };
             let request = self.rpc.request(proto::FetchSnapshotRequest {
@@ -450,10 +457,7 @@ impl Node {
         let source = from
             .or_else(|| self.coordinator())
             .filter(|m| *m != self.me);
-        let Some(peer) = source.and_then(|m| self.membership.peer(m)) else {
-            return;
-        };
-        let Ok(mut call) = self.rpc.get(&peer) else {
+        let Some(Ok(mut call)) = source.map(|m| self.peer_client(m)) else {
             return;
         };
         if let Ok(table) = call

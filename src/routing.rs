@@ -102,10 +102,6 @@ impl Node {
         op: &MapOp,
         table_version: u64,
     ) -> Result<Outcome<OpResult>> {
-        let peer = self
-            .membership
-            .peer(owner)
-            .ok_or(Error::UnknownMember(owner))?;
         let (kind, value, expected) = op_to_proto(op);
         let request = self.rpc.request(proto::MapRequest {
             table_version,
@@ -116,7 +112,7 @@ impl Node {
             value,
             expected,
         });
-        let mut call = self.rpc.get(&peer)?;
+        let mut call = self.peer_client(owner)?;
         let response = call
             .client
             .map_call(request)

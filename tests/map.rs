@@ -9,25 +9,6 @@ use common::{Cluster, DEADLINE, wait_for};
 use peergrid::{Error, Grid, GridConfig, Map};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 
-/// Waits until every live member routes by the same table, in which every live member is a
-/// primary and every owner is live.
-async fn wait_table_settled(cluster: &Cluster) {
-    let live = cluster.live_ids();
-    wait_for("every member to route by one table", DEADLINE, || {
-        let tables: Vec<_> = cluster.live().map(|g| g.partition_table()).collect();
-        let same = tables.windows(2).all(|w| w[0] == w[1]);
-        let owners_live = tables[0]
-            .replicas
-            .iter()
-            .all(|r| !r.is_empty() && r.iter().all(|m| live.contains(m)));
-        let everyone_owns = live
-            .iter()
-            .all(|m| tables[0].replicas.iter().any(|r| r[0] == *m));
-        async move { (same && owners_live && everyone_owns).then_some(()) }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_member_serves_every_operation() {
     let grid = Grid::join(GridConfig::ephemeral()).await.unwrap();
@@ -68,7 +49,7 @@ async fn a_single_member_serves_every_operation() {
 /// Random operations from one client, checked against a local HashMap model.
 async fn random_ops_match_a_model(members: usize) {
     let cluster = Cluster::start(members).await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     let mut rng = SmallRng::seed_from_u64(members as u64);
     let mut model: HashMap<String, u64> = HashMap::new();
     for i in 0..600u64 {
@@ -135,7 +116,7 @@ async fn random_operations_on_five_members_match_a_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_hold_exactly_the_primarys_data() {
     let cluster = Cluster::start(3).await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     let map: Map<String, String> = cluster.grid(1).map("replicated");
     for i in 0..500 {
         map.set(&format!("k{i}"), &format!("v{i}")).await.unwrap();
@@ -173,7 +154,7 @@ async fn backups_hold_exactly_the_primarys_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_tags_keep_related_keys_in_one_partition() {
     let cluster = Cluster::start(3).await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     let map: Map<String, u32> = cluster.grid(0).map("tags");
     map.set("{user:1}:profile", &1).await.unwrap();
     map.set("{user:1}:cart", &2).await.unwrap();
@@ -197,7 +178,7 @@ async fn hash_tags_keep_related_keys_in_one_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_on_every_member_see_their_own_writes() {
     let cluster = Cluster::start(3).await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     let mut tasks = Vec::new();
     for (m, grid) in cluster.live().enumerate() {
         for t in 0..8 {
@@ -221,23 +202,8 @@ async fn concurrent_clients_on_every_member_see_their_own_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_mistyped_values_are_typed_errors_and_the_member_stays_healthy() {
-    let cluster = {
-        let mut c = Cluster {
-            name: common::unique_cluster_name(),
-            switch: peergrid::FaultSwitch::new(),
-            slots: Vec::new(),
-        };
-        for _ in 0..2 {
-            let config = GridConfig {
-                max_value_size: 1024,
-                ..c.config()
-            };
-            c.add_with(config).await;
-        }
-        c.wait_converged().await;
-        c
-    };
-    wait_table_settled(&cluster).await;
+    let cluster = Cluster::start_with(2, |c| c.max_value_size = 1024).await;
+    cluster.wait_table_settled().await;
     let map: Map<String, Vec<u8>> = cluster.grid(0).map("limits");
     let err = map.set("big", &vec![7u8; 2000]).await.unwrap_err();
     assert!(
@@ -265,24 +231,12 @@ async fn oversized_and_mistyped_values_are_typed_errors_and_the_member_stays_hea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_owner_is_a_typed_error_after_bounded_retries() {
-    let cluster = {
-        let mut c = Cluster {
-            name: common::unique_cluster_name(),
-            switch: peergrid::FaultSwitch::new(),
-            slots: Vec::new(),
-        };
-        for _ in 0..2 {
-            let config = GridConfig {
-                rpc_timeout: Duration::from_millis(500),
-                backup_count: 0,
-                ..c.config()
-            };
-            c.add_with(config).await;
-        }
-        c.wait_converged().await;
-        c
-    };
-    wait_table_settled(&cluster).await;
+    let cluster = Cluster::start_with(2, |c| {
+        c.rpc_timeout = Duration::from_millis(500);
+        c.backup_count = 0;
+    })
+    .await;
+    cluster.wait_table_settled().await;
     let other = cluster.grid(1).local_member().id;
     let table = cluster.grid(0).partition_table();
     // A key whose primary is the other member.
@@ -319,7 +273,7 @@ async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowled
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut cluster = Cluster::start(3).await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for (m, grid) in cluster.live().enumerate() {
@@ -346,7 +300,7 @@ async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowled
     let version_before = cluster.grid(0).partition_table().version;
     cluster.add().await;
     cluster.wait_converged().await;
-    wait_table_settled(&cluster).await;
+    cluster.wait_table_settled().await;
     assert!(cluster.grid(0).partition_table().version > version_before);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -399,20 +353,8 @@ async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_backup_cannot_acknowledge_times_out_with_a_typed_error() {
-    let mut cluster = Cluster {
-        name: common::unique_cluster_name(),
-        switch: peergrid::FaultSwitch::new(),
-        slots: Vec::new(),
-    };
-    for _ in 0..3 {
-        let config = GridConfig {
-            rpc_timeout: Duration::from_millis(300),
-            ..cluster.config()
-        };
-        cluster.add_with(config).await;
-    }
-    cluster.wait_converged().await;
-    wait_table_settled(&cluster).await;
+    let cluster = Cluster::start_with(3, |c| c.rpc_timeout = Duration::from_millis(300)).await;
+    cluster.wait_table_settled().await;
     let table = cluster.grid(0).partition_table();
     let by_id: HashMap<_, _> = cluster
         .slots

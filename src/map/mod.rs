@@ -337,11 +337,6 @@ where
         indexes: &[usize],
         table_version: u64,
     ) -> Result<Vec<Option<Option<Bytes>>>> {
-        let peer = self
-            .node
-            .membership
-            .peer(owner)
-            .ok_or(Error::UnknownMember(owner))?;
         let request = proto::MapBatchRequest {
             table_version,
             map: self.name.to_string(),
@@ -355,7 +350,7 @@ where
                 })
                 .collect(),
         };
-        let mut call = self.node.rpc.get(&peer)?;
+        let mut call = self.node.peer_client(owner)?;
         let response = call
             .client
             .map_batch(self.node.rpc.request(request))
@@ -401,11 +396,7 @@ where
                 if member == node.me {
                     return node.scan(&self.name, clear, version).await;
                 }
-                let peer = node
-                    .membership
-                    .peer(member)
-                    .ok_or(Error::UnknownMember(member))?;
-                let mut call = node.rpc.get(&peer)?;
+                let mut call = node.peer_client(member)?;
                 let response = call
                     .client
                     .map_scan(node.rpc.request(proto::MapScanRequest {

@@ -70,6 +70,11 @@ impl Cluster {
     /// Starts `n` members, one after the other, each seeded with the members already running, and
     /// waits until every member sees all of them.
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts `n` members whose configuration `tune` adjusts, and waits until they converge.
+    pub async fn start_with(n: usize, tune: impl Fn(&mut GridConfig)) -> Cluster {
         init_tracing();
         let mut cluster = Cluster {
             name: unique_cluster_name(),
@@ -77,7 +82,9 @@ impl Cluster {
             slots: Vec::new(),
         };
         for _ in 0..n {
-            cluster.add().await;
+            let mut config = cluster.config();
+            tune(&mut config);
+            cluster.add_with(config).await;
         }
         cluster.wait_converged().await;
         cluster
@@ -159,6 +166,29 @@ impl Cluster {
         })
         .await;
         self.slots[i].grid = Some(grid);
+    }
+
+    /// Waits until every running member routes by the same table, in which every running member
+    /// is a primary and every owner is running.
+    pub async fn wait_table_settled(&self) {
+        let live = self.live_ids();
+        wait_for(
+            "every member to route by one settled table",
+            DEADLINE,
+            || {
+                let tables: Vec<_> = self.live().map(|g| g.partition_table()).collect();
+                let same = tables.windows(2).all(|w| w[0] == w[1]);
+                let owners_live = tables[0]
+                    .replicas
+                    .iter()
+                    .all(|r| !r.is_empty() && r.iter().all(|m| live.contains(m)));
+                let everyone_owns = live
+                    .iter()
+                    .all(|m| tables[0].replicas.iter().any(|r| r[0] == *m));
+                async move { (same && owners_live && everyone_owns).then_some(()) }
+            },
+        )
+        .await;
     }
 
     /// Waits until every running member sees exactly the running members.
