@@ -219,14 +219,21 @@ impl Node {
             return Ok(());
         }
         let wait = self.config.rpc_timeout * 2;
-        tokio::time::timeout(wait, futures::future::join_all(acks))
+        let answers = tokio::time::timeout(wait, futures::future::join_all(acks))
             .await
-            .map(|_| ())
             .map_err(|_| Error::Timeout {
                 operation: "backup acknowledgement",
                 member: self.me,
                 after: wait,
-            })
+            })?;
+        // A dropped acknowledgement means the backup's queue was dropped: because the backup was
+        // declared down (the write then stands on every live backup), or because this member is
+        // stopping, in which case the backup may never get the write and it must not be
+        // acknowledged.
+        if answers.iter().any(Result::is_err) && self.cancel.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        Ok(())
     }
 
     /// Counts (and optionally clears) `map` in the partitions this member is primary of.

@@ -61,6 +61,16 @@ impl PeerGridService {
         Ok(from)
     }
 
+    /// Refuses to answer once the member stopped while a call was in progress: a dead process
+    /// answers nothing, and an answer could claim work the member can no longer back up.
+    fn still_running(&self) -> Result<(), Status> {
+        if self.closed.is_cancelled() {
+            Err(Status::unavailable("member is shutting down"))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Whether `from` is the primary of `partition` in this member's table (after catching up
     /// with the sender's table version). Only the primary may change a backup's copy.
     async fn sent_by_primary(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
@@ -128,6 +138,7 @@ impl PeerGrid for PeerGridService {
             )
             .await
             .map_err(to_status)?;
+        self.still_running()?;
         Ok(Response::new(proto::MapResponse {
             outcome: Some(match outcome {
                 Outcome::Done(result) => proto::map_response::Outcome::Result(proto::MapResult {
@@ -198,6 +209,7 @@ impl PeerGrid for PeerGridService {
             });
         }
         self.node.await_acks(acks).await.map_err(to_status)?;
+        self.still_running()?;
         Ok(Response::new(proto::MapBatchResponse { results }))
     }
 
@@ -212,6 +224,7 @@ impl PeerGrid for PeerGridService {
             .scan(&request.map, request.clear, request.table_version)
             .await
             .map_err(to_status)?;
+        self.still_running()?;
         Ok(Response::new(proto::MapScanResponse {
             entries,
             partitions,
@@ -291,7 +304,7 @@ impl PeerGrid for PeerGridService {
 fn to_status(error: Error) -> Status {
     match error {
         Error::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
-        Error::NoOwner { .. } => Status::unavailable(error.to_string()),
+        Error::NoOwner { .. } | Error::Shutdown => Status::unavailable(error.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
