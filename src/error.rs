@@ -118,6 +118,17 @@ pub enum Error {
         owner: Option<MemberId>,
     },
 
+    /// The write was applied on the partition's primary, but a backup would not take it because
+    /// the partition moved to another primary meanwhile. Its outcome is unknown: the new primary
+    /// usually has it, but it may be lost if a member fails now. `set` retries this by itself.
+    #[error(
+        "write to partition {partition} was not backed up (the partition moved); outcome unknown"
+    )]
+    NotBackedUp {
+        /// The partition.
+        partition: u32,
+    },
+
     /// No live member owns the partition (the cluster is still forming its first table, or every
     /// replica of the partition was lost).
     #[error("partition {partition} has no live owner")]

@@ -120,6 +120,7 @@ impl Grid {
                 give_up_after: config.rpc_timeout,
             }),
             cancel: cancel.clone(),
+            table_lock: std::sync::Mutex::new(()),
         });
         let server_task = server::spawn(
             tcp,
@@ -471,4 +472,12 @@ async fn bind(config: &GridConfig) -> Result<(UdpSocket, TcpListener)> {
         attempts,
         source,
     })
+}
+
+#[cfg(test)]
+impl Grid {
+    /// The data-path core, for tests that drive table changes directly.
+    pub(crate) fn node(&self) -> &Arc<Node> {
+        &self.inner.node
+    }
 }

@@ -14,7 +14,7 @@ use crate::membership::{MemberId, MembershipState};
 use crate::partition::table::{PartitionTable, TableHolder};
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto;
-use crate::store::replication::{Item, Replication};
+use crate::store::replication::{Ack, Item, Replication};
 use crate::store::{Record, Store};
 
 /// The answer of the owner side: done, or "not the primary here".
@@ -31,7 +31,7 @@ pub(crate) enum Outcome<T> {
 }
 
 /// An applied mutation's pending backup acknowledgements.
-pub(crate) type Acks = Vec<oneshot::Receiver<()>>;
+pub(crate) type Acks = Vec<(u32, oneshot::Receiver<Ack>)>;
 
 pub(crate) struct Node {
     pub(crate) config: GridConfig,
@@ -42,6 +42,10 @@ pub(crate) struct Node {
     pub(crate) store: Arc<Store>,
     pub(crate) replication: Replication,
     pub(crate) cancel: CancellationToken,
+    /// Serializes table application: comparing, marking takeovers and installing must be one
+    /// step, or an older table's failed install could release a newer takeover. Never held
+    /// across an `.await`.
+    pub(crate) table_lock: std::sync::Mutex<()>,
 }
 
 impl Node {
@@ -71,11 +75,8 @@ impl Node {
         if data.is_pending() {
             tokio::time::timeout(self.config.rpc_timeout, data.ready())
                 .await
-                .map_err(|_| Error::Timeout {
-                    operation: "partition handover",
-                    member: self.me,
-                    after: self.config.rpc_timeout,
-                })?;
+                // Nothing was applied: the router may retry.
+                .map_err(|_| Error::NoOwner { partition })?;
         }
         Ok(())
     }
@@ -196,7 +197,7 @@ impl Node {
         for (i, &backup) in backups.iter().enumerate() {
             let ack = if i < count && !map_config.async_backups {
                 let (tx, rx) = oneshot::channel();
-                acks.push(rx);
+                acks.push((partition, rx));
                 Some(tx)
             } else {
                 None
@@ -212,26 +213,36 @@ impl Node {
         }
     }
 
-    /// Waits for the backups of synchronous writes. A backup that is declared down meanwhile
-    /// releases its acknowledgement: the write then stands on every live backup.
+    /// Waits for the backups of synchronous writes.
+    ///
+    /// A backup that took the mutation acknowledges it; one that was declared down releases it
+    /// (the write then stands on every live backup). A backup that would not take it (the
+    /// partition moved meanwhile) makes the write [`Error::NotBackedUp`], and a member that is
+    /// stopping answers [`Error::Shutdown`]: in both cases the write is on this member only.
     pub(crate) async fn await_acks(&self, acks: Acks) -> Result<()> {
         if acks.is_empty() {
             return Ok(());
         }
         let wait = self.config.rpc_timeout * 2;
-        let answers = tokio::time::timeout(wait, futures::future::join_all(acks))
-            .await
-            .map_err(|_| Error::Timeout {
-                operation: "backup acknowledgement",
-                member: self.me,
-                after: wait,
-            })?;
-        // A dropped acknowledgement means the backup's queue was dropped: because the backup was
-        // declared down (the write then stands on every live backup), or because this member is
-        // stopping, in which case the backup may never get the write and it must not be
-        // acknowledged.
-        if answers.iter().any(Result::is_err) && self.cancel.is_cancelled() {
-            return Err(Error::Shutdown);
+        let answers = tokio::time::timeout(
+            wait,
+            futures::future::join_all(
+                acks.into_iter()
+                    .map(|(partition, rx)| async move { (partition, rx.await) }),
+            ),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "backup acknowledgement",
+            member: self.me,
+            after: wait,
+        })?;
+        for (partition, answer) in answers {
+            match answer {
+                Ok(Ack::Stored | Ack::BackupGone) => {}
+                Ok(Ack::NotTaken) => return Err(Error::NotBackedUp { partition }),
+                Err(_) => return Err(Error::Shutdown),
+            }
         }
         Ok(())
     }
@@ -245,38 +256,37 @@ impl Node {
     ) -> Result<(u64, Vec<u32>)> {
         self.catch_up(caller_version).await;
         let table = self.table.current();
-        let owned: Vec<u32> = (0..table.partition_count())
+        let candidates: Vec<u32> = (0..table.partition_count())
             .filter(|&p| table.primary(p) == Some(self.me))
             .collect();
+        let mut owned = Vec::with_capacity(candidates.len());
         let mut count = 0u64;
         let mut acks = Vec::new();
         let map_config = self.config.map_config(map);
-        for &partition in &owned {
+        for partition in candidates {
             self.partition_ready(partition).await?;
             let data = self
                 .store
                 .partition(partition)
                 .ok_or(Error::NoOwner { partition })?;
+            // Counted and cleared under the write lock, as the partition's primary and not mid
+            // takeover; otherwise it is left out and the caller retries it elsewhere.
+            let mut seq = data.lock();
+            let table = self.table.current();
+            if table.primary(partition) != Some(self.me) || data.is_pending() {
+                continue;
+            }
             count += data.len(map) as u64;
+            owned.push(partition);
             if clear {
-                let mut seq = data.lock();
-                let table = self.table.current();
-                if table.primary(partition) != Some(self.me) {
-                    continue;
-                }
                 *seq += 1;
-                data.apply_change(&proto::Mutation {
-                    seq: *seq,
-                    map: map.to_string(),
-                    key: Bytes::new(),
-                    change: Some(proto::mutation::Change::Clear(true)),
-                });
                 let mutation = proto::Mutation {
                     seq: *seq,
                     map: map.to_string(),
                     key: Bytes::new(),
                     change: Some(proto::mutation::Change::Clear(true)),
                 };
+                data.apply_change(&mutation);
                 self.replicate(partition, &table, mutation, &map_config, &mut acks);
             }
         }
@@ -286,9 +296,10 @@ impl Node {
 
     /// Installs `table` if it is newer and reacts to the change.
     ///
-    /// Partitions this member becomes primary of while another member was, are marked pending
-    /// before the table is installed, so no operation runs on them until the handover is done.
+    /// Partitions this member becomes primary of while another member was are marked pending
+    /// before the table is installed, so no operation runs on them until the takeover is done.
     pub(crate) fn apply_table(self: &Arc<Self>, table: PartitionTable) -> bool {
+        let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
         let before = self.table.current();
         if !table.newer_than(&before) {
             return false;
@@ -303,19 +314,15 @@ impl Node {
             .collect();
         for &p in &takeovers {
             if let Some(data) = self.store.partition(p) {
-                data.set_pending(true);
+                data.begin_takeover();
             }
         }
         let new_version = table.version;
         let publisher = table.publisher;
-        let Some(previous) = self.table.apply(table) else {
-            for &p in &takeovers {
-                if let Some(data) = self.store.partition(p) {
-                    data.set_pending(false);
-                }
-            }
-            return false;
-        };
+        let previous = self
+            .table
+            .apply(table)
+            .expect("newer table under the table lock");
         let current = self.table.current();
         tracing::debug!(
             member = %self.me,
@@ -329,7 +336,8 @@ impl Node {
     }
 
     /// For each partition: take over from the previous primary if this member became primary;
-    /// give new backups a snapshot; forget partitions it no longer replicates.
+    /// give backups a snapshot where their copy may be behind; forget partitions this member no
+    /// longer replicates.
     fn on_table_changed(
         self: &Arc<Self>,
         previous: &PartitionTable,
@@ -356,17 +364,24 @@ impl Node {
                     sources.push(candidate);
                 }
             }
+            let version = current.version;
             let table = current.to_proto();
-            tokio::spawn(
-                async move { node.take_over(partition, sources, was_replica, table).await },
-            );
+            tokio::spawn(async move {
+                node.take_over(partition, sources, was_replica, version, table)
+                    .await
+            });
         }
         for partition in 0..current.partition_count() {
             let was = previous.replicas(partition).contains(&self.me);
             let is = current.replicas(partition).contains(&self.me);
             if current.primary(partition) == Some(self.me) {
+                // After a takeover every backup gets a snapshot: a continuing backup may have
+                // missed mutations the previous primary applied while the table changed, or hold
+                // unacknowledged ones this member never saw. The snapshot is taken when sent,
+                // after the pull, and mutations queued after it follow it in order.
+                let took_over = takeovers.contains(&partition);
                 for &backup in current.backups(partition) {
-                    if !previous.replicas(partition).contains(&backup) {
+                    if took_over || !previous.replicas(partition).contains(&backup) {
                         self.replication.send(backup, Item::Snapshot { partition });
                     }
                 }
@@ -380,35 +395,51 @@ impl Node {
     }
 
     /// Takes a partition over from its previous primary: pulls it from there (the previous
-    /// primary applies the new table first, so it stops writing before the snapshot). If the
-    /// previous primary does not answer, a former backup keeps its own copy; a member that held
-    /// no copy pulls from the other previous replicas.
+    /// primary applies the new table first, so it stops writing before the snapshot). A live
+    /// source that fails is retried until it answers or is declared down; one that refuses (it
+    /// holds no copy) is skipped. A former replica whose sources are all gone keeps its own copy;
+    /// a member that held none reports the loss. Gives up if the table moves on.
     async fn take_over(
         &self,
         partition: u32,
         sources: Vec<MemberId>,
         was_replica: bool,
+        version: u64,
         table: proto::Table,
     ) {
+        let done = |outcome: &str| {
+            tracing::debug!(member = %self.me, partition, outcome, "takeover ended");
+            if let Some(data) = self.store.partition(partition) {
+                data.end_takeover();
+            }
+        };
         for source in sources {
-            let Ok(mut call) = self.peer_client(source) else {
-                continue;
-            };
-            let request = self.rpc.request(proto::FetchSnapshotRequest {
-                partition,
-                table: Some(table.clone()),
-            });
-            match call.client.fetch_snapshot(request).await {
-                Ok(snapshot) => {
-                    self.store.install(snapshot.into_inner());
-                    tracing::debug!(partition, %source, "partition taken over");
-                    if let Some(data) = self.store.partition(partition) {
-                        data.set_pending(false);
-                    }
-                    return;
+            let mut backoff = std::time::Duration::from_millis(20);
+            loop {
+                if self.cancel.is_cancelled() || self.table.current().version != version {
+                    return done("superseded");
                 }
-                Err(status) => {
-                    tracing::debug!(partition, %source, error = %status, "pull failed");
+                let Ok(mut call) = self.peer_client(source) else {
+                    break; // Gone from the view, or cut off: try the next source.
+                };
+                let request = self.rpc.request(proto::FetchSnapshotRequest {
+                    partition,
+                    table: Some(table.clone()),
+                });
+                match call.client.fetch_snapshot(request).await {
+                    Ok(snapshot) => {
+                        let snapshot = snapshot.into_inner();
+                        if snapshot.partition == partition && self.store.install(snapshot) {
+                            return done("pulled");
+                        }
+                        break;
+                    }
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => break,
+                    Err(status) => {
+                        tracing::debug!(partition, %source, error = %status, "pull failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                    }
                 }
             }
         }
@@ -418,14 +449,15 @@ impl Node {
                 "no previous replica of the partition answered; it starts empty on its new primary"
             );
         }
-        if let Some(data) = self.store.partition(partition) {
-            data.set_pending(false);
-        }
+        done("kept own copy")
     }
 
     /// Answers a new primary's pull: applies its table first (so this member stops writing to
-    /// the partition), then hands over a snapshot and forgets the partition if it no longer
-    /// replicates it.
+    /// the partition), then hands over a snapshot. Refuses (`None`) when this member holds no copy
+    /// (it dropped it), or when the pull is stale: made under an older table than this member's,
+    /// for a partition this member is itself taking over (answering would wait on a takeover
+    /// that may be waiting on the caller). The copy is kept until a later table drops it, so a
+    /// lost answer can be asked for again.
     pub(crate) async fn fetch_snapshot(
         self: &Arc<Self>,
         partition: u32,
@@ -438,18 +470,13 @@ impl Node {
             self.apply_table(table);
         }
         let data = self.store.partition(partition)?;
-        // A pull made under an older table than this member's, for a partition this member is
-        // itself taking over, is stale: answering would mean waiting on a handover that may be
-        // waiting on the caller.
-        if data.is_pending() && requested_version < self.table.current().version {
+        if data.is_dropped()
+            || (data.is_pending() && requested_version < self.table.current().version)
+        {
             return None;
         }
         data.ready().await;
-        let snapshot = self.store.snapshot(partition)?;
-        if !self.table.current().replicas(partition).contains(&self.me) {
-            self.store.drop_partition(partition);
-        }
-        Some(snapshot)
+        self.store.snapshot(partition)
     }
 
     /// If a caller has a newer table than this member, fetch the newest from the coordinator.
@@ -485,5 +512,83 @@ impl Node {
             .into_iter()
             .min_by_key(|m| (m.generation, m.id))
             .map(|m| m.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::partition::table::PartitionTable;
+    use crate::{Grid, GridConfig, Map};
+
+    async fn settled(grids: &[&Grid]) {
+        for _ in 0..400 {
+            let tables: Vec<_> = grids.iter().map(|g| g.partition_table()).collect();
+            let same = tables.windows(2).all(|w| w[0] == w[1]);
+            let pending: usize = grids.iter().map(|g| g.node().store.pending_count()).sum();
+            let everyone_owns = grids.iter().all(|g| {
+                let me = g.local_member().id;
+                tables[0].replicas.iter().any(|r| r.first() == Some(&me))
+            });
+            if same && pending == 0 && everyone_owns {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the cluster did not settle");
+    }
+
+    async fn present(map: &Map<String, u64>) -> usize {
+        let mut n = 0;
+        for i in 0..300u64 {
+            if map.get(&format!("k{i}")).await.unwrap() == Some(i) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// A table that names, as previous primaries, members that already handed their partitions
+    /// over and dropped them (what a republish with stale `previous` entries produced) must not
+    /// make the current primaries replace their data with empty snapshots.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_with_stale_previous_primaries_wipes_nothing() {
+        let config = |seeds| GridConfig {
+            cluster_name: format!("node-test-{}", std::process::id()),
+            seeds,
+            backup_count: 0,
+            ..GridConfig::ephemeral()
+        };
+        let a = Grid::join(config(vec![])).await.unwrap();
+        let b = Grid::join(config(vec![a.local_member().gossip_addr]))
+            .await
+            .unwrap();
+        settled(&[&a, &b]).await;
+        let map: Map<String, u64> = a.map("m");
+        for i in 0..300u64 {
+            map.set(&format!("k{i}"), &i).await.unwrap();
+        }
+        assert_eq!(present(&map).await, 300);
+        let coordinator = if a.node().coordinator() == Some(a.local_member().id) {
+            &a
+        } else {
+            &b
+        };
+        let node = coordinator.node();
+        let current = node.table.current();
+        // Same replica sets, previous primaries from the table before (stale).
+        node.apply_table(PartitionTable {
+            version: current.version + 1,
+            publisher: node.me,
+            replicas: current.replicas.clone(),
+            previous: current.previous.clone(),
+        });
+        settled(&[&a, &b]).await;
+        // And the republish the coordinator really makes.
+        let current = node.table.current();
+        node.apply_table(current.successor(node.me, current.replicas.clone()));
+        settled(&[&a, &b]).await;
+        assert_eq!(present(&map).await, 300, "acknowledged writes survive");
     }
 }

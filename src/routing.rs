@@ -70,6 +70,11 @@ impl Node {
                     self.await_table_change(table.version).await;
                     e
                 }
+                // Setting a value twice is the same as once: retry on the new primary.
+                Err(e @ Error::NotBackedUp { .. }) if matches!(op, MapOp::Set(_)) => {
+                    self.await_table_change(table.version).await;
+                    e
+                }
                 // A timeout may or may not have been applied; the caller decides.
                 Err(e) => return Err(e),
             };

@@ -395,3 +395,55 @@ async fn a_write_whose_backup_cannot_acknowledge_times_out_with_a_typed_error() 
     .await;
     assert_eq!(backup_copy.entries, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backup_matches_its_primary_after_a_join_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (g, grid) in cluster.live().enumerate() {
+        for t in 0..4 {
+            let map: Map<String, u64> = grid.map("converge");
+            let stop = stop.clone();
+            writers.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Errors are fine here (outcome unknown); this test checks the replicas.
+                    let _ = map.set(&format!("g{g}t{t}k{}", i % 200), &i).await;
+                    i += 1;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.add().await;
+    cluster.wait_converged().await;
+    cluster.wait_table_settled().await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let by_id: HashMap<_, _> = cluster
+        .live()
+        .map(|g| (g.local_member().id, g.clone()))
+        .collect();
+    wait_for("every backup to match its primary", DEADLINE, || {
+        let table = cluster.grid(0).partition_table();
+        let diverged = table
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(p, replicas)| {
+                let state = |id| by_id[id].local_replica(*p as u32).unwrap();
+                replicas[1..]
+                    .iter()
+                    .any(|b| state(b) != state(&replicas[0]))
+            })
+            .count();
+        async move { (diverged == 0).then_some(()) }
+    })
+    .await;
+}

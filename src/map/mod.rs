@@ -265,7 +265,11 @@ where
                     .remote_batch(owner, put, entries, &indexes, version)
                     .await
                     .unwrap_or_else(|_| vec![None; indexes.len()]),
-                Some(_) => self.local_batch(put, entries, &indexes).await?,
+                Some(_) => match self.local_batch(put, entries, &indexes).await {
+                    // Setting again is harmless: retried one by one on the new primary.
+                    Err(Error::NotBackedUp { .. }) if put => vec![None; indexes.len()],
+                    other => other?,
+                },
                 None => vec![None; indexes.len()],
             };
             Ok::<_, Error>(indexes.into_iter().zip(answers).collect::<Vec<_>>())

@@ -64,12 +64,13 @@ pub(crate) async fn step(node: &Arc<Node>) {
             publisher,
             "a peer holds a competing table; republishing above it"
         );
-        node.apply_table(PartitionTable {
-            version: version + 1,
-            publisher: node.me,
-            replicas: current.replicas.clone(),
-            previous: current.previous.clone(),
-        });
+        // Above the competitor, with the same replica sets; the previous primaries are the
+        // current ones, so nothing is taken over again.
+        let above = PartitionTable {
+            version,
+            ..(*current).clone()
+        };
+        node.apply_table(above.successor(node.me, current.replicas.clone()));
         publish(node).await;
         return;
     }

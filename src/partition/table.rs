@@ -36,7 +36,7 @@ impl PartitionTable {
     /// The table that replaces `self` with `replicas`, published by `publisher`.
     pub(crate) fn successor(&self, publisher: MemberId, replicas: Vec<Vec<MemberId>>) -> Self {
         PartitionTable {
-            version: self.version + 1,
+            version: self.version.saturating_add(1),
             publisher,
             previous: (0..replicas.len() as u32)
                 .map(|p| self.primary(p))
@@ -91,8 +91,10 @@ impl PartitionTable {
     /// Decodes a table from the wire; `None` if it is inconsistent or has another partition
     /// count than `partition_count`.
     pub(crate) fn from_proto(table: &proto::Table, partition_count: u32) -> Option<Self> {
+        // The largest version is reserved: no table could ever supersede it.
         if table.partition_count != partition_count
             || table.replica_counts.len() != partition_count as usize
+            || table.version == u64::MAX
         {
             return None;
         }

@@ -141,6 +141,18 @@ impl PeerClient {
                 addr: self.addr,
                 reason: status.message().to_string(),
             },
+            Code::DataLoss => match status
+                .message()
+                .strip_prefix("not backed up: ")
+                .and_then(|p| p.parse().ok())
+            {
+                Some(partition) => Error::NotBackedUp { partition },
+                None => Error::Remote {
+                    member: self.member,
+                    code: Code::DataLoss,
+                    message: status.message().to_string(),
+                },
+            },
             code => Error::Remote {
                 member: self.member,
                 code,

@@ -65,7 +65,11 @@ impl PeerGridService {
     /// answers nothing, and an answer could claim work the member can no longer back up.
     fn still_running(&self) -> Result<(), Status> {
         if self.closed.is_cancelled() {
-            Err(Status::unavailable("member is shutting down"))
+            // Not `unavailable`: the work may have been applied, so the caller must not take it
+            // for a request that never arrived.
+            Err(Status::aborted(
+                "member stopped while answering; outcome unknown",
+            ))
         } else {
             Ok(())
         }
@@ -304,7 +308,11 @@ impl PeerGrid for PeerGridService {
 fn to_status(error: Error) -> Status {
     match error {
         Error::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
-        Error::NoOwner { .. } | Error::Shutdown => Status::unavailable(error.to_string()),
+        Error::NoOwner { .. } => Status::unavailable(error.to_string()),
+        Error::Shutdown => Status::aborted(error.to_string()),
+        Error::NotBackedUp { partition } => {
+            Status::data_loss(format!("not backed up: {partition}"))
+        }
         other => Status::internal(other.to_string()),
     }
 }

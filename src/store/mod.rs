@@ -9,7 +9,7 @@
 
 pub(crate) mod replication;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -35,10 +35,14 @@ pub(crate) struct PartitionData {
     /// The sequence number of the last mutation applied (primary: assigned). Locking it is the
     /// partition's write lock.
     seq: Mutex<u64>,
-    /// Set while this member, newly primary, pulls the partition from a previous replica;
-    /// operations wait for it to clear.
-    pending: AtomicBool,
+    /// Takeovers in progress (this member, newly primary, pulling the partition from a previous
+    /// replica); operations wait until there are none. A count, so an older takeover that ends
+    /// cannot release a newer one.
+    pending: AtomicU32,
     ready: Notify,
+    /// Set when this member dropped its copy; such a member must not serve the partition to a
+    /// new primary (an empty snapshot would replace real data). Cleared when data arrives.
+    dropped: AtomicBool,
 }
 
 impl PartitionData {
@@ -46,8 +50,9 @@ impl PartitionData {
         PartitionData {
             maps: DashMap::new(),
             seq: Mutex::new(0),
-            pending: AtomicBool::new(false),
+            pending: AtomicU32::new(0),
             ready: Notify::new(),
+            dropped: AtomicBool::new(false),
         }
     }
 
@@ -134,7 +139,7 @@ impl PartitionData {
     pub(crate) async fn ready(&self) {
         loop {
             let notified = self.ready.notified();
-            if !self.pending.load(Ordering::Acquire) {
+            if !self.is_pending() {
                 return;
             }
             notified.await;
@@ -142,14 +147,30 @@ impl PartitionData {
     }
 
     pub(crate) fn is_pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
+        self.pending.load(Ordering::Acquire) > 0
     }
 
-    pub(crate) fn set_pending(&self, pending: bool) {
-        self.pending.store(pending, Ordering::Release);
-        if !pending {
+    /// A takeover starts: operations wait until it ends.
+    pub(crate) fn begin_takeover(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A takeover ends (pulled, or given up).
+    pub(crate) fn end_takeover(&self) {
+        let before = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if before <= 1 {
             self.ready.notify_waiters();
         }
+    }
+
+    /// Whether this member dropped its copy since it last received data for the partition.
+    pub(crate) fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
     }
 }
 
@@ -188,6 +209,7 @@ impl Store {
         };
         let mut seq = data.lock();
         data.maps.clear();
+        data.dropped.store(false, Ordering::Release);
         for map in snapshot.maps {
             let entries = data.entries_or_create(&map.name);
             for entry in map.entries {
@@ -221,6 +243,7 @@ impl Store {
             if mutation.seq != *seq + 1 {
                 return Err(Gap);
             }
+            data.dropped.store(false, Ordering::Release);
             data.apply_change(mutation);
             *seq = mutation.seq;
         }
@@ -236,6 +259,8 @@ impl Store {
     pub(crate) fn drop_partition(&self, partition: u32) {
         if let Some(data) = self.partition(partition) {
             let mut seq = data.lock();
+            // Even an empty copy: served to a new primary, it would replace real data.
+            data.dropped.store(true, Ordering::Release);
             data.maps.clear();
             *seq = 0;
         }

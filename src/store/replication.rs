@@ -28,13 +28,24 @@ use crate::rpc::proto;
 /// Upper bound of one `Replicate` call's payload (one mutation may exceed it alone).
 pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// How a backup answered for one mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// The backup applied it (or installed a snapshot that contains it).
+    Stored,
+    /// The backup was declared down, or is no longer a live member: it no longer counts.
+    BackupGone,
+    /// The backup would not take it: the partition moved to another primary meanwhile.
+    NotTaken,
+}
+
 /// One entry of a backup's queue.
 pub(crate) enum Item {
     /// A mutation, with the writer's acknowledgement channel for synchronous maps.
     Mutation {
         partition: u32,
         mutation: proto::Mutation,
-        ack: Option<oneshot::Sender<()>>,
+        ack: Option<oneshot::Sender<Ack>>,
     },
     /// Install a snapshot of the partition, taken when the item is sent.
     Snapshot { partition: u32 },
@@ -118,9 +129,21 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut batch: Vec<Item> = Vec::new();
+    // When the backup is forgotten (declared down), its pending writes stand without it; when
+    // this member stops, the acknowledgements are dropped and the writers answer `Shutdown`.
+    let release = |batch: &mut Vec<Item>, queue: &mut mpsc::UnboundedReceiver<Item>| {
+        if deps.cancel.is_cancelled() {
+            return;
+        }
+        queue.close();
+        while let Ok(item) = queue.try_recv() {
+            batch.push(item);
+        }
+        resolve(batch, &BTreeSet::new(), Ack::BackupGone);
+    };
     loop {
         let first = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return release(&mut batch, &mut queue),
             item = queue.recv() => match item {
                 Some(item) => item,
                 None => return,
@@ -141,12 +164,8 @@ async fn run(
         let mut missing_since: Option<Instant> = None;
         loop {
             match send_batch(&deps, member, &batch).await {
-                Ok(()) => {
-                    for item in batch.drain(..) {
-                        if let Item::Mutation { ack: Some(ack), .. } = item {
-                            let _ = ack.send(());
-                        }
-                    }
+                Ok(not_taken) => {
+                    resolve(&mut batch, &not_taken, Ack::Stored);
                     break;
                 }
                 Err(e) => {
@@ -154,13 +173,13 @@ async fn run(
                         let since = *missing_since.get_or_insert_with(Instant::now);
                         if since.elapsed() > deps.give_up_after {
                             tracing::warn!(%member, "backup is not a live member; dropping its replication queue");
-                            return;
+                            return release(&mut batch, &mut queue);
                         }
                     } else {
                         tracing::debug!(%member, error = %e, "replication failed; retrying");
                     }
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => return release(&mut batch, &mut queue),
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -170,9 +189,30 @@ async fn run(
     }
 }
 
+/// Answers every mutation of `batch` (and empties it): `NotTaken` for the partitions in
+/// `not_taken`, `answer` for the rest.
+fn resolve(batch: &mut Vec<Item>, not_taken: &BTreeSet<u32>, answer: Ack) {
+    for item in batch.drain(..) {
+        if let Item::Mutation {
+            partition,
+            ack: Some(ack),
+            ..
+        } = item
+        {
+            let _ = ack.send(if not_taken.contains(&partition) {
+                Ack::NotTaken
+            } else {
+                answer
+            });
+        }
+    }
+}
+
 /// Sends one batch: snapshots first (they cover every queued mutation of their partition), then
-/// the mutations, then snapshots for any partition the backup reports a gap in.
-async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()> {
+/// the mutations, then snapshots for any partition the backup reports a gap in. Returns the
+/// partitions whose mutations the backup did not take (this member no longer leads them, or the
+/// backup's table names another primary).
+async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTreeSet<u32>> {
     let peer = deps
         .membership
         .peer(member)
@@ -181,6 +221,13 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()>
     // backup now, and a late snapshot from here would overwrite its newer copy.
     let table = deps.table.current();
     let leads = |partition: u32| table.primary(partition) == Some(deps.me);
+    let mut not_taken: BTreeSet<u32> = batch
+        .iter()
+        .filter_map(|item| match item {
+            Item::Mutation { partition, .. } if !leads(*partition) => Some(*partition),
+            _ => None,
+        })
+        .collect();
     let snapshots: BTreeSet<u32> = batch
         .iter()
         .filter_map(|item| match item {
@@ -189,7 +236,9 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()>
         })
         .collect();
     for &partition in &snapshots {
-        install_snapshot(deps, &peer, partition).await?;
+        if !install_snapshot(deps, &peer, partition).await? {
+            not_taken.insert(partition);
+        }
     }
     let mut by_partition: BTreeMap<u32, Vec<proto::Mutation>> = BTreeMap::new();
     for item in batch {
@@ -208,7 +257,7 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()>
         }
     }
     if by_partition.is_empty() {
-        return Ok(());
+        return Ok(not_taken);
     }
     let request = proto::ReplicateRequest {
         table_version: deps.table.current().version,
@@ -230,30 +279,35 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<()>
     if !response.rejected.is_empty() {
         tracing::debug!(%member, partitions = ?response.rejected, "backup does not take these partitions from this member");
     }
+    not_taken.extend(response.rejected);
     for partition in response.resync {
         tracing::debug!(%member, partition, "backup reported a gap; sending a snapshot");
-        install_snapshot(deps, &peer, partition).await?;
+        if !install_snapshot(deps, &peer, partition).await? {
+            not_taken.insert(partition);
+        }
     }
-    Ok(())
+    Ok(not_taken)
 }
 
+/// Installs a snapshot of `partition` on `peer`; `false` if the peer would not take it.
 async fn install_snapshot(
     deps: &Deps,
     peer: &crate::membership::identity::Identity,
     partition: u32,
-) -> Result<()> {
+) -> Result<bool> {
     // A partition this member is still pulling has nothing trustworthy to send yet.
     if let Some(data) = deps.store.partition(partition) {
         data.ready().await;
     }
     let Some(mut snapshot) = deps.store.snapshot(partition) else {
-        return Ok(());
+        return Ok(false);
     };
     snapshot.table_version = deps.table.current().version;
     let mut call = deps.rpc.get(peer)?;
-    call.client
+    let answer = call
+        .client
         .install_snapshot(deps.rpc.request(snapshot))
         .await
         .map_err(|status| call.error("install_snapshot", status))?;
-    Ok(())
+    Ok(answer.into_inner().installed)
 }
