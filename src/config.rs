@@ -103,6 +103,10 @@ pub struct GridConfig {
     /// that share one switch obey it. Default `None` (no filtering, no cost).
     pub fault_switch: Option<FaultSwitch>,
 
+    /// How long [`crate::Grid::leave`] waits for this member's partitions to be handed off to
+    /// other members before it leaves anyway. Default 30 s. Must not be zero.
+    pub leave_timeout: Duration,
+
     /// Largest encoded map value, in bytes. Larger values are refused with
     /// [`crate::Error::TooLarge`] before anything is sent. 1 byte to 256 MiB. Default 16 MiB.
     pub max_value_size: usize,
@@ -211,6 +215,7 @@ impl GridConfig {
             ("seed_retry_interval", self.seed_retry_interval),
             ("rpc_timeout", self.rpc_timeout),
             ("rpc_connect_timeout", self.rpc_connect_timeout),
+            ("leave_timeout", self.leave_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Range {
@@ -360,6 +365,7 @@ impl Default for GridConfig {
             rpc_connect_timeout: Duration::from_secs(1),
             max_datagram_size: 1400,
             fault_switch: None,
+            leave_timeout: Duration::from_secs(30),
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,
             maps: Vec::new(),

@@ -121,6 +121,8 @@ impl Grid {
             }),
             cancel: cancel.clone(),
             table_lock: std::sync::Mutex::new(()),
+            leaving: std::sync::Mutex::new(Default::default()),
+            handed_over: std::sync::Mutex::new(Default::default()),
         });
         let server_task = server::spawn(
             tcp,
@@ -324,13 +326,17 @@ impl Grid {
         })
     }
 
-    /// Leaves the cluster gracefully: tells the peers (they see [`MembershipEvent::Left`] within
-    /// moments), then stops every background task and returns once all have stopped. Calling it
-    /// again, from any clone, returns `Ok(())` at once.
+    /// Leaves the cluster gracefully: first hands every partition off (the coordinator assigns
+    /// this member nothing, and the new owners pull its data while it is still here; bounded by
+    /// [`GridConfig::leave_timeout`]), then tells the peers (they see [`MembershipEvent::Left`]
+    /// within moments), stops every background task and returns once all have stopped. With
+    /// backups configured nothing depends on the handoff; with backup count 0 it is what keeps
+    /// the data. Calling it again, from any clone, returns `Ok(())` at once.
     pub async fn leave(&self) -> Result<()> {
         if self.inner.left.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.hand_off().await;
         let (done, announced) = oneshot::channel();
         if self.inner.commands.send(Command::Leave(done)).await.is_ok() {
             // The driver answers once the leave datagrams are sent; if it is gone, so are we.
@@ -343,6 +349,43 @@ impl Grid {
             let _ = task.await;
         }
         Ok(())
+    }
+
+    /// Announces the leave to the coordinator and waits until every partition is off this
+    /// member, or until `leave_timeout`.
+    async fn hand_off(&self) {
+        let node = &self.inner.node;
+        if self.inner.membership.peer_count() == 0 {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.inner.config.leave_timeout;
+        while tokio::time::Instant::now() < deadline {
+            if node.handed_off() {
+                tracing::info!(took = ?started.elapsed(), "partitions handed off");
+                return;
+            }
+            match node.coordinator() {
+                Some(c) if c == node.me => {
+                    node.leaving
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node.me);
+                    coordinator::step(node).await;
+                }
+                Some(c) => {
+                    if let Ok(mut call) = node.peer_client(c) {
+                        let request = self.inner.rpc.request(crate::rpc::proto::LeavingRequest {
+                            member: node.me.as_u64(),
+                        });
+                        let _ = call.client.leaving(request).await;
+                    }
+                }
+                None => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::warn!("leave timeout passed before every partition was handed off");
     }
 
     fn ensure_running(&self) -> Result<()> {
@@ -400,6 +443,10 @@ async fn forget_gone_peers(
                 Some(MembershipEvent::Down(m) | MembershipEvent::Left(m)) => {
                     node.replication.forget(m.id);
                     node.rpc.forget(m.id);
+                    node.leaving
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&m.id);
                 }
                 Some(_) => {}
                 None => return,

@@ -46,6 +46,10 @@ pub(crate) struct Node {
     /// step, or an older table's failed install could release a newer takeover. Never held
     /// across an `.await`.
     pub(crate) table_lock: std::sync::Mutex<()>,
+    /// Members that announced a graceful leave; the coordinator assigns them nothing.
+    pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
+    /// Partitions this member handed over through `fetch_snapshot`, recorded while it leaves.
+    pub(crate) handed_over: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl Node {
@@ -476,7 +480,25 @@ impl Node {
             return None;
         }
         data.ready().await;
-        self.store.snapshot(partition)
+        let snapshot = self.store.snapshot(partition)?;
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition);
+        Some(snapshot)
+    }
+
+    /// Whether every partition is off this member: it is in no replica set of the current table,
+    /// and every partition it was primary of has been pulled from it.
+    pub(crate) fn handed_off(&self) -> bool {
+        let table = self.table.current();
+        if table.replicas.iter().any(|r| r.contains(&self.me)) {
+            return false;
+        }
+        let handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        (0..table.partition_count())
+            .filter(|&p| table.previous_primary(p) == Some(self.me))
+            .all(|p| handed_over.contains(&p))
     }
 
     /// If a caller has a newer table than this member, fetch the newest from the coordinator.

@@ -114,3 +114,52 @@ async fn a_crashed_member_loses_no_acknowledged_write_with_one_backup() {
     assert_all_present(cluster.grid(0), &[cluster.grid(1)], &acked).await;
     assert_all_present(cluster.grid(1), &[cluster.grid(0)], &acked).await;
 }
+
+/// Every key of `keys` reads back with its value through `grid`.
+async fn assert_readable(grid: &Grid, expected: &HashMap<String, u64>) {
+    assert_all_present(grid, &[], expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_with_no_backups_hands_every_partition_off() {
+    let cluster = Cluster::start_with(3, |c| c.backup_count = 0).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("failover");
+    let expected: HashMap<String, u64> = (0..1000u64).map(|i| (format!("k{i}"), i)).collect();
+    map.put_all(expected.clone()).await.unwrap();
+    let leaver = cluster.grid(2).clone();
+    let leaver_id = leaver.local_member().id;
+    let owned = cluster
+        .grid(0)
+        .partition_table()
+        .replicas
+        .iter()
+        .filter(|r| r[0] == leaver_id)
+        .count();
+    assert!(owned > 50, "the leaver owns {owned} partitions");
+    leaver.leave().await.unwrap();
+    // Nothing waits for failure detection: the handoff happened before the leave.
+    for grid in [cluster.grid(0), cluster.grid(1)] {
+        assert!(
+            grid.partition_table()
+                .replicas
+                .iter()
+                .all(|r| !r.contains(&leaver_id))
+        );
+        assert_readable(grid, &expected).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_can_leave_gracefully_too() {
+    let cluster = Cluster::start_with(3, |c| c.backup_count = 0).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(1).map("failover");
+    let expected: HashMap<String, u64> = (0..500u64).map(|i| (format!("k{i}"), i)).collect();
+    map.put_all(expected.clone()).await.unwrap();
+    // The first member is the oldest, so the coordinator.
+    cluster.grid(0).leave().await.unwrap();
+    for grid in [cluster.grid(1), cluster.grid(2)] {
+        assert_readable(grid, &expected).await;
+    }
+}

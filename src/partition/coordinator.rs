@@ -79,7 +79,23 @@ pub(crate) async fn step(node: &Arc<Node>) {
         && answers
             .iter()
             .all(|&(v, p, pending)| (v, p) == mine && pending == 0);
-    let members: Vec<_> = node.membership.members().iter().map(|m| m.id).collect();
+    // Members that are leaving gracefully get nothing, so their partitions are pulled from them
+    // while they are still here; the cluster never assigns to nobody, though.
+    let leaving = node
+        .leaving
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut members: Vec<_> = node
+        .membership
+        .members()
+        .iter()
+        .map(|m| m.id)
+        .filter(|m| !leaving.contains(m))
+        .collect();
+    if members.is_empty() {
+        members = node.membership.members().iter().map(|m| m.id).collect();
+    }
     let target = assign(
         &members,
         node.config.partition_count,

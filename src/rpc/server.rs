@@ -295,6 +295,21 @@ impl PeerGrid for PeerGridService {
             .ok_or_else(|| Status::failed_precondition("no such partition, or a stale handover"))
     }
 
+    async fn leaving(
+        &self,
+        request: Request<proto::LeavingRequest>,
+    ) -> Result<Response<proto::LeavingResponse>, Status> {
+        self.admit(&request, "leaving")?;
+        let member = MemberId(request.into_inner().member);
+        self.node
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member);
+        tracing::info!(%member, "member is leaving; handing its partitions off");
+        Ok(Response::new(proto::LeavingResponse {}))
+    }
+
     async fn echo(
         &self,
         request: Request<proto::EchoMessage>,
