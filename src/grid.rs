@@ -365,23 +365,29 @@ impl Grid {
                 tracing::info!(took = ?started.elapsed(), "partitions handed off");
                 return;
             }
-            match node.coordinator() {
+            let someone_stays = match node.coordinator() {
                 Some(c) if c == node.me => {
-                    node.leaving
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(node.me);
+                    let stays = node.mark_leaving(node.me);
                     coordinator::step(node).await;
+                    stays
                 }
-                Some(c) => {
-                    if let Ok(mut call) = node.peer_client(c) {
+                Some(c) => match node.peer_client(c) {
+                    Ok(mut call) => {
                         let request = self.inner.rpc.request(crate::rpc::proto::LeavingRequest {
                             member: node.me.as_u64(),
                         });
-                        let _ = call.client.leaving(request).await;
+                        call.client
+                            .leaving(request)
+                            .await
+                            .map_or(true, |r| r.into_inner().someone_stays)
                     }
-                }
-                None => return,
+                    Err(_) => true,
+                },
+                None => false,
+            };
+            if !someone_stays {
+                tracing::info!("every member is leaving; nothing to hand off to");
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -488,6 +488,16 @@ impl Node {
         Some(snapshot)
     }
 
+    /// Records that `member` is leaving; returns whether some member is staying.
+    pub(crate) fn mark_leaving(&self, member: MemberId) -> bool {
+        let mut leaving = self.leaving.lock().unwrap_or_else(|p| p.into_inner());
+        leaving.insert(member);
+        self.membership
+            .members()
+            .iter()
+            .any(|m| !leaving.contains(&m.id))
+    }
+
     /// Whether every partition is off this member: it is in no replica set of the current table,
     /// and every partition it was primary of has been pulled from it.
     pub(crate) fn handed_off(&self) -> bool {

@@ -163,3 +163,16 @@ async fn the_coordinator_can_leave_gracefully_too() {
         assert_readable(grid, &expected).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_leaving_at_once_does_not_wait_for_a_handoff() {
+    let cluster = Cluster::start(2).await;
+    cluster.wait_table_settled().await;
+    let (a, b) = (cluster.grid(0).clone(), cluster.grid(1).clone());
+    let both = async { tokio::join!(a.leave(), b.leave()) };
+    let (ra, rb) = tokio::time::timeout(common::DEADLINE, both)
+        .await
+        .expect("both leaves return well within the leave timeout");
+    ra.unwrap();
+    rb.unwrap();
+}

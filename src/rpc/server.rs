@@ -301,13 +301,9 @@ impl PeerGrid for PeerGridService {
     ) -> Result<Response<proto::LeavingResponse>, Status> {
         self.admit(&request, "leaving")?;
         let member = MemberId(request.into_inner().member);
-        self.node
-            .leaving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(member);
-        tracing::info!(%member, "member is leaving; handing its partitions off");
-        Ok(Response::new(proto::LeavingResponse {}))
+        let someone_stays = self.node.mark_leaving(member);
+        tracing::info!(%member, someone_stays, "member is leaving; handing its partitions off");
+        Ok(Response::new(proto::LeavingResponse { someone_stays }))
     }
 
     async fn echo(

@@ -210,22 +210,19 @@ impl Cluster {
     }
 }
 
-/// The path of an example binary, built by `cargo test` next to the test binaries. Builds it if it
-/// is missing (a test run with a filter that skipped examples).
+/// The path of an example binary next to the test binaries, built (or found up to date) first:
+/// `cargo test --test NAME` does not rebuild examples, and a stale binary would test old code.
 pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target dir");
-    let path = dir.join("examples").join(name);
-    if !path.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--example", name])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building example {name} failed");
-    }
-    path
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building example {name} failed");
+    dir.join("examples").join(name)
 }
