@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
+use crate::events::EventStream;
 use crate::map::Map;
 use crate::membership::driver::{Command, Driver, DriverConfig};
 use crate::membership::frame;
@@ -20,6 +21,7 @@ use crate::membership::{
     DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents, MembershipState,
 };
 use crate::node::Node;
+use crate::partition::PartitionEvent;
 use crate::partition::coordinator;
 use crate::partition::table::TableHolder;
 use crate::rpc::client::RpcClients;
@@ -118,11 +120,13 @@ impl Grid {
                 table,
                 cancel: cancel.clone(),
                 give_up_after: config.rpc_timeout,
+                snapshot_backlog: Default::default(),
             }),
             cancel: cancel.clone(),
             table_lock: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(Default::default()),
             handed_over: std::sync::Mutex::new(Default::default()),
+            partition_events: tokio::sync::broadcast::channel(1024).0,
         });
         let server_task = server::spawn(
             tcp,
@@ -246,29 +250,104 @@ impl Grid {
     /// map, key, value and version. Two replicas with equal sequence and digest hold the same
     /// data. `None` for a partition id out of range.
     pub fn local_replica(&self, partition: u32) -> Option<ReplicaState> {
-        let snapshot = self.inner.node.store.snapshot(partition)?;
-        let mut entries = 0;
-        let mut digest = 0u64;
-        for map in &snapshot.maps {
-            for entry in &map.entries {
-                entries += 1;
-                let record = entry.record.clone().unwrap_or_default();
-                let mut bytes =
-                    Vec::with_capacity(map.name.len() + entry.key.len() + record.value.len() + 10);
-                bytes.extend_from_slice(map.name.as_bytes());
-                bytes.push(0);
-                bytes.extend_from_slice(&entry.key);
-                bytes.push(0);
-                bytes.extend_from_slice(&record.value);
-                bytes.extend_from_slice(&record.version.to_be_bytes());
-                digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
-            }
-        }
+        let (seq, entries, digest) = self.inner.node.store.replica_state(partition)?;
         Some(ReplicaState {
-            seq: snapshot.seq,
+            seq,
             entries,
             digest,
         })
+    }
+
+    /// A stream of this member's partition events: takeovers started and finished, and
+    /// partitions whose every replica was lost.
+    pub fn partition_events(&self) -> EventStream<PartitionEvent> {
+        EventStream::new(self.inner.node.partition_events.subscribe())
+    }
+
+    /// Whether the cluster is safe, like Hazelcast's `isClusterSafe`: every member routes by the
+    /// same table and answers, no partition is being taken over, no backup is waiting for a
+    /// snapshot (a new backup, or one that fell behind), every partition has its full backup set
+    /// on live members, and every backup is in sync with its primary: it trails it at most by
+    /// mutations in flight, and at an equal sequence number holds the same data (equal digest).
+    /// A member that does not answer makes it unsafe. Costs one call per member and a scan of the data; meant for operations and tests,
+    /// not a hot path.
+    pub async fn is_safe(&self) -> Result<bool> {
+        self.ensure_running()?;
+        let node = &self.inner.node;
+        let members = self.inner.membership.members();
+        let calls = members.iter().map(|m| async move {
+            if m.id == node.me {
+                return Some((m.id, node.replica_states()));
+            }
+            let mut call = node.peer_client(m.id).ok()?;
+            let request = self
+                .inner
+                .rpc
+                .request(crate::rpc::proto::ReplicaStatesRequest {});
+            let response = call.client.replica_states(request).await.ok()?;
+            Some((m.id, response.into_inner()))
+        });
+        let mut states = std::collections::HashMap::new();
+        for answer in futures::future::join_all(calls).await {
+            let Some((id, state)) = answer else {
+                return Ok(false);
+            };
+            states.insert(id, state);
+        }
+        let table = node.table.current();
+        let expected_replicas =
+            (usize::from(self.inner.config.backup_count) + 1).min(members.len());
+        let same_table = states.values().all(|s| {
+            (s.table_version, s.table_publisher) == (table.version, table.publisher.as_u64())
+        });
+        let quiet = states
+            .values()
+            .all(|s| s.pending == 0 && s.snapshot_backlog == 0);
+        if table.version == 0 || !same_table || !quiet {
+            return Ok(false);
+        }
+        let held: std::collections::HashMap<(MemberId, u32), (u64, u64)> = states
+            .iter()
+            .flat_map(|(id, s)| {
+                s.partitions
+                    .iter()
+                    .map(move |p| ((*id, p.partition), (p.seq, p.digest)))
+            })
+            .collect();
+        let in_sync = (0..table.partition_count()).all(|p| {
+            let replicas = table.replicas(p);
+            let primary = held.get(&(replicas[0], p));
+            // A backup may trail its primary by mutations in flight (a synchronous write is
+            // acknowledged only once they arrive), never lead it, and at the same sequence
+            // number it holds the same data.
+            let backup_ok = |m: &MemberId| match (held.get(&(*m, p)), primary) {
+                (Some(b), Some(p)) => b.0 < p.0 || b == p,
+                _ => false,
+            };
+            replicas.len() == expected_replicas
+                && replicas.iter().all(|m| states.contains_key(m))
+                && replicas[1..].iter().all(backup_ok)
+        });
+        Ok(in_sync)
+    }
+
+    /// Waits until [`Grid::is_safe`] holds, checking every 50 ms; [`Error::Timeout`] if it does
+    /// not within `timeout`.
+    pub async fn wait_safe(&self, timeout: std::time::Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_safe().await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    operation: "wait_safe",
+                    member: self.inner.node.me,
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Sends `payload` to member `id` and returns it as echoed: one round trip through the

@@ -54,6 +54,7 @@
 mod codec;
 mod config;
 mod error;
+mod events;
 mod fault;
 mod grid;
 mod map;
@@ -66,10 +67,12 @@ mod store;
 
 pub use config::{DEFAULT_PORT, GridConfig, MapConfig, SwimConfig};
 pub use error::{ConfigError, Error, Result};
+pub use events::EventStream;
 pub use fault::FaultSwitch;
 pub use grid::{Grid, PartitionTableView, ReplicaState};
 pub use map::Map;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
+pub use partition::PartitionEvent;
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.
 #[cfg(doctest)]

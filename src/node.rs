@@ -11,6 +11,7 @@ use crate::config::GridConfig;
 use crate::error::{Error, Result};
 use crate::map::ops::{Change, MapOp, OpResult};
 use crate::membership::{MemberId, MembershipState};
+use crate::partition::PartitionEvent;
 use crate::partition::table::{PartitionTable, TableHolder};
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto;
@@ -50,6 +51,8 @@ pub(crate) struct Node {
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Partitions this member handed over through `fetch_snapshot`, recorded while it leaves.
     pub(crate) handed_over: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
+    pub(crate) partition_events: tokio::sync::broadcast::Sender<PartitionEvent>,
 }
 
 impl Node {
@@ -411,11 +414,20 @@ impl Node {
         version: u64,
         table: proto::Table,
     ) {
+        let _ = self
+            .partition_events
+            .send(PartitionEvent::MigrationStarted {
+                partition,
+                from: sources.first().copied(),
+            });
         let done = |outcome: &str| {
             tracing::debug!(member = %self.me, partition, outcome, "takeover ended");
             if let Some(data) = self.store.partition(partition) {
                 data.end_takeover();
             }
+            let _ = self
+                .partition_events
+                .send(PartitionEvent::MigrationFinished { partition });
         };
         for source in sources {
             let mut backoff = std::time::Duration::from_millis(20);
@@ -450,8 +462,12 @@ impl Node {
         if !was_replica {
             tracing::error!(
                 partition,
-                "no previous replica of the partition answered; it starts empty on its new primary"
+                "partition lost: no previous replica answered; it starts empty on its new primary"
             );
+            let _ = self
+                .partition_events
+                .send(PartitionEvent::Lost { partition });
+            return done("lost");
         }
         done("kept own copy")
     }
@@ -496,6 +512,29 @@ impl Node {
             .members()
             .iter()
             .any(|m| !leaving.contains(&m.id))
+    }
+
+    /// This member's view for `is_safe`: its table, handover and replication state, and the
+    /// (seq, digest) of every partition it holds a replica of.
+    pub(crate) fn replica_states(&self) -> proto::ReplicaStatesResponse {
+        let table = self.table.current();
+        proto::ReplicaStatesResponse {
+            table_version: table.version,
+            table_publisher: table.publisher.as_u64(),
+            pending: self.store.pending_count() as u32,
+            snapshot_backlog: self.replication.snapshot_backlog(),
+            partitions: (0..table.partition_count())
+                .filter(|&p| table.replicas(p).contains(&self.me))
+                .filter_map(|p| {
+                    let (seq, _, digest) = self.store.replica_state(p)?;
+                    Some(proto::PartitionState {
+                        partition: p,
+                        seq,
+                        digest,
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// Whether every partition is off this member: it is in no replica set of the current table,

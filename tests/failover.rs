@@ -176,3 +176,78 @@ async fn every_member_leaving_at_once_does_not_wait_for_a_handoff() {
     ra.unwrap();
     rb.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_five_crash_one_after_the_other_and_no_acknowledged_write_is_lost() {
+    let mut cluster = Cluster::start_with(5, |c| c.rpc_timeout = Duration::from_secs(2)).await;
+    cluster.wait_table_settled().await;
+    cluster
+        .grid(0)
+        .wait_safe(common::DEADLINE)
+        .await
+        .expect("safe after start");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(
+        &[cluster.grid(0), cluster.grid(1), cluster.grid(2)],
+        2,
+        &stop,
+    );
+    for victim in [4, 3] {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.crash(victim);
+        // Until the crash is handled, a member in the view does not answer: not safe.
+        assert!(!cluster.grid(0).is_safe().await.unwrap());
+        cluster.wait_converged().await;
+        cluster.wait_table_settled().await;
+        // Backups restored before the next crash.
+        cluster
+            .grid(0)
+            .wait_safe(common::DEADLINE)
+            .await
+            .expect("safe again after the crash");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = collect(writers).await;
+    eprintln!("{} acknowledged writes, {failed} failed calls", acked.len());
+    assert!(acked.len() > 200, "writers made progress");
+    for i in 0..3 {
+        assert_readable(cluster.grid(i), &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_every_replica_crashed_is_reported_lost() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let survivor = cluster.grid(0).clone();
+    let me = survivor.local_member().id;
+    let table = survivor.partition_table();
+    let doomed: Vec<u32> = (0..271u32)
+        .filter(|&p| !table.replicas[p as usize].contains(&me))
+        .collect();
+    assert!(!doomed.is_empty());
+    let mut events = survivor.partition_events();
+    // Both other members crash at once: the partitions they alone held have no replica left.
+    cluster.crash(1);
+    cluster.crash(2);
+    let mut lost = std::collections::BTreeSet::new();
+    tokio::time::timeout(common::DEADLINE, async {
+        while lost.len() < doomed.len() {
+            match events.recv().await {
+                Some(peergrid::PartitionEvent::Lost { partition }) => {
+                    lost.insert(partition);
+                }
+                Some(_) => {}
+                None => panic!("event stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("every lost partition is reported");
+    assert_eq!(lost.into_iter().collect::<Vec<_>>(), doomed);
+    // The survivor serves the whole key space again (the lost partitions start empty).
+    let map: Map<String, u64> = survivor.map("after-loss");
+    map.set("k", &1).await.unwrap();
+    assert_eq!(map.get("k").await.unwrap(), Some(1));
+    survivor.wait_safe(common::DEADLINE).await.unwrap();
+}

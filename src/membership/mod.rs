@@ -16,14 +16,11 @@ pub(crate) mod timers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
-use tokio_stream::wrappers::BroadcastStream;
 
 use identity::Identity;
 
@@ -116,35 +113,7 @@ impl MembershipEvent {
 }
 
 /// A stream of [`MembershipEvent`]s, from [`crate::Grid::membership_events`].
-///
-/// It holds the 1024 most recent events a slow reader has not taken; older ones are skipped (the
-/// view itself, [`crate::Grid::members`], is always current).
-pub struct MembershipEvents {
-    inner: BroadcastStream<MembershipEvent>,
-}
-
-impl MembershipEvents {
-    /// The next event, or `None` once the member has left and every event was taken.
-    pub async fn recv(&mut self) -> Option<MembershipEvent> {
-        futures::StreamExt::next(self).await
-    }
-}
-
-impl futures::Stream for MembershipEvents {
-    type Item = MembershipEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(event))) => return Poll::Ready(Some(event)),
-                // Lagged: the oldest events were dropped; carry on with the rest.
-                Poll::Ready(Some(Err(_))) => continue,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
+pub type MembershipEvents = crate::events::EventStream<MembershipEvent>;
 
 /// Counters of the gossip socket, from [`crate::Grid::datagram_stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -265,9 +234,7 @@ impl MembershipState {
             Some(sender) => sender.subscribe(),
             None => broadcast::channel(1).1,
         };
-        MembershipEvents {
-            inner: BroadcastStream::new(receiver),
-        }
+        MembershipEvents::new(receiver)
     }
 
     /// Ends every event stream: called when the membership task stops.

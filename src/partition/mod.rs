@@ -10,3 +10,31 @@ pub(crate) mod assignment;
 pub(crate) mod coordinator;
 pub(crate) mod key;
 pub(crate) mod table;
+
+use crate::membership::MemberId;
+
+/// A change in where a partition's data lives, as seen by this member, from
+/// [`crate::Grid::partition_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PartitionEvent {
+    /// This member became the partition's primary and started taking it over from `from`, the
+    /// previous primary (operations on the partition wait until it finishes).
+    MigrationStarted {
+        /// The partition.
+        partition: u32,
+        /// Its previous primary, if known.
+        from: Option<MemberId>,
+    },
+    /// The takeover finished; this member serves the partition.
+    MigrationFinished {
+        /// The partition.
+        partition: u32,
+    },
+    /// Every previous replica of the partition is gone: its data is lost and it starts empty on
+    /// this member. Also logged at error level.
+    Lost {
+        /// The partition.
+        partition: u32,
+    },
+}

@@ -306,6 +306,14 @@ impl PeerGrid for PeerGridService {
         Ok(Response::new(proto::LeavingResponse { someone_stays }))
     }
 
+    async fn replica_states(
+        &self,
+        request: Request<proto::ReplicaStatesRequest>,
+    ) -> Result<Response<proto::ReplicaStatesResponse>, Status> {
+        self.admit(&request, "replica_states")?;
+        Ok(Response::new(self.node.replica_states()))
+    }
+
     async fn echo(
         &self,
         request: Request<proto::EchoMessage>,

@@ -255,6 +255,30 @@ impl Store {
         self.partitions.iter().filter(|p| p.is_pending()).count()
     }
 
+    /// The partition's sequence number, entry count, and an order-independent digest of every
+    /// map name, key, value and version: two replicas with equal answers hold the same data.
+    pub(crate) fn replica_state(&self, partition: u32) -> Option<(u64, u64, u64)> {
+        let snapshot = self.snapshot(partition)?;
+        let mut entries = 0;
+        let mut digest = 0u64;
+        let mut bytes = Vec::new();
+        for map in &snapshot.maps {
+            for entry in &map.entries {
+                entries += 1;
+                let record = entry.record.clone().unwrap_or_default();
+                bytes.clear();
+                bytes.extend_from_slice(map.name.as_bytes());
+                bytes.push(0);
+                bytes.extend_from_slice(&entry.key);
+                bytes.push(0);
+                bytes.extend_from_slice(&record.value);
+                bytes.extend_from_slice(&record.version.to_be_bytes());
+                digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
+            }
+        }
+        Some((snapshot.seq, entries, digest))
+    }
+
     /// Forgets the partition (this member no longer holds a replica of it).
     pub(crate) fn drop_partition(&self, partition: u32) {
         if let Some(data) = self.partition(partition) {

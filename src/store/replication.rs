@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -78,6 +79,8 @@ pub(crate) struct Deps {
     pub(crate) cancel: CancellationToken,
     /// How long a backup that is missing from the membership view is waited for.
     pub(crate) give_up_after: Duration,
+    /// Snapshot items queued or in flight, over every backup.
+    pub(crate) snapshot_backlog: AtomicU64,
 }
 
 struct Replicator {
@@ -107,11 +110,23 @@ impl Replication {
             tokio::spawn(run(self.deps.clone(), backup, rx, stop.clone()));
             Replicator { queue, stop }
         });
+        let snapshots = u64::from(matches!(item, Item::Snapshot { .. }));
+        self.deps
+            .snapshot_backlog
+            .fetch_add(snapshots, Ordering::Relaxed);
         if replicator.queue.send(item).is_err() {
+            self.deps
+                .snapshot_backlog
+                .fetch_sub(snapshots, Ordering::Relaxed);
             // The task ended (the member was given up on); the item's ack is dropped with it.
             drop(replicator);
             self.replicators.remove(&backup);
         }
+    }
+
+    /// Snapshots queued or in flight to backups.
+    pub(crate) fn snapshot_backlog(&self) -> u64 {
+        self.deps.snapshot_backlog.load(Ordering::Relaxed)
     }
 
     /// Stops replicating to a member that is gone; its pending acknowledgements are released.
@@ -139,6 +154,8 @@ async fn run(
         while let Ok(item) = queue.try_recv() {
             batch.push(item);
         }
+        deps.snapshot_backlog
+            .fetch_sub(count_snapshots(batch), Ordering::Relaxed);
         resolve(batch, &BTreeSet::new(), Ack::BackupGone);
     };
     loop {
@@ -165,6 +182,8 @@ async fn run(
         loop {
             match send_batch(&deps, member, &batch).await {
                 Ok(not_taken) => {
+                    deps.snapshot_backlog
+                        .fetch_sub(count_snapshots(&batch), Ordering::Relaxed);
                     resolve(&mut batch, &not_taken, Ack::Stored);
                     break;
                 }
@@ -187,6 +206,13 @@ async fn run(
             }
         }
     }
+}
+
+fn count_snapshots(batch: &[Item]) -> u64 {
+    batch
+        .iter()
+        .filter(|item| matches!(item, Item::Snapshot { .. }))
+        .count() as u64
 }
 
 /// Answers every mutation of `batch` (and empties it): `NotTaken` for the partitions in
