@@ -33,7 +33,7 @@
 //!   `partition::assignment` (the pure member-set-to-table function: bounded-load consistent
 //!   hashing over the `hashring` crate), `partition::table` (versioned tables and their holder),
 //!   `partition::coordinator` (the oldest member computes and publishes tables, advancing only
-//!   from a settled one).
+//!   from a settled one, and leaving members out of them), and [`PartitionEvent`].
 //! - `node`: the owner side of the data path: ownership checks, sequencing, replication hand-off,
 //!   and the takeover of partitions when the table changes.
 //! - `store`: per-partition record stores (reads take no partition lock) and
@@ -45,6 +45,7 @@
 //! - `rpc`: member-to-member gRPC from `proto/peergrid.proto`: `rpc::server` and `rpc::client`
 //!   (one lazily connected channel per peer, deadlines, size limits, and the mapping of failures
 //!   onto [`Error`]).
+//! - `events`: [`EventStream`], the stream type of membership and partition events.
 //! - `fault`: [`FaultSwitch`], which cuts gossip and rpc links between chosen members for
 //!   failure tests. `error`: [`Error`] and [`ConfigError`].
 

@@ -386,6 +386,12 @@ async fn a_write_whose_backup_cannot_acknowledge_times_out_with_a_typed_error() 
     // The outcome of a timed-out write is unknown to its caller; here it was applied on the
     // primary and reaches the backup once the link heals. The member is healthy throughout.
     assert_eq!(map.get(key).await.unwrap(), Some(1));
+    let in_sync = || {
+        let copy = cluster.grid(backup).local_replica(p as u32).unwrap();
+        let primary_copy = cluster.grid(primary).local_replica(p as u32).unwrap();
+        async move { (copy == primary_copy).then_some(copy) }
+    };
+    wait_for("the backup to get the timed-out write", DEADLINE, in_sync).await;
     map.set(key, &2).await.unwrap();
     let backup_copy = wait_for("the backup to catch up", DEADLINE, || {
         let copy = cluster.grid(backup).local_replica(p as u32).unwrap();

@@ -201,7 +201,11 @@ async fn run(
                         _ = stop.cancelled() => return release(&mut batch, &mut queue),
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    // Capped well below the acknowledgement deadline (twice the rpc timeout), so a
+                    // healed link is retried before waiting writers give up.
+                    let cap = (deps.give_up_after / 4)
+                        .clamp(Duration::from_millis(20), Duration::from_secs(1));
+                    backoff = (backoff * 2).min(cap);
                 }
             }
         }
