@@ -125,7 +125,6 @@ impl Grid {
             cancel: cancel.clone(),
             table_lock: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(Default::default()),
-            handed_over: std::sync::Mutex::new(Default::default()),
             partition_events: tokio::sync::broadcast::channel(1024).0,
         });
         let server_task = server::spawn(
@@ -440,7 +439,7 @@ impl Grid {
         let started = tokio::time::Instant::now();
         let deadline = started + self.inner.config.leave_timeout;
         while tokio::time::Instant::now() < deadline {
-            if node.handed_off() {
+            if node.handed_off().await {
                 tracing::info!(took = ?started.elapsed(), "partitions handed off");
                 return;
             }

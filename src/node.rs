@@ -49,8 +49,6 @@ pub(crate) struct Node {
     pub(crate) table_lock: std::sync::Mutex<()>,
     /// Members that announced a graceful leave; the coordinator assigns them nothing.
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
-    /// Partitions this member handed over through `fetch_snapshot`, recorded while it leaves.
-    pub(crate) handed_over: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
     pub(crate) partition_events: tokio::sync::broadcast::Sender<PartitionEvent>,
 }
@@ -496,12 +494,7 @@ impl Node {
             return None;
         }
         data.ready().await;
-        let snapshot = self.store.snapshot(partition)?;
-        self.handed_over
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(partition);
-        Some(snapshot)
+        self.store.snapshot(partition)
     }
 
     /// Records that `member` is leaving; returns whether some member is staying.
@@ -537,17 +530,20 @@ impl Node {
         }
     }
 
-    /// Whether every partition is off this member: it is in no replica set of the current table,
-    /// and every partition it was primary of has been pulled from it.
-    pub(crate) fn handed_off(&self) -> bool {
+    /// Whether every partition is off this member: the current table gives it nothing, and every
+    /// peer holds that table with no takeover pending (each new primary has pulled from here, or
+    /// from a replica it had). Asks the peers by pushing them the current table.
+    pub(crate) async fn handed_off(self: &Arc<Self>) -> bool {
         let table = self.table.current();
-        if table.replicas.iter().any(|r| r.contains(&self.me)) {
+        if table.version == 0 || table.replicas.iter().any(|r| r.contains(&self.me)) {
             return false;
         }
-        let handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
-        (0..table.partition_count())
-            .filter(|&p| table.previous_primary(p) == Some(self.me))
-            .all(|p| handed_over.contains(&p))
+        let peers = self.membership.peer_count();
+        let answers = crate::partition::coordinator::publish(self).await;
+        answers.len() == peers
+            && answers.iter().all(|&(version, publisher, pending)| {
+                (version, publisher) == (table.version, table.publisher.as_u64()) && pending == 0
+            })
     }
 
     /// If a caller has a newer table than this member, fetch the newest from the coordinator.

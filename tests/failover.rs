@@ -251,3 +251,38 @@ async fn a_partition_whose_every_replica_crashed_is_reported_lost() {
     assert_eq!(map.get("k").await.unwrap(), Some(1));
     survivor.wait_safe(common::DEADLINE).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaving_right_after_a_crash_hands_off_promptly() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("failover");
+    let expected: HashMap<String, u64> = (0..300u64).map(|i| (format!("k{i}"), i)).collect();
+    map.put_all(expected.clone()).await.unwrap();
+    let mut events = cluster.grid(1).membership_events();
+    let crashed = cluster.crash(2);
+    while !matches!(events.recv().await, Some(peergrid::MembershipEvent::Down(m)) if m.id == crashed)
+    {
+    }
+    let leaver = cluster.grid(1).clone();
+    tokio::time::timeout(Duration::from_secs(10), leaver.leave())
+        .await
+        .expect("the leave does not wait for its timeout")
+        .unwrap();
+    assert_readable(cluster.grid(0), &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_right_after_a_crash_of_an_unsettled_cluster_hands_off_promptly() {
+    let mut cluster = Cluster::start(3).await;
+    let mut events = cluster.grid(0).membership_events();
+    let crashed = cluster.crash(2);
+    while !matches!(events.recv().await, Some(peergrid::MembershipEvent::Down(m)) if m.id == crashed)
+    {
+    }
+    let leaver = cluster.grid(1).clone();
+    tokio::time::timeout(Duration::from_secs(10), leaver.leave())
+        .await
+        .expect("the leave does not wait for its timeout")
+        .unwrap();
+}

@@ -105,7 +105,13 @@ pub(crate) async fn step(node: &Arc<Node>) {
         return;
     }
     if !settled && current.version > 0 {
-        tracing::debug!("waiting for the current table to settle before the next one");
+        tracing::debug!(
+            own_pending = node.store.pending_count(),
+            peers,
+            ?answers,
+            version = current.version,
+            "waiting for the current table to settle before the next one"
+        );
         return;
     }
     node.apply_table(current.successor(node.me, target));
@@ -114,7 +120,7 @@ pub(crate) async fn step(node: &Arc<Node>) {
 
 /// Pushes the current table to every peer; returns each answer: the table the peer holds after
 /// the push and how many partitions it is still taking over.
-async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32)> {
+pub(crate) async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32)> {
     let message = node.table.current().to_proto();
     let calls = node.membership.peer_identities().into_iter().map(|peer| {
         let message = message.clone();
