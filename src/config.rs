@@ -107,6 +107,18 @@ pub struct GridConfig {
     /// other members before it leaves anyway. Default 30 s. Must not be zero.
     pub leave_timeout: Duration,
 
+    /// How many partitions may be migrating at once (copied to a new replica, or handed to a new
+    /// primary). The coordinator moves the table toward its target in steps of at most this many
+    /// partitions and starts the next step when every member finished the last. Like Hazelcast's
+    /// `hazelcast.partition.max.parallel.migrations`. At least 1. Default 16.
+    /// `PEERGRID_MAX_PARALLEL_MIGRATIONS`.
+    pub max_parallel_migrations: usize,
+
+    /// How often each primary compares every backup's copy of its partitions (sequence number
+    /// plus digest) and sends a fresh snapshot to a backup that drifted. Must not be zero.
+    /// Default 10 s. `PEERGRID_ANTI_ENTROPY_INTERVAL_MS`.
+    pub anti_entropy_interval: Duration,
+
     /// Largest encoded map value, in bytes. Larger values are refused with
     /// [`crate::Error::TooLarge`] before anything is sent. 1 byte to 256 MiB. Default 16 MiB.
     pub max_value_size: usize,
@@ -216,6 +228,7 @@ impl GridConfig {
             ("rpc_timeout", self.rpc_timeout),
             ("rpc_connect_timeout", self.rpc_connect_timeout),
             ("leave_timeout", self.leave_timeout),
+            ("anti_entropy_interval", self.anti_entropy_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Range {
@@ -223,6 +236,12 @@ impl GridConfig {
                     reason: "must not be zero",
                 });
             }
+        }
+        if self.max_parallel_migrations == 0 {
+            return Err(ConfigError::Range {
+                field: "max_parallel_migrations",
+                reason: "must be at least 1",
+            });
         }
         if !(512..=65_000).contains(&self.max_datagram_size) {
             return Err(ConfigError::Range {
@@ -327,6 +346,12 @@ impl GridConfig {
                 }
                 "PEERGRID_PARTITIONS" => self.partition_count = parse_num(v).map_err(bad)?,
                 "PEERGRID_BACKUPS" => self.backup_count = parse_num(v).map_err(bad)?,
+                "PEERGRID_MAX_PARALLEL_MIGRATIONS" => {
+                    self.max_parallel_migrations = parse_num(v).map_err(bad)?
+                }
+                "PEERGRID_ANTI_ENTROPY_INTERVAL_MS" => {
+                    self.anti_entropy_interval = Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
                 // Reserved for the logging setup of binaries, not the member itself.
                 "PEERGRID_LOG" => {}
                 _ => return Err(bad("unknown PEERGRID_ variable".to_string())),
@@ -366,6 +391,8 @@ impl Default for GridConfig {
             max_datagram_size: 1400,
             fault_switch: None,
             leave_timeout: Duration::from_secs(30),
+            max_parallel_migrations: 16,
+            anti_entropy_interval: Duration::from_secs(10),
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,
             maps: Vec::new(),

@@ -103,6 +103,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A partition copy streamed from `member` was malformed or incomplete (a migration or
+    /// backup transfer; it is retried, and the receiver's previous copy is left untouched).
+    #[error("partition copy from {member} refused: {reason}")]
+    BadSnapshot {
+        /// The sender.
+        member: MemberId,
+        /// What was wrong with it.
+        reason: String,
+    },
+
     /// The called member does not own the partition in its table; the caller should refresh its
     /// table and retry at `owner`. The router does this by itself and returns this error only
     /// inside [`Error::RetriesExhausted`].

@@ -21,9 +21,9 @@ use crate::membership::{
     DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents, MembershipState,
 };
 use crate::node::Node;
-use crate::partition::PartitionEvent;
 use crate::partition::coordinator;
 use crate::partition::table::TableHolder;
+use crate::partition::{PartitionEvent, PartitionStats};
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto::MemberInfoRequest;
 use crate::rpc::server::{self, PeerGridService};
@@ -121,11 +121,13 @@ impl Grid {
                 cancel: cancel.clone(),
                 give_up_after: config.rpc_timeout,
                 snapshot_backlog: Default::default(),
+                snapshot_bytes_sent: Default::default(),
             }),
             cancel: cancel.clone(),
             table_lock: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(Default::default()),
             partition_events: tokio::sync::broadcast::channel(1024).0,
+            stats: Default::default(),
         });
         let server_task = server::spawn(
             tcp,
@@ -220,6 +222,23 @@ impl Grid {
         self.inner.membership.stats()
     }
 
+    /// Counters of this member's migrations, partition losses and repairs since it started
+    /// (the partition-lost counter is the metric behind [`PartitionEvent::Lost`]).
+    pub fn partition_stats(&self) -> PartitionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let node = &self.inner.node;
+        let c = &node.stats;
+        PartitionStats {
+            migrations_started: c.migrations_started.load(Relaxed),
+            migrations_finished: c.migrations_finished.load(Relaxed),
+            partitions_lost: c.partitions_lost.load(Relaxed),
+            migration_bytes_received: c.migration_bytes_received.load(Relaxed),
+            migration_bytes_sent: c.migration_bytes_sent.load(Relaxed),
+            backup_snapshot_bytes_sent: node.replication.snapshot_bytes_sent(),
+            anti_entropy_repairs: c.anti_entropy_repairs.load(Relaxed),
+        }
+    }
+
     /// The configuration this member runs with.
     pub fn config(&self) -> &GridConfig {
         &self.inner.config
@@ -303,6 +322,27 @@ impl Grid {
             .values()
             .all(|s| s.pending == 0 && s.snapshot_backlog == 0);
         if table.version == 0 || !same_table || !quiet {
+            return Ok(false);
+        }
+        // No migration left: the table is the target for the live members (less those leaving).
+        let leaving = node
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let staying: Vec<MemberId> = members
+            .iter()
+            .map(|m| m.id)
+            .filter(|m| !leaving.contains(m))
+            .collect();
+        if !staying.is_empty()
+            && table.replicas
+                != crate::partition::assignment::assign(
+                    &staying,
+                    self.inner.config.partition_count,
+                    self.inner.config.backup_count,
+                )
+        {
             return Ok(false);
         }
         let held: std::collections::HashMap<(MemberId, u32), (u64, u64)> = states

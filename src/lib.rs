@@ -73,7 +73,7 @@ pub use fault::FaultSwitch;
 pub use grid::{Grid, PartitionTableView, ReplicaState};
 pub use map::Map;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
-pub use partition::PartitionEvent;
+pub use partition::{PartitionEvent, PartitionStats};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.
 #[cfg(doctest)]

@@ -2,6 +2,7 @@
 //! tasks: the partition table, the store, replication, and the owner side of map operations.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -16,6 +17,7 @@ use crate::partition::table::{PartitionTable, TableHolder};
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto;
 use crate::store::replication::{Ack, Item, Replication};
+use crate::store::snapshot::{CHUNK_BYTES, Staging};
 use crate::store::{Record, Store};
 
 /// The answer of the owner side: done, or "not the primary here".
@@ -29,6 +31,29 @@ pub(crate) enum Outcome<T> {
     /// This member is the primary but is still taking the partition over; try again once it is
     /// ready.
     Pending,
+}
+
+/// How a takeover's pull ended.
+#[derive(Debug)]
+enum Pulled {
+    /// From the previous primary: this member now holds its last state.
+    FromPrevious,
+    /// From another former replica.
+    FromReplica,
+    /// No source answered.
+    Nothing,
+    /// This member is no longer the primary.
+    Superseded,
+}
+
+/// One fetch's answer.
+enum Fetched {
+    /// The source holds no copy, or the pull is stale.
+    Refused,
+    /// The source's sequence number and digest.
+    Header(proto::SnapshotHeader),
+    /// The whole partition.
+    Whole(crate::store::snapshot::Staged),
 }
 
 /// An applied mutation's pending backup acknowledgements.
@@ -51,6 +76,19 @@ pub(crate) struct Node {
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
     pub(crate) partition_events: tokio::sync::broadcast::Sender<PartitionEvent>,
+    /// Counters behind [`crate::Grid::partition_stats`].
+    pub(crate) stats: MigrationCounters,
+}
+
+/// Counters of this member's takeovers and copies.
+#[derive(Default)]
+pub(crate) struct MigrationCounters {
+    pub(crate) migrations_started: AtomicU64,
+    pub(crate) migrations_finished: AtomicU64,
+    pub(crate) partitions_lost: AtomicU64,
+    pub(crate) migration_bytes_received: AtomicU64,
+    pub(crate) migration_bytes_sent: AtomicU64,
+    pub(crate) anti_entropy_repairs: AtomicU64,
 }
 
 impl Node {
@@ -322,6 +360,16 @@ impl Node {
                 data.begin_takeover();
             }
         }
+        // A partition that had no primary anywhere before starts here, empty.
+        for p in 0..table.partition_count() {
+            if table.primary(p) == Some(self.me)
+                && table.previous_primary(p).is_none()
+                && before.primary(p).is_none()
+                && let Some(data) = self.store.partition(p)
+            {
+                data.claim_copy();
+            }
+        }
         let new_version = table.version;
         let publisher = table.publisher;
         let previous = self
@@ -351,9 +399,9 @@ impl Node {
     ) {
         for &partition in takeovers {
             let node = self.clone();
-            let was_replica = previous.replicas(partition).contains(&self.me);
             // Whom to pull from: the previous primary per the coordinator, then per this member;
             // a member that held no copy also tries the other replicas it knew of.
+            let was_replica = previous.replicas(partition).contains(&self.me);
             let mut sources: Vec<MemberId> = Vec::new();
             let candidates = current
                 .previous_primary(partition)
@@ -369,10 +417,12 @@ impl Node {
                     sources.push(candidate);
                 }
             }
-            let version = current.version;
             let table = current.to_proto();
+            let previous_primary = current
+                .previous_primary(partition)
+                .or(previous.primary(partition));
             tokio::spawn(async move {
-                node.take_over(partition, sources, was_replica, version, table)
+                node.take_over(partition, sources, previous_primary, was_replica, table)
                     .await
             });
         }
@@ -380,13 +430,11 @@ impl Node {
             let was = previous.replicas(partition).contains(&self.me);
             let is = current.replicas(partition).contains(&self.me);
             if current.primary(partition) == Some(self.me) {
-                // After a takeover every backup gets a snapshot: a continuing backup may have
-                // missed mutations the previous primary applied while the table changed, or hold
-                // unacknowledged ones this member never saw. The snapshot is taken when sent,
-                // after the pull, and mutations queued after it follow it in order.
-                let took_over = takeovers.contains(&partition);
+                // A new backup gets a snapshot, taken when it is sent (after any takeover), so
+                // the mutations queued after it follow it in order. Continuing backups are dealt
+                // with when the takeover ends.
                 for &backup in current.backups(partition) {
-                    if took_over || !previous.replicas(partition).contains(&backup) {
+                    if !previous.replicas(partition).contains(&backup) {
                         self.replication.send(backup, Item::Snapshot { partition });
                     }
                 }
@@ -399,17 +447,22 @@ impl Node {
         }
     }
 
-    /// Takes a partition over from its previous primary: pulls it from there (the previous
-    /// primary applies the new table first, so it stops writing before the snapshot). A live
-    /// source that fails is retried until it answers or is declared down; one that refuses (it
-    /// holds no copy) is skipped. A former replica whose sources are all gone keeps its own copy;
-    /// a member that held none reports the loss. Gives up if the table moves on.
+    /// Takes a partition over from its previous primary.
+    ///
+    /// The previous primary applies the new table first, so it stops writing, and flushes the
+    /// mutations it already sent toward this member. If this member held an up-to-date copy (a
+    /// backup, or a replica added for the move), the two compare sequence number and digest and
+    /// nothing is copied; otherwise the partition is streamed in chunks. A live source that fails
+    /// is retried until it answers or is declared down; one that refuses (it holds no copy) is
+    /// skipped. A former replica whose sources are all gone keeps its own copy (promotion of a
+    /// backup after a crash); a member that held none reports the loss. Gives up only when this
+    /// member is no longer the partition's primary.
     async fn take_over(
         &self,
         partition: u32,
         sources: Vec<MemberId>,
+        previous_primary: Option<MemberId>,
         was_replica: bool,
-        version: u64,
         table: proto::Table,
     ) {
         let _ = self
@@ -418,69 +471,198 @@ impl Node {
                 partition,
                 from: sources.first().copied(),
             });
-        let done = |outcome: &str| {
-            tracing::debug!(member = %self.me, partition, outcome, "takeover ended");
-            if let Some(data) = self.store.partition(partition) {
-                data.end_takeover();
-            }
-            let _ = self
-                .partition_events
-                .send(PartitionEvent::MigrationFinished { partition });
+        self.stats
+            .migrations_started
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(data) = self.store.partition(partition) else {
+            return;
         };
-        for source in sources {
-            let mut backoff = std::time::Duration::from_millis(20);
-            loop {
-                if self.cancel.is_cancelled() || self.table.current().version != version {
-                    return done("superseded");
+        let outcome = self.pull(partition, &sources, table).await;
+        let continuing = |node: &Self| {
+            let current = node.table.current();
+            current.backups(partition).to_vec()
+        };
+        match outcome {
+            Pulled::FromPrevious | Pulled::Superseded => {}
+            Pulled::FromReplica => {
+                // Not the previous primary's last state: every backup gets this member's.
+                for backup in continuing(self) {
+                    self.replication.send(backup, Item::Snapshot { partition });
                 }
-                let Ok(mut call) = self.peer_client(source) else {
-                    break; // Gone from the view, or cut off: try the next source.
+            }
+            Pulled::Nothing => {
+                if !(was_replica && data.has_copy()) {
+                    tracing::error!(
+                        member = %self.me,
+                        partition,
+                        "partition lost: no replica of it answered; it continues from this \
+                         member's copy, if any, else empty"
+                    );
+                    self.stats.partitions_lost.fetch_add(1, Ordering::Relaxed);
+                    let _ = self
+                        .partition_events
+                        .send(PartitionEvent::Lost { partition });
+                }
+                // Promoted: a continuing backup may hold mutations of the dead primary that this
+                // member never saw, or miss some it did; they get this member's copy.
+                data.claim_copy();
+                for backup in continuing(self) {
+                    self.replication.send(backup, Item::Snapshot { partition });
+                }
+            }
+        }
+        tracing::debug!(member = %self.me, partition, ?outcome, ?previous_primary, "takeover ended");
+        self.stats
+            .migrations_finished
+            .fetch_add(1, Ordering::Relaxed);
+        data.end_takeover();
+        let _ = self
+            .partition_events
+            .send(PartitionEvent::MigrationFinished { partition });
+    }
+
+    /// Pulls `partition` from the first of `sources` that answers.
+    async fn pull(&self, partition: u32, sources: &[MemberId], table: proto::Table) -> Pulled {
+        let data = self.store.partition(partition).expect("partition in range");
+        for (i, &source) in sources.iter().enumerate() {
+            let mut backoff = std::time::Duration::from_millis(20);
+            // A copy to compare first, when this member has one.
+            let mut full = !data.has_copy();
+            loop {
+                if self.cancel.is_cancelled()
+                    || self.table.current().primary(partition) != Some(self.me)
+                {
+                    return Pulled::Superseded;
+                }
+                let Some(peer) = self.membership.peer(source) else {
+                    break; // Gone from the view: try the next source.
                 };
-                let request = self.rpc.request(proto::FetchSnapshotRequest {
+                let request = proto::FetchSnapshotRequest {
                     partition,
                     table: Some(table.clone()),
-                });
-                match call.client.fetch_snapshot(request).await {
-                    Ok(snapshot) => {
-                        let snapshot = snapshot.into_inner();
-                        if snapshot.partition == partition && self.store.install(snapshot) {
-                            return done("pulled");
+                    full,
+                };
+                match self.fetch_from(&peer, request, full).await {
+                    Ok(Fetched::Refused) => break,
+                    Ok(Fetched::Header(header)) => {
+                        let (seq, _, digest) = data.state();
+                        if (header.seq, header.digest) == (seq, digest) {
+                            return self.pulled(i);
+                        }
+                        tracing::debug!(partition, %source, "copy differs from the source's; pulling it whole");
+                        full = true;
+                        continue;
+                    }
+                    Ok(Fetched::Whole(staged)) => {
+                        let bytes = staged
+                            .maps
+                            .values()
+                            .flat_map(|m| m.iter().map(|e| e.key().len() + e.value().value.len()))
+                            .sum::<usize>() as u64;
+                        if self.store.install(staged) {
+                            self.stats
+                                .migration_bytes_received
+                                .fetch_add(bytes, Ordering::Relaxed);
+                            return self.pulled(i);
                         }
                         break;
                     }
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => break,
-                    Err(status) => {
-                        tracing::debug!(partition, %source, error = %status, "pull failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                    Err(error) => {
+                        tracing::debug!(partition, %source, %error, "pull failed; retrying");
                     }
                 }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
         }
-        if !was_replica {
-            tracing::error!(
-                partition,
-                "partition lost: no previous replica answered; it starts empty on its new primary"
-            );
-            let _ = self
-                .partition_events
-                .send(PartitionEvent::Lost { partition });
-            return done("lost");
+        Pulled::Nothing
+    }
+
+    fn pulled(&self, source_index: usize) -> Pulled {
+        if source_index == 0 {
+            Pulled::FromPrevious
+        } else {
+            Pulled::FromReplica
         }
-        done("kept own copy")
+    }
+
+    /// One fetch call: the header only, or the whole partition.
+    async fn fetch_from(
+        &self,
+        peer: &crate::membership::identity::Identity,
+        request: proto::FetchSnapshotRequest,
+        full: bool,
+    ) -> Result<Fetched> {
+        let mut call = self.rpc.get_bulk(peer)?;
+        let per_message = self.rpc.timeout();
+        let response = tokio::time::timeout(
+            per_message * 2,
+            call.client.fetch_snapshot(self.rpc.request(request)),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "fetch_snapshot",
+            member: call.member,
+            after: per_message * 2,
+        })?;
+        let mut stream = match response {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                return Ok(Fetched::Refused);
+            }
+            Err(status) => return Err(call.error("fetch_snapshot", status)),
+        };
+        let mut staging = Staging::default();
+        loop {
+            // Each chunk must come within the rpc timeout: a stalled stream ends, a large one
+            // does not.
+            let next = tokio::time::timeout(per_message, stream.message())
+                .await
+                .map_err(|_| Error::Timeout {
+                    operation: "fetch_snapshot chunk",
+                    member: call.member,
+                    after: per_message,
+                })?
+                .map_err(|status| call.error("fetch_snapshot", status))?;
+            let Some(chunk) = next else { break };
+            staging.push(chunk).map_err(|e| Error::BadSnapshot {
+                member: call.member,
+                reason: e.to_string(),
+            })?;
+            if !full && staging.header().is_some() {
+                break;
+            }
+        }
+        if !full {
+            let header = staging.header().cloned().ok_or(Error::BadSnapshot {
+                member: call.member,
+                reason: "the stream ended before its header".to_string(),
+            })?;
+            return Ok(Fetched::Header(header));
+        }
+        staging
+            .finish()
+            .map(Fetched::Whole)
+            .map_err(|e| Error::BadSnapshot {
+                member: call.member,
+                reason: e.to_string(),
+            })
     }
 
     /// Answers a new primary's pull: applies its table first (so this member stops writing to
-    /// the partition), then hands over a snapshot. Refuses (`None`) when this member holds no copy
-    /// (it dropped it), or when the pull is stale: made under an older table than this member's,
-    /// for a partition this member is itself taking over (answering would wait on a takeover
-    /// that may be waiting on the caller). The copy is kept until a later table drops it, so a
-    /// lost answer can be asked for again.
+    /// the partition), flushes the mutations already queued for the caller, then streams the
+    /// header and (for a full fetch) the contents. Refuses (`None`) when this member holds no
+    /// copy (it dropped it), or when the pull is stale: made under an older table than this
+    /// member's, for a partition this member is itself taking over (answering would wait on a
+    /// takeover that may be waiting on the caller). The copy is kept until a later table drops
+    /// it, so a lost answer can be asked for again.
     pub(crate) async fn fetch_snapshot(
         self: &Arc<Self>,
+        from: Option<MemberId>,
         partition: u32,
         table: Option<&proto::Table>,
-    ) -> Option<proto::PartitionSnapshot> {
+        full: bool,
+    ) -> Option<Box<dyn Iterator<Item = proto::SnapshotChunk> + Send>> {
         let requested =
             table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count));
         let requested_version = requested.as_ref().map_or(0, |t| t.version);
@@ -488,13 +670,33 @@ impl Node {
             self.apply_table(table);
         }
         let data = self.store.partition(partition)?;
-        if data.is_dropped()
+        if !data.has_copy()
             || (data.is_pending() && requested_version < self.table.current().version)
         {
             return None;
         }
         data.ready().await;
-        self.store.snapshot(partition)
+        if let Some(from) = from {
+            // Bounded: a caller that stops answering gets whatever it has, and compares.
+            self.replication
+                .flush(from, self.config.rpc_timeout / 2)
+                .await;
+        }
+        let snapshot = self.store.snapshot(partition)?;
+        let version = self.table.current().version;
+        if full {
+            self.stats
+                .migration_bytes_sent
+                .fetch_add(snapshot.bytes, Ordering::Relaxed);
+            Some(Box::new(snapshot.chunks(version, CHUNK_BYTES)))
+        } else {
+            let header = proto::SnapshotChunk {
+                part: Some(proto::snapshot_chunk::Part::Header(
+                    snapshot.header(version, false),
+                )),
+            };
+            Some(Box::new(std::iter::once(header)))
+        }
     }
 
     /// Records that `member` is leaving; returns whether some member is staying.
@@ -541,7 +743,7 @@ impl Node {
         let peers = self.membership.peer_count();
         let answers = crate::partition::coordinator::publish(self).await;
         answers.len() == peers
-            && answers.iter().all(|&(version, publisher, pending)| {
+            && answers.iter().all(|&(version, publisher, pending, _)| {
                 (version, publisher) == (table.version, table.publisher.as_u64()) && pending == 0
             })
     }

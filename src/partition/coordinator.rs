@@ -12,51 +12,62 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
+use crate::membership::MemberId;
 use crate::node::Node;
 use crate::partition::assignment::assign;
+use crate::partition::migration;
 use crate::partition::table::PartitionTable;
 use crate::rpc::proto;
 
 /// How often the coordinator pushes its table even when nothing changed.
 pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
+/// How often the coordinator checks whether a migration step settled, while one is under way.
+const MIGRATION_POLL: Duration = Duration::from_millis(25);
+
 /// Runs until the member stops.
 pub(crate) async fn run(node: Arc<Node>) {
     let mut membership = node.membership.subscribe_changes();
-    let mut tick = tokio::time::interval(REPUBLISH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut delay = Duration::ZERO;
     loop {
         tokio::select! {
             _ = node.cancel.cancelled() => return,
             changed = membership.changed() => if changed.is_err() { return },
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        step(&node).await;
+        delay = if step(&node).await {
+            MIGRATION_POLL
+        } else {
+            REPUBLISH_EVERY
+        };
     }
 }
 
 /// One round: coordinate if this member is the oldest, otherwise make sure it has a table.
+/// Returns whether a migration is under way (the table is not at its target yet).
 ///
 /// The coordinator moves to a new table only from a settled one: every peer holds the current
 /// table and has finished taking over its partitions. A member that is moved again while its
 /// previous handover is still running could otherwise wait on a member that waits on it.
-pub(crate) async fn step(node: &Arc<Node>) {
+pub(crate) async fn step(node: &Arc<Node>) -> bool {
     let Some(coordinator) = node.coordinator() else {
-        return;
+        return false;
     };
     if coordinator != node.me {
         if node.table.current().version == 0 {
             node.refresh_table(Some(coordinator)).await;
         }
-        return;
+        return false;
     }
     let current = node.table.current();
     let peers = node.membership.peer_count();
     let answers = publish(node).await;
     let mine = (current.version, current.publisher.as_u64());
-    if let Some(&(version, publisher, _)) = answers
+    if let Some(&(version, publisher, _, _)) = answers
         .iter()
-        .filter(|&&(v, p, _)| (v, p) != mine && v >= current.version)
+        .filter(|&&(v, p, _, _)| (v, p) != mine && v >= current.version)
         .max()
     {
         tracing::info!(
@@ -72,13 +83,15 @@ pub(crate) async fn step(node: &Arc<Node>) {
         };
         node.apply_table(above.successor(node.me, current.replicas.clone()));
         publish(node).await;
-        return;
+        return true;
     }
+
     let settled = node.store.pending_count() == 0
+        && node.replication.snapshot_backlog() == 0
         && answers.len() == peers
         && answers
             .iter()
-            .all(|&(v, p, pending)| (v, p) == mine && pending == 0);
+            .all(|&(v, p, pending, backlog)| (v, p) == mine && pending == 0 && backlog == 0);
     // Members that are leaving gracefully get nothing, so their partitions are pulled from them
     // while they are still here; the cluster never assigns to nobody, though.
     let leaving = node
@@ -101,9 +114,31 @@ pub(crate) async fn step(node: &Arc<Node>) {
         node.config.partition_count,
         node.config.backup_count,
     );
-    if current.replicas == target && current.publisher == node.me {
-        return;
+    // A member is gone: its primaries pass to their first live backups at once, settled or not
+    // (the promoted members hold the data; the repair moves nothing).
+    let live: BTreeSet<MemberId> = node.membership.members().iter().map(|m| m.id).collect();
+    let repaired = migration::repair(&current.replicas, &live, &target);
+    if current.version > 0 && repaired != current.replicas {
+        let promoted = (0..current.partition_count())
+            .filter(|&p| current.primary(p) != repaired[p as usize].first().copied())
+            .count();
+        tracing::info!(
+            version = current.version + 1,
+            promoted,
+            "members gone: promoting their backups"
+        );
+        node.apply_table(current.successor(node.me, repaired));
+        publish(node).await;
+        return true;
     }
+    if current.replicas == target && current.publisher == node.me {
+        return false;
+    }
+    let next = migration::advance(
+        &current.replicas,
+        &target,
+        node.config.max_parallel_migrations,
+    );
     if !settled && current.version > 0 {
         tracing::debug!(
             own_pending = node.store.pending_count(),
@@ -112,15 +147,23 @@ pub(crate) async fn step(node: &Arc<Node>) {
             version = current.version,
             "waiting for the current table to settle before the next one"
         );
-        return;
+        return true;
     }
-    node.apply_table(current.successor(node.me, target));
+    tracing::debug!(
+        version = current.version + 1,
+        changed = migration::differing(&current.replicas, &next),
+        left = migration::differing(&next, &target),
+        "migration step"
+    );
+    node.apply_table(current.successor(node.me, next));
     publish(node).await;
+    true
 }
 
 /// Pushes the current table to every peer; returns each answer: the table the peer holds after
-/// the push and how many partitions it is still taking over.
-pub(crate) async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32)> {
+/// the push, how many partitions it is still taking over, and how many snapshots it is still
+/// sending to backups.
+pub(crate) async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32, u64)> {
     let message = node.table.current().to_proto();
     let calls = node.membership.peer_identities().into_iter().map(|peer| {
         let message = message.clone();
@@ -132,7 +175,12 @@ pub(crate) async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32)> {
                 .await
                 .ok()?
                 .into_inner();
-            Some((response.version, response.publisher, response.pending))
+            Some((
+                response.version,
+                response.publisher,
+                response.pending,
+                response.snapshot_backlog,
+            ))
         }
     });
     futures::future::join_all(calls)
@@ -152,5 +200,6 @@ pub(crate) fn on_publish(node: &Arc<Node>, table: &proto::Table) -> proto::Publi
         version: current.version,
         publisher: current.publisher.as_u64(),
         pending: node.store.pending_count() as u32,
+        snapshot_backlog: node.replication.snapshot_backlog(),
     }
 }

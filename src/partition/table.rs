@@ -101,7 +101,8 @@ impl PartitionTable {
         let mut owners = table.owners.iter();
         let mut replicas = Vec::with_capacity(partition_count as usize);
         for &count in &table.replica_counts {
-            if count > 7 {
+            // Up to 7 replicas, plus as many being added by a migration step.
+            if count > 14 {
                 return None;
             }
             let set: Vec<MemberId> = owners

@@ -20,6 +20,10 @@ use crate::membership::identity::Identity;
 /// tonic multiplexes concurrent calls over one HTTP/2 connection and reconnects after a failure.
 pub(crate) struct RpcClients {
     channels: DashMap<(MemberId, u64), Channel>,
+    /// Channels for snapshot streams: their own connection, so a partition copy does not queue
+    /// ahead of map operations, and no per-request timeout (each stream sets a deadline that
+    /// grows with its size).
+    bulk: DashMap<(MemberId, u64), Channel>,
     cluster_hash: String,
     local_id: String,
     local_gossip: SocketAddr,
@@ -48,6 +52,7 @@ impl RpcClients {
     ) -> Self {
         RpcClients {
             channels: DashMap::new(),
+            bulk: DashMap::new(),
             cluster_hash: format!("{cluster_hash:016x}"),
             local_id: local.id.to_string(),
             local_gossip: local.gossip,
@@ -60,6 +65,20 @@ impl RpcClients {
 
     /// A client for `peer`, or `Unreachable` if the fault switch cuts the link.
     pub(crate) fn get(&self, peer: &Identity) -> Result<PeerClient> {
+        self.client(peer, &self.channels, true)
+    }
+
+    /// A client for snapshot streams to or from `peer` (see [`RpcClients::bulk_request`]).
+    pub(crate) fn get_bulk(&self, peer: &Identity) -> Result<PeerClient> {
+        self.client(peer, &self.bulk, false)
+    }
+
+    fn client(
+        &self,
+        peer: &Identity,
+        channels: &DashMap<(MemberId, u64), Channel>,
+        timed: bool,
+    ) -> Result<PeerClient> {
         if let Some(switch) = &self.fault_switch
             && switch.is_cut(self.local_gossip, peer.gossip)
         {
@@ -71,10 +90,9 @@ impl RpcClients {
         }
         let key = (peer.id, peer.generation);
         // Clone the channel out; no map guard outlives this statement.
-        let channel = self
-            .channels
+        let channel = channels
             .entry(key)
-            .or_insert_with(|| self.endpoint(peer.rpc).connect_lazy())
+            .or_insert_with(|| self.endpoint(peer.rpc, timed).connect_lazy())
             .clone();
         Ok(PeerClient {
             client: PeerGridClient::new(channel)
@@ -89,6 +107,29 @@ impl RpcClients {
     /// Drops the channels of a member that is gone.
     pub(crate) fn forget(&self, member: MemberId) {
         self.channels.retain(|(id, _), _| *id != member);
+        self.bulk.retain(|(id, _), _| *id != member);
+    }
+
+    /// A snapshot stream request carrying about `bytes` of payload: its deadline is the rpc
+    /// timeout plus one more for every 16 MiB, so a large partition is not cut off, while a stalled
+    /// stream still ends.
+    pub(crate) fn bulk_request<T>(&self, message: T, bytes: u64) -> Request<T> {
+        let mut request = self.request(message);
+        request.set_timeout(self.bulk_timeout(bytes));
+        request
+    }
+
+    /// The deadline of a snapshot stream of about `bytes`.
+    pub(crate) fn bulk_timeout(&self, bytes: u64) -> Duration {
+        self.timeout
+            * (1 + u32::try_from(bytes >> 24)
+                .unwrap_or(u32::MAX / 2)
+                .min(10_000))
+    }
+
+    /// The per-call timeout.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A request with the deadline and the peergrid metadata set.
@@ -105,14 +146,18 @@ impl RpcClients {
         request
     }
 
-    fn endpoint(&self, rpc: SocketAddr) -> Endpoint {
-        Endpoint::from(
+    fn endpoint(&self, rpc: SocketAddr, timed: bool) -> Endpoint {
+        let endpoint = Endpoint::from(
             http_uri(rpc)
                 .unwrap_or_else(|| tonic::codegen::http::Uri::from_static("http://0.0.0.0:1")),
         )
         .connect_timeout(self.connect_timeout)
-        .timeout(self.timeout)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+        if timed {
+            endpoint.timeout(self.timeout)
+        } else {
+            endpoint
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::membership::{MemberId, MembershipState};
 use crate::node::{Node, Outcome};
 use crate::partition::coordinator;
 use crate::routing::op_from_proto;
+use crate::store::snapshot::Staging;
 
 /// The service state. Cheap to clone: tonic clones it per connection.
 #[derive(Clone)]
@@ -80,6 +81,20 @@ impl PeerGridService {
     async fn sent_by_primary(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
         self.node.catch_up(version).await;
         from.is_some() && self.node.table.current().primary(partition) == from
+    }
+
+    /// Whether a backup takes `partition`'s mutations from `from`: its primary, or its previous
+    /// primary while that member is live (the tail of the history the new primary takes over;
+    /// sequence numbers keep it in order with the new primary's own mutations).
+    async fn takes_mutations(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
+        if self.sent_by_primary(from, partition, version).await {
+            return true;
+        }
+        let Some(from) = from else {
+            return false;
+        };
+        self.node.table.current().previous_primary(partition) == Some(from)
+            && self.membership.peer(from).is_some()
     }
 }
 
@@ -244,7 +259,7 @@ impl PeerGrid for PeerGridService {
         let mut response = proto::ReplicateResponse::default();
         for p in &request.partitions {
             if !self
-                .sent_by_primary(from, p.partition, request.table_version)
+                .takes_mutations(from, p.partition, request.table_version)
                 .await
             {
                 response.rejected.push(p.partition);
@@ -262,19 +277,37 @@ impl PeerGrid for PeerGridService {
 
     async fn install_snapshot(
         &self,
-        request: Request<proto::PartitionSnapshot>,
+        request: Request<tonic::Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::InstallSnapshotResponse>, Status> {
         let from = self.admit(&request, "install_snapshot")?;
-        let snapshot = request.into_inner();
-        if !self
-            .sent_by_primary(from, snapshot.partition, snapshot.table_version)
-            .await
-        {
-            return Ok(Response::new(proto::InstallSnapshotResponse {
-                installed: false,
-            }));
+        let mut stream = request.into_inner();
+        let mut staging = Staging::default();
+        let refused = Ok(Response::new(proto::InstallSnapshotResponse {
+            installed: false,
+        }));
+        while let Some(chunk) = stream.message().await? {
+            let first = staging.header().is_none();
+            staging
+                .push(chunk)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if first {
+                let header = staging.header().expect("the first chunk is a header");
+                if !self
+                    .sent_by_primary(from, header.partition, header.table_version)
+                    .await
+                {
+                    return refused;
+                }
+            }
         }
-        if !self.node.store.install(snapshot) {
+        let staged = staging
+            .finish()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Checked again: the table may have moved on while the stream was arriving.
+        if self.node.table.current().primary(staged.header.partition) != from {
+            return refused;
+        }
+        if !self.node.store.install(staged) {
             return Err(Status::invalid_argument("no such partition"));
         }
         Ok(Response::new(proto::InstallSnapshotResponse {
@@ -282,17 +315,28 @@ impl PeerGrid for PeerGridService {
         }))
     }
 
+    type FetchSnapshotStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<proto::SnapshotChunk, Status>> + Send + 'static>,
+    >;
+
     async fn fetch_snapshot(
         &self,
         request: Request<proto::FetchSnapshotRequest>,
-    ) -> Result<Response<proto::PartitionSnapshot>, Status> {
-        self.admit(&request, "fetch_snapshot")?;
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        let from = self.admit(&request, "fetch_snapshot")?;
         let request = request.into_inner();
-        self.node
-            .fetch_snapshot(request.partition, request.table.as_ref())
+        let chunks = self
+            .node
+            .fetch_snapshot(
+                from,
+                request.partition,
+                request.table.as_ref(),
+                request.full,
+            )
             .await
-            .map(Response::new)
-            .ok_or_else(|| Status::failed_precondition("no such partition, or a stale handover"))
+            .ok_or_else(|| Status::failed_precondition("no such partition, or a stale handover"))?;
+        let stream = futures::stream::iter(chunks.map(Ok));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn leaving(

@@ -6,8 +6,11 @@
 //! an `.await`), so every replica applies a partition's mutations in one order.
 //!
 //! - [`replication`]: the primary-to-backup stream of sequenced mutations and snapshots.
+//! - [`snapshot`]: consistent partition copies, streamed in chunks: the one path by which every
+//!   kind of partition state moves between members.
 
 pub(crate) mod replication;
+pub(crate) mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,9 +43,11 @@ pub(crate) struct PartitionData {
     /// cannot release a newer one.
     pending: AtomicU32,
     ready: Notify,
-    /// Set when this member dropped its copy; such a member must not serve the partition to a
-    /// new primary (an empty snapshot would replace real data). Cleared when data arrives.
-    dropped: AtomicBool,
+    /// Whether this member holds a copy of the partition: set when data arrives (a snapshot, or
+    /// replicated mutations from sequence 1) or when it starts the partition as its first owner;
+    /// cleared when it drops its copy. A member without one must not serve the partition to a new
+    /// primary (an empty snapshot would replace real data), nor keep it as a promoted backup.
+    has_copy: AtomicBool,
 }
 
 impl PartitionData {
@@ -52,7 +57,7 @@ impl PartitionData {
             seq: Mutex::new(0),
             pending: AtomicU32::new(0),
             ready: Notify::new(),
-            dropped: AtomicBool::new(false),
+            has_copy: AtomicBool::new(false),
         }
     }
 
@@ -108,33 +113,6 @@ impl PartitionData {
         self.entries(map).map_or(0, |e| e.len())
     }
 
-    fn snapshot_locked(&self, partition: u32, seq: u64) -> proto::PartitionSnapshot {
-        let maps = self
-            .maps
-            .iter()
-            .map(|m| proto::SnapshotMap {
-                name: m.key().to_string(),
-                entries: m
-                    .value()
-                    .iter()
-                    .map(|e| proto::SnapshotEntry {
-                        key: e.key().clone(),
-                        record: Some(proto::Record {
-                            value: e.value().value.clone(),
-                            version: e.value().version,
-                        }),
-                    })
-                    .collect(),
-            })
-            .collect();
-        proto::PartitionSnapshot {
-            partition,
-            seq,
-            maps,
-            table_version: 0,
-        }
-    }
-
     /// Waits until the partition is not pending.
     pub(crate) async fn ready(&self) {
         loop {
@@ -168,9 +146,34 @@ impl PartitionData {
         }
     }
 
-    /// Whether this member dropped its copy since it last received data for the partition.
-    pub(crate) fn is_dropped(&self) -> bool {
-        self.dropped.load(Ordering::Acquire)
+    /// Whether this member holds a copy of the partition (see the field).
+    pub(crate) fn has_copy(&self) -> bool {
+        self.has_copy.load(Ordering::Acquire)
+    }
+
+    /// Records that this member's (possibly empty) contents are the partition's: it is the first
+    /// owner of a new partition, or the last hope of a lost one.
+    pub(crate) fn claim_copy(&self) {
+        self.has_copy.store(true, Ordering::Release);
+    }
+
+    /// The sequence number, entry count and digest of this copy (see
+    /// [`Store::replica_state`]).
+    pub(crate) fn state(&self) -> (u64, u64, u64) {
+        let seq = self.lock();
+        let mut digest = 0u64;
+        let mut entries = 0u64;
+        for map in self.maps.iter() {
+            entries += map.value().len() as u64;
+            for entry in map.value().iter() {
+                digest = digest.wrapping_add(snapshot::entry_digest(
+                    map.key(),
+                    entry.key(),
+                    entry.value(),
+                ));
+            }
+        }
+        (*seq, entries, digest)
     }
 }
 
@@ -196,34 +199,24 @@ impl Store {
     }
 
     /// A consistent copy of the partition with the sequence number it reflects.
-    pub(crate) fn snapshot(&self, partition: u32) -> Option<proto::PartitionSnapshot> {
+    pub(crate) fn snapshot(&self, partition: u32) -> Option<snapshot::Snapshot> {
         let data = self.partition(partition)?;
         let seq = data.lock();
-        Some(data.snapshot_locked(partition, *seq))
+        Some(snapshot::Snapshot::take(partition, *seq, &data.maps))
     }
 
-    /// Replaces the partition's contents with `snapshot`.
-    pub(crate) fn install(&self, snapshot: proto::PartitionSnapshot) -> bool {
-        let Some(data) = self.partition(snapshot.partition) else {
+    /// Replaces the partition's contents with a received snapshot.
+    pub(crate) fn install(&self, staged: snapshot::Staged) -> bool {
+        let Some(data) = self.partition(staged.header.partition) else {
             return false;
         };
         let mut seq = data.lock();
         data.maps.clear();
-        data.dropped.store(false, Ordering::Release);
-        for map in snapshot.maps {
-            let entries = data.entries_or_create(&map.name);
-            for entry in map.entries {
-                let record = entry.record.unwrap_or_default();
-                entries.insert(
-                    entry.key,
-                    Record {
-                        value: record.value,
-                        version: record.version,
-                    },
-                );
-            }
+        for (name, entries) in staged.maps {
+            data.maps.insert(Arc::from(name), Arc::new(entries));
         }
-        *seq = snapshot.seq;
+        data.has_copy.store(true, Ordering::Release);
+        *seq = staged.header.seq;
         true
     }
 
@@ -243,7 +236,7 @@ impl Store {
             if mutation.seq != *seq + 1 {
                 return Err(Gap);
             }
-            data.dropped.store(false, Ordering::Release);
+            data.has_copy.store(true, Ordering::Release);
             data.apply_change(mutation);
             *seq = mutation.seq;
         }
@@ -258,25 +251,7 @@ impl Store {
     /// The partition's sequence number, entry count, and an order-independent digest of every
     /// map name, key, value and version: two replicas with equal answers hold the same data.
     pub(crate) fn replica_state(&self, partition: u32) -> Option<(u64, u64, u64)> {
-        let snapshot = self.snapshot(partition)?;
-        let mut entries = 0;
-        let mut digest = 0u64;
-        let mut bytes = Vec::new();
-        for map in &snapshot.maps {
-            for entry in &map.entries {
-                entries += 1;
-                let record = entry.record.clone().unwrap_or_default();
-                bytes.clear();
-                bytes.extend_from_slice(map.name.as_bytes());
-                bytes.push(0);
-                bytes.extend_from_slice(&entry.key);
-                bytes.push(0);
-                bytes.extend_from_slice(&record.value);
-                bytes.extend_from_slice(&record.version.to_be_bytes());
-                digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
-            }
-        }
-        Some((snapshot.seq, entries, digest))
+        Some(self.partition(partition)?.state())
     }
 
     /// Forgets the partition (this member no longer holds a replica of it).
@@ -284,7 +259,7 @@ impl Store {
         if let Some(data) = self.partition(partition) {
             let mut seq = data.lock();
             // Even an empty copy: served to a new primary, it would replace real data.
-            data.dropped.store(true, Ordering::Release);
+            data.has_copy.store(false, Ordering::Release);
             data.maps.clear();
             *seq = 0;
         }
@@ -345,21 +320,18 @@ mod tests {
         backup
             .apply_replicated(0, &[upsert(1, "z", "stale")])
             .unwrap();
-        assert!(backup.install(primary.snapshot(0).unwrap()));
-        let sorted = |store: &Store| {
-            let mut entries: Vec<_> = store.snapshot(0).unwrap().maps[0]
-                .entries
-                .iter()
-                .map(|e| (e.key.clone(), e.record.clone()))
-                .collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            entries
-        };
-        assert_eq!(sorted(&backup), sorted(&primary));
-        assert_eq!(sorted(&backup).len(), 2);
+        let mut staging = snapshot::Staging::default();
+        for chunk in primary.snapshot(0).unwrap().chunks(1, 1) {
+            staging.push(chunk).unwrap();
+        }
+        assert!(backup.install(staging.finish().unwrap()));
+        assert_eq!(backup.replica_state(0), primary.replica_state(0));
+        assert_eq!(backup.partition(0).unwrap().len("m"), 2);
+        assert!(backup.partition(0).unwrap().has_copy());
         assert_eq!(backup.seq(0), 2);
         backup.drop_partition(0);
         assert_eq!(backup.seq(0), 0);
         assert_eq!(backup.partition(0).unwrap().len("m"), 0);
+        assert!(!backup.partition(0).unwrap().has_copy());
     }
 }

@@ -81,11 +81,22 @@ pub(crate) struct Deps {
     pub(crate) give_up_after: Duration,
     /// Snapshot items queued or in flight, over every backup.
     pub(crate) snapshot_backlog: AtomicU64,
+    /// Key and value bytes of the snapshots installed on backups.
+    pub(crate) snapshot_bytes_sent: AtomicU64,
 }
 
 struct Replicator {
     queue: mpsc::UnboundedSender<Item>,
     stop: CancellationToken,
+    progress: Arc<Progress>,
+}
+
+/// How far a replicator got: items queued, and items answered (delivered, refused or released).
+#[derive(Default)]
+struct Progress {
+    queued: AtomicU64,
+    answered: AtomicU64,
+    changed: tokio::sync::Notify,
 }
 
 /// The replication queues of this member, one per backup member.
@@ -107,9 +118,21 @@ impl Replication {
         let replicator = self.replicators.entry(backup).or_insert_with(|| {
             let (queue, rx) = mpsc::unbounded_channel();
             let stop = self.deps.cancel.child_token();
-            tokio::spawn(run(self.deps.clone(), backup, rx, stop.clone()));
-            Replicator { queue, stop }
+            let progress = Arc::new(Progress::default());
+            tokio::spawn(run(
+                self.deps.clone(),
+                backup,
+                rx,
+                stop.clone(),
+                progress.clone(),
+            ));
+            Replicator {
+                queue,
+                stop,
+                progress,
+            }
         });
+        replicator.progress.queued.fetch_add(1, Ordering::AcqRel);
         let snapshots = u64::from(matches!(item, Item::Snapshot { .. }));
         self.deps
             .snapshot_backlog
@@ -122,6 +145,32 @@ impl Replication {
             drop(replicator);
             self.replicators.remove(&backup);
         }
+    }
+
+    /// Waits until everything queued for `member` so far has been answered, or `timeout` passed;
+    /// returns whether it was.
+    pub(crate) async fn flush(&self, member: MemberId, timeout: Duration) -> bool {
+        // Cloned out of the map: no guard is held across the wait.
+        let Some(progress) = self.replicators.get(&member).map(|r| r.progress.clone()) else {
+            return true;
+        };
+        let target = progress.queued.load(Ordering::Acquire);
+        tokio::time::timeout(timeout, async {
+            loop {
+                let changed = progress.changed.notified();
+                if progress.answered.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Key and value bytes of the snapshots installed on backups so far.
+    pub(crate) fn snapshot_bytes_sent(&self) -> u64 {
+        self.deps.snapshot_bytes_sent.load(Ordering::Relaxed)
     }
 
     /// Snapshots queued or in flight to backups.
@@ -142,7 +191,12 @@ async fn run(
     member: MemberId,
     mut queue: mpsc::UnboundedReceiver<Item>,
     stop: CancellationToken,
+    progress: Arc<Progress>,
 ) {
+    let answered = |n: usize| {
+        progress.answered.fetch_add(n as u64, Ordering::AcqRel);
+        progress.changed.notify_waiters();
+    };
     let mut batch: Vec<Item> = Vec::new();
     // When the backup is forgotten (declared down), its pending writes stand without it; when
     // this member stops, the acknowledgements are dropped and the writers answer `Shutdown`.
@@ -156,6 +210,7 @@ async fn run(
         }
         deps.snapshot_backlog
             .fetch_sub(count_snapshots(batch), Ordering::Relaxed);
+        answered(batch.len());
         resolve(batch, &BTreeSet::new(), Ack::BackupGone);
     };
     loop {
@@ -184,7 +239,9 @@ async fn run(
                 Ok(not_taken) => {
                     deps.snapshot_backlog
                         .fetch_sub(count_snapshots(&batch), Ordering::Relaxed);
+                    let n = batch.len();
                     resolve(&mut batch, &not_taken, Ack::Stored);
+                    answered(n);
                     break;
                 }
                 Err(e) => {
@@ -247,14 +304,19 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
         .membership
         .peer(member)
         .ok_or(Error::UnknownMember(member))?;
-    // Items of partitions this member no longer leads are stale: the new primary serves the
-    // backup now, and a late snapshot from here would overwrite its newer copy.
+    // Snapshots of partitions this member no longer leads are stale: the new primary serves the
+    // backup now, and a late snapshot from here would overwrite its newer copy. Mutations still
+    // go out while this member is the partition's previous primary: they are the tail of the
+    // history the new primary takes over, and the backups (and the new primary, while it takes
+    // over) accept them in sequence order.
     let table = deps.table.current();
     let leads = |partition: u32| table.primary(partition) == Some(deps.me);
+    let hands_over =
+        |partition: u32| leads(partition) || table.previous_primary(partition) == Some(deps.me);
     let mut not_taken: BTreeSet<u32> = batch
         .iter()
         .filter_map(|item| match item {
-            Item::Mutation { partition, .. } if !leads(*partition) => Some(*partition),
+            Item::Mutation { partition, .. } if !hands_over(*partition) => Some(*partition),
             _ => None,
         })
         .collect();
@@ -278,7 +340,7 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
             ..
         } = item
             && !snapshots.contains(partition)
-            && leads(*partition)
+            && hands_over(*partition)
         {
             by_partition
                 .entry(*partition)
@@ -319,7 +381,8 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
     Ok(not_taken)
 }
 
-/// Installs a snapshot of `partition` on `peer`; `false` if the peer would not take it.
+/// Installs a snapshot of `partition` on `peer`, streamed in chunks; `false` if the peer would
+/// not take it.
 async fn install_snapshot(
     deps: &Deps,
     peer: &crate::membership::identity::Identity,
@@ -329,15 +392,18 @@ async fn install_snapshot(
     if let Some(data) = deps.store.partition(partition) {
         data.ready().await;
     }
-    let Some(mut snapshot) = deps.store.snapshot(partition) else {
+    let Some(snapshot) = deps.store.snapshot(partition) else {
         return Ok(false);
     };
-    snapshot.table_version = deps.table.current().version;
-    let mut call = deps.rpc.get(peer)?;
+    let bytes = snapshot.bytes;
+    let chunks = snapshot.chunks(deps.table.current().version, super::snapshot::CHUNK_BYTES);
+    let mut call = deps.rpc.get_bulk(peer)?;
+    let request = deps.rpc.bulk_request(futures::stream::iter(chunks), bytes);
     let answer = call
         .client
-        .install_snapshot(deps.rpc.request(snapshot))
+        .install_snapshot(request)
         .await
         .map_err(|status| call.error("install_snapshot", status))?;
+    deps.snapshot_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     Ok(answer.into_inner().installed)
 }

@@ -185,7 +185,12 @@ impl Cluster {
                 let everyone_owns = live
                     .iter()
                     .all(|m| tables[0].replicas.iter().any(|r| r[0] == *m));
-                async move { (same && owners_live && everyone_owns).then_some(()) }
+                let grid = self.live().next().expect("a live member").clone();
+                async move {
+                    // And no migration left: the table is the target, every copy in sync.
+                    let safe = same && grid.is_safe().await.unwrap_or(false);
+                    (safe && owners_live && everyone_owns).then_some(())
+                }
             },
         )
         .await;
