@@ -194,11 +194,12 @@ impl Grid {
         // does not wait for one.
         coordinator::step(&node).await;
         let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
+        let anti_entropy_task = tokio::spawn(crate::store::anti_entropy::run(node.clone()));
         grid.inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(coordinator_task);
+            .extend([coordinator_task, anti_entropy_task]);
         Ok(grid)
     }
 
@@ -295,13 +296,13 @@ impl Grid {
         let members = self.inner.membership.members();
         let calls = members.iter().map(|m| async move {
             if m.id == node.me {
-                return Some((m.id, node.replica_states()));
+                return Some((m.id, node.replica_states(&[])));
             }
             let mut call = node.peer_client(m.id).ok()?;
             let request = self
                 .inner
                 .rpc
-                .request(crate::rpc::proto::ReplicaStatesRequest {});
+                .request(crate::rpc::proto::ReplicaStatesRequest::default());
             let response = call.client.replica_states(request).await.ok()?;
             Some((m.id, response.into_inner()))
         });

@@ -711,7 +711,7 @@ impl Node {
 
     /// This member's view for `is_safe`: its table, handover and replication state, and the
     /// (seq, digest) of every partition it holds a replica of.
-    pub(crate) fn replica_states(&self) -> proto::ReplicaStatesResponse {
+    pub(crate) fn replica_states(&self, only: &[u32]) -> proto::ReplicaStatesResponse {
         let table = self.table.current();
         proto::ReplicaStatesResponse {
             table_version: table.version,
@@ -720,6 +720,7 @@ impl Node {
             snapshot_backlog: self.replication.snapshot_backlog(),
             partitions: (0..table.partition_count())
                 .filter(|&p| table.replicas(p).contains(&self.me))
+                .filter(|p| only.is_empty() || only.contains(p))
                 .filter_map(|p| {
                     let (seq, _, digest) = self.store.replica_state(p)?;
                     Some(proto::PartitionState {
@@ -816,6 +817,67 @@ mod tests {
             }
         }
         n
+    }
+
+    /// A backup whose copy drifted from its primary's (corrupted at the same sequence number, or
+    /// dropped) is found by anti-entropy and repaired, with no write to expose it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anti_entropy_repairs_a_drifted_backup() {
+        let config = |seeds| GridConfig {
+            cluster_name: format!("anti-entropy-test-{}", std::process::id()),
+            seeds,
+            backup_count: 1,
+            anti_entropy_interval: Duration::from_millis(100),
+            ..GridConfig::ephemeral()
+        };
+        let a = Grid::join(config(vec![])).await.unwrap();
+        let b = Grid::join(config(vec![a.local_member().gossip_addr]))
+            .await
+            .unwrap();
+        settled(&[&a, &b]).await;
+        a.wait_safe(Duration::from_secs(20)).await.unwrap();
+        let map: Map<String, u64> = a.map("m");
+        for i in 0..300u64 {
+            map.set(&format!("k{i}"), &i).await.unwrap();
+        }
+        let table = a.partition_table();
+        let led_by_a: Vec<u32> = (0..271u32)
+            .filter(|&p| {
+                table.replicas[p as usize][0] == a.local_member().id
+                    && a.local_replica(p).unwrap().entries > 0
+            })
+            .collect();
+        assert!(led_by_a.len() >= 2);
+        let (corrupted, dropped) = (led_by_a[0], led_by_a[1]);
+        let backup = b.node();
+        backup
+            .store
+            .partition(corrupted)
+            .unwrap()
+            .entries_or_create("m")
+            .insert(
+                bytes::Bytes::from_static(b"intruder"),
+                crate::store::Record {
+                    value: bytes::Bytes::from_static(b"x"),
+                    version: 1,
+                },
+            );
+        backup.store.drop_partition(dropped);
+        assert_ne!(b.local_replica(corrupted), a.local_replica(corrupted));
+        assert_ne!(b.local_replica(dropped), a.local_replica(dropped));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while b.local_replica(corrupted) != a.local_replica(corrupted)
+            || b.local_replica(dropped) != a.local_replica(dropped)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "anti-entropy did not repair the backup"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(a.partition_stats().anti_entropy_repairs >= 2);
+        a.wait_safe(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(present(&map).await, 300);
     }
 
     /// A table that names, as previous primaries, members that already handed their partitions

@@ -355,7 +355,8 @@ impl PeerGrid for PeerGridService {
         request: Request<proto::ReplicaStatesRequest>,
     ) -> Result<Response<proto::ReplicaStatesResponse>, Status> {
         self.admit(&request, "replica_states")?;
-        Ok(Response::new(self.node.replica_states()))
+        let partitions = request.into_inner().partitions;
+        Ok(Response::new(self.node.replica_states(&partitions)))
     }
 
     async fn echo(

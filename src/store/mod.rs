@@ -5,10 +5,12 @@
 //! while an entry changes and its mutation is numbered and queued for the backups, never across
 //! an `.await`), so every replica applies a partition's mutations in one order.
 //!
+//! - [`anti_entropy`]: the periodic primary-to-backup comparison that repairs drift.
 //! - [`replication`]: the primary-to-backup stream of sequenced mutations and snapshots.
 //! - [`snapshot`]: consistent partition copies, streamed in chunks: the one path by which every
 //!   kind of partition state moves between members.
 
+pub(crate) mod anti_entropy;
 pub(crate) mod replication;
 pub(crate) mod snapshot;
 

@@ -168,6 +168,13 @@ impl Replication {
         .is_ok()
     }
 
+    /// Whether everything queued for `member` has been answered.
+    pub(crate) fn idle(&self, member: MemberId) -> bool {
+        self.replicators.get(&member).is_none_or(|r| {
+            r.progress.answered.load(Ordering::Acquire) >= r.progress.queued.load(Ordering::Acquire)
+        })
+    }
+
     /// Key and value bytes of the snapshots installed on backups so far.
     pub(crate) fn snapshot_bytes_sent(&self) -> u64 {
         self.deps.snapshot_bytes_sent.load(Ordering::Relaxed)
