@@ -114,6 +114,12 @@ pub struct GridConfig {
     /// `PEERGRID_MAX_PARALLEL_MIGRATIONS`.
     pub max_parallel_migrations: usize,
 
+    /// Target size of one chunk of a partition copy stream (migrations and backup snapshots), in
+    /// bytes: neither side ever holds more than about one chunk of a transfer in a message. A
+    /// chunk holds at least one entry. 1 KiB to 64 MiB. Default 1 MiB.
+    /// `PEERGRID_SNAPSHOT_CHUNK_SIZE`.
+    pub snapshot_chunk_size: usize,
+
     /// How often each primary compares every backup's copy of its partitions (sequence number
     /// plus digest) and sends a fresh snapshot to a backup that drifted. Must not be zero.
     /// Default 10 s. `PEERGRID_ANTI_ENTROPY_INTERVAL_MS`.
@@ -237,6 +243,12 @@ impl GridConfig {
                 });
             }
         }
+        if !(1 << 10..=64 << 20).contains(&self.snapshot_chunk_size) {
+            return Err(ConfigError::Range {
+                field: "snapshot_chunk_size",
+                reason: "must be 1 KiB to 64 MiB",
+            });
+        }
         if self.max_parallel_migrations == 0 {
             return Err(ConfigError::Range {
                 field: "max_parallel_migrations",
@@ -285,7 +297,7 @@ impl GridConfig {
 
     /// Largest gRPC message between members: room for a batch of maximum-size values.
     pub(crate) fn max_message_size(&self) -> usize {
-        (self.max_value_size + self.max_key_size) * 2 + (4 << 20)
+        (self.max_value_size + self.max_key_size) * 2 + (4 << 20) + self.snapshot_chunk_size
     }
 
     /// The default configuration with `PEERGRID_*` environment variables applied. See each field
@@ -346,6 +358,9 @@ impl GridConfig {
                 }
                 "PEERGRID_PARTITIONS" => self.partition_count = parse_num(v).map_err(bad)?,
                 "PEERGRID_BACKUPS" => self.backup_count = parse_num(v).map_err(bad)?,
+                "PEERGRID_SNAPSHOT_CHUNK_SIZE" => {
+                    self.snapshot_chunk_size = parse_num(v).map_err(bad)?
+                }
                 "PEERGRID_MAX_PARALLEL_MIGRATIONS" => {
                     self.max_parallel_migrations = parse_num(v).map_err(bad)?
                 }
@@ -392,6 +407,7 @@ impl Default for GridConfig {
             fault_switch: None,
             leave_timeout: Duration::from_secs(30),
             max_parallel_migrations: 16,
+            snapshot_chunk_size: 1 << 20,
             anti_entropy_interval: Duration::from_secs(10),
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,

@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Cuts and heals traffic between pairs of members. Cheap to clone; clones share the same cuts.
@@ -15,6 +16,8 @@ use std::sync::{Arc, RwLock};
 pub struct FaultSwitch {
     /// Cut links, each stored once with the smaller address first.
     cuts: Arc<RwLock<HashSet<(SocketAddr, SocketAddr)>>>,
+    /// Partition copy streams still to break, and how many were broken.
+    stream_breaks: Arc<(AtomicU64, AtomicU64)>,
 }
 
 fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -59,6 +62,31 @@ impl FaultSwitch {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         !cuts.is_empty() && cuts.contains(&link(a, b))
+    }
+
+    /// Breaks the next `n` partition copy streams (migrations and backup snapshots) sent by the
+    /// members sharing this switch, each after its first chunk of contents, as a connection lost
+    /// halfway through a transfer would.
+    pub fn break_snapshot_streams(&self, n: u64) {
+        self.stream_breaks.0.store(n, Ordering::SeqCst);
+    }
+
+    /// How many partition copy streams this switch broke so far.
+    pub fn broken_snapshot_streams(&self) -> u64 {
+        self.stream_breaks.1.load(Ordering::SeqCst)
+    }
+
+    /// Whether the stream about to be sent is to break (counted as broken if so).
+    pub(crate) fn take_stream_break(&self) -> bool {
+        let taken = self
+            .stream_breaks
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if taken {
+            self.stream_breaks.1.fetch_add(1, Ordering::SeqCst);
+        }
+        taken
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {

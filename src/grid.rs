@@ -122,6 +122,8 @@ impl Grid {
                 give_up_after: config.rpc_timeout,
                 snapshot_backlog: Default::default(),
                 snapshot_bytes_sent: Default::default(),
+                chunk_size: config.snapshot_chunk_size,
+                fault_switch: config.fault_switch.clone(),
             }),
             cancel: cancel.clone(),
             table_lock: std::sync::Mutex::new(()),

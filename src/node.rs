@@ -17,7 +17,7 @@ use crate::partition::table::{PartitionTable, TableHolder};
 use crate::rpc::client::RpcClients;
 use crate::rpc::proto;
 use crate::store::replication::{Ack, Item, Replication};
-use crate::store::snapshot::{CHUNK_BYTES, Staging};
+use crate::store::snapshot::{Staging, maybe_broken};
 use crate::store::{Record, Store};
 
 /// The answer of the owner side: done, or "not the primary here".
@@ -44,6 +44,15 @@ enum Pulled {
     Nothing,
     /// This member is no longer the primary.
     Superseded,
+}
+
+/// Why a member would not hand a partition over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FetchRefused {
+    /// It holds no copy, or the pull is stale: the caller tries its next source.
+    NoCopy,
+    /// It is still the partition's primary in its own table: the caller retries.
+    StillPrimary,
 }
 
 /// One fetch's answer.
@@ -341,10 +350,29 @@ impl Node {
     ///
     /// Partitions this member becomes primary of while another member was are marked pending
     /// before the table is installed, so no operation runs on them until the takeover is done.
+    ///
+    /// A table published by a live member that is not the coordinator in this member's view is
+    /// refused: a member that was cut off and coordinated a cluster of its own meanwhile must not
+    /// hand its tables (and the stale copies they name) to the members it rejoins. Tables of a
+    /// publisher that is gone are taken (a coordinator that just died); the coordinator's next
+    /// table replaces them anyway.
     pub(crate) fn apply_table(self: &Arc<Self>, table: PartitionTable) -> bool {
         let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
         let before = self.table.current();
         if !table.newer_than(&before) {
+            return false;
+        }
+        if table.publisher != self.me
+            && self.membership.peer(table.publisher).is_some()
+            && self.coordinator() != Some(table.publisher)
+        {
+            tracing::debug!(
+                member = %self.me,
+                version = table.version,
+                publisher = %table.publisher,
+                coordinator = ?self.coordinator(),
+                "refusing a table from a member that is not the coordinator"
+            );
             return false;
         }
         // The previous primary as the coordinator knew it, or as this member did.
@@ -662,18 +690,26 @@ impl Node {
         partition: u32,
         table: Option<&proto::Table>,
         full: bool,
-    ) -> Option<Box<dyn Iterator<Item = proto::SnapshotChunk> + Send>> {
+    ) -> Result<Box<dyn Iterator<Item = proto::SnapshotChunk> + Send>, FetchRefused> {
         let requested =
             table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count));
         let requested_version = requested.as_ref().map_or(0, |t| t.version);
         if let Some(table) = requested {
             self.apply_table(table);
         }
-        let data = self.store.partition(partition)?;
+        let data = self
+            .store
+            .partition(partition)
+            .ok_or(FetchRefused::NoCopy)?;
         if !data.has_copy()
             || (data.is_pending() && requested_version < self.table.current().version)
         {
-            return None;
+            return Err(FetchRefused::NoCopy);
+        }
+        // Never hand over a partition this member still leads (it did not take the caller's
+        // table): writes it accepted after the copy would be lost. The caller retries.
+        if self.table.current().primary(partition) == Some(self.me) {
+            return Err(FetchRefused::StillPrimary);
         }
         data.ready().await;
         if let Some(from) = from {
@@ -682,20 +718,25 @@ impl Node {
                 .flush(from, self.config.rpc_timeout / 2)
                 .await;
         }
-        let snapshot = self.store.snapshot(partition)?;
+        let snapshot = self.store.snapshot(partition).ok_or(FetchRefused::NoCopy)?;
         let version = self.table.current().version;
         if full {
             self.stats
                 .migration_bytes_sent
                 .fetch_add(snapshot.bytes, Ordering::Relaxed);
-            Some(Box::new(snapshot.chunks(version, CHUNK_BYTES)))
+            let chunks = snapshot.chunks(version, self.config.snapshot_chunk_size);
+            let (chunks, broken) = maybe_broken(chunks, self.config.fault_switch.as_ref());
+            if broken {
+                tracing::info!(partition, "fault switch: breaking this migration stream");
+            }
+            Ok(chunks)
         } else {
             let header = proto::SnapshotChunk {
                 part: Some(proto::snapshot_chunk::Part::Header(
                     snapshot.header(version, false),
                 )),
             };
-            Some(Box::new(std::iter::once(header)))
+            Ok(Box::new(std::iter::once(header)))
         }
     }
 

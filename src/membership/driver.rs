@@ -68,6 +68,10 @@ pub(crate) struct Driver {
     leaving: HashSet<(MemberId, u64)>,
     /// Set once this member starts leaving: foca then declares it down, which is expected.
     self_leaving: bool,
+    /// The renewed identity after this member learned it was declared down: foca is rebuilt
+    /// with it (see [`Driver::restart_foca`]).
+    restart_as: Option<Identity>,
+    swim: foca::Config,
     send_buf: Vec<u8>,
 }
 
@@ -80,7 +84,9 @@ impl Driver {
         let rng = SmallRng::seed_from_u64(config.identity.id.0 ^ config.identity.generation);
         let own_gossip = config.identity.gossip;
         Driver {
-            foca: Foca::new(config.identity, config.swim, rng, PostcardCodec),
+            foca: Foca::new(config.identity, config.swim.clone(), rng, PostcardCodec),
+            swim: config.swim,
+            restart_as: None,
             runtime: AccumulatingRuntime::new(),
             socket,
             timers: TimerQueue::new(),
@@ -136,6 +142,45 @@ impl Driver {
                 _ = seed_tick.tick() => self.announce_to_seeds_if_alone(),
             }
             self.flush().await;
+        }
+    }
+
+    /// Rebuilds foca under `identity` after this member was declared down and renewed itself.
+    ///
+    /// foca keeps its buffer of membership updates across a renewal, and the new identity is
+    /// trusted at once: a member that was cut off would then tell the healed cluster that every
+    /// member it lost sight of is down, and those healthy members would be declared down in
+    /// turn (foca's own source suggests recreating it). The rebuilt instance keeps the members
+    /// this one still considers active, forgets every stale update, timer and pending datagram,
+    /// and announces itself to every member it knew of and to the seeds.
+    fn restart_foca(&mut self, identity: Identity) {
+        let active: Vec<Member<Identity>> = self.foca.iter_members().cloned().collect();
+        let mut known: Vec<SocketAddr> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| m.id().gossip)
+            .chain(self.seeds.iter().copied())
+            .filter(|a| *a != identity.gossip)
+            .collect();
+        known.sort();
+        known.dedup();
+        let rng = SmallRng::seed_from_u64(identity.id.0 ^ identity.generation);
+        self.foca = Foca::new(identity, self.swim.clone(), rng, PostcardCodec);
+        self.runtime = AccumulatingRuntime::new();
+        self.timers = TimerQueue::new();
+        if let Err(e) = self
+            .foca
+            .apply_many(active.into_iter(), true, &mut self.runtime)
+        {
+            tracing::debug!(error = %e, "could not restore members after a rejoin");
+        }
+        for addr in known {
+            if let Err(e) = self
+                .foca
+                .announce(Identity::placeholder(addr), &mut self.runtime)
+            {
+                tracing::debug!(%addr, error = %e, "announce failed");
+            }
         }
     }
 
@@ -248,8 +293,14 @@ impl Driver {
 
     /// Carries out what foca asked for: notifications, timers, then datagrams.
     async fn flush(&mut self) {
-        while let Some(notification) = self.runtime.to_notify() {
-            self.on_notification(notification);
+        loop {
+            while let Some(notification) = self.runtime.to_notify() {
+                self.on_notification(notification);
+            }
+            match self.restart_as.take() {
+                Some(identity) => self.restart_foca(identity),
+                None => break,
+            }
         }
         let now = Instant::now();
         while let Some((after, timer)) = self.runtime.to_schedule() {
@@ -311,7 +362,8 @@ impl Driver {
                     generation = identity.generation,
                     "declared down by peers; rejoined with a new generation"
                 );
-                self.state.set_local(identity);
+                self.state.set_local(identity.clone());
+                self.restart_as = Some(identity);
             }
             OwnedNotification::Defunct => {
                 if !self.self_leaving {

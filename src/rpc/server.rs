@@ -13,7 +13,7 @@ use super::{CLUSTER_HEADER, FROM_HEADER};
 use crate::error::Error;
 use crate::map::ops::MapOp;
 use crate::membership::{MemberId, MembershipState};
-use crate::node::{Node, Outcome};
+use crate::node::{FetchRefused, Node, Outcome};
 use crate::partition::coordinator;
 use crate::routing::op_from_proto;
 use crate::store::snapshot::Staging;
@@ -334,7 +334,14 @@ impl PeerGrid for PeerGridService {
                 request.full,
             )
             .await
-            .ok_or_else(|| Status::failed_precondition("no such partition, or a stale handover"))?;
+            .map_err(|refused| match refused {
+                FetchRefused::NoCopy => {
+                    Status::failed_precondition("no copy of the partition, or a stale handover")
+                }
+                FetchRefused::StillPrimary => Status::unavailable(
+                    "still the partition's primary here; the caller's table is not taken yet",
+                ),
+            })?;
         let stream = futures::stream::iter(chunks.map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }

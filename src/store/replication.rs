@@ -83,6 +83,10 @@ pub(crate) struct Deps {
     pub(crate) snapshot_backlog: AtomicU64,
     /// Key and value bytes of the snapshots installed on backups.
     pub(crate) snapshot_bytes_sent: AtomicU64,
+    /// [`crate::GridConfig::snapshot_chunk_size`].
+    pub(crate) chunk_size: usize,
+    /// [`crate::GridConfig::fault_switch`], which may break snapshot streams.
+    pub(crate) fault_switch: Option<crate::FaultSwitch>,
 }
 
 struct Replicator {
@@ -403,7 +407,12 @@ async fn install_snapshot(
         return Ok(false);
     };
     let bytes = snapshot.bytes;
-    let chunks = snapshot.chunks(deps.table.current().version, super::snapshot::CHUNK_BYTES);
+    let chunks = snapshot.chunks(deps.table.current().version, deps.chunk_size);
+    let breaks = deps
+        .fault_switch
+        .as_ref()
+        .is_some_and(|f| f.take_stream_break());
+    let chunks = chunks.take(if breaks { 2 } else { usize::MAX });
     let mut call = deps.rpc.get_bulk(peer)?;
     let request = deps.rpc.bulk_request(futures::stream::iter(chunks), bytes);
     let answer = call

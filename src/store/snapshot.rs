@@ -4,7 +4,7 @@
 //! A [`Snapshot`] is a consistent copy of one partition, taken under its write lock (cheap: values
 //! are reference-counted `Bytes`). It is sent as a stream of [`proto::SnapshotChunk`]s: a header
 //! with the sequence number, digest and entry count, then the contents in chunks of about
-//! [`CHUNK_BYTES`], so neither side ever encodes or decodes one message the size of a partition.
+//! [`crate::GridConfig::snapshot_chunk_size`], so neither side ever encodes or decodes one message the size of a partition.
 //! The receiver collects the chunks in a [`Staging`] area and installs them only once the stream
 //! is complete and matches its header; a stream cut halfway leaves the receiver's previous copy
 //! untouched, and the transfer is simply retried.
@@ -20,10 +20,6 @@ use bytes::Bytes;
 
 use super::{Entries, Record};
 use crate::rpc::proto;
-
-/// Target payload of one chunk. A chunk holds at least one entry, so a single large value makes a
-/// larger chunk (bounded by the rpc message size limit).
-pub(crate) const CHUNK_BYTES: usize = 1 << 20;
 
 /// Why a received snapshot stream was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -159,6 +155,18 @@ impl Snapshot {
         });
         std::iter::once(header).chain(maps)
     }
+}
+
+/// `chunks` as sent, ending right after the first chunk of contents (the header and one chunk)
+/// when `fault` says this stream is to break. A receiver then sees an incomplete stream. Returns
+/// whether it breaks.
+pub(crate) fn maybe_broken(
+    chunks: impl Iterator<Item = proto::SnapshotChunk> + Send + 'static,
+    fault: Option<&crate::FaultSwitch>,
+) -> (Box<dyn Iterator<Item = proto::SnapshotChunk> + Send>, bool) {
+    let broken = fault.is_some_and(|f| f.take_stream_break());
+    let limit = if broken { 2 } else { usize::MAX };
+    (Box::new(chunks.take(limit)), broken)
 }
 
 /// A received snapshot, checked and ready to replace a partition's contents.

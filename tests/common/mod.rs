@@ -8,7 +8,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use peergrid::{FaultSwitch, Grid, GridConfig, MemberId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use peergrid::{FaultSwitch, Grid, GridConfig, Map, MemberId};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// How long any harness wait may take before the test fails. Generous: CI machines are slow and
@@ -110,6 +115,18 @@ impl Cluster {
     /// Starts one more member with `config` and returns its index.
     pub async fn add_with(&mut self, config: GridConfig) -> usize {
         let grid = Grid::join(config).await.expect("member joins");
+        let me = grid.local_member();
+        self.slots.push(Slot {
+            grid: Some(grid),
+            gossip: me.gossip_addr,
+            rpc: me.rpc_addr,
+        });
+        self.slots.len() - 1
+    }
+
+    /// Takes a member started elsewhere (with [`Cluster::config`]) into the cluster; returns its
+    /// index.
+    pub fn adopt(&mut self, grid: Grid) -> usize {
         let me = grid.local_member();
         self.slots.push(Slot {
             grid: Some(grid),
@@ -230,4 +247,87 @@ pub fn example_bin(name: &str) -> PathBuf {
         .expect("cargo runs");
     assert!(status.success(), "building example {name} failed");
     dir.join("examples").join(name)
+}
+
+/// Writers that each write unique keys through `grid` until stopped; each returns the writes
+/// that were acknowledged and how many calls failed (outcome unknown, so not checked).
+pub fn start_writers(
+    grids: &[&Grid],
+    per_grid: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<JoinHandle<(HashMap<String, u64>, u64)>> {
+    let mut writers = Vec::new();
+    for (g, grid) in grids.iter().enumerate() {
+        for t in 0..per_grid {
+            let map: Map<String, u64> = grid.map("failover");
+            let stop = stop.clone();
+            writers.push(tokio::spawn(async move {
+                let (mut acked, mut failed) = (HashMap::new(), 0);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("g{g}-t{t}-{i}");
+                    match map.set(&key, &i).await {
+                        Ok(()) => {
+                            acked.insert(key, i);
+                        }
+                        Err(_) => failed += 1,
+                    }
+                    i += 1;
+                }
+                (acked, failed)
+            }));
+        }
+    }
+    writers
+}
+
+pub async fn collect(
+    writers: Vec<JoinHandle<(HashMap<String, u64>, u64)>>,
+) -> (HashMap<String, u64>, u64) {
+    let mut all = HashMap::new();
+    let mut failed = 0;
+    for w in writers {
+        let (acked, f) = w.await.expect("writer");
+        all.extend(acked);
+        failed += f;
+    }
+    (all, failed)
+}
+
+pub async fn assert_all_present(grid: &Grid, others: &[&Grid], expected: &HashMap<String, u64>) {
+    let map: Map<String, u64> = grid.map("failover");
+    let keys: Vec<String> = expected.keys().cloned().collect();
+    let got = map.get_all(&keys).await.expect("final read");
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(5)
+        .collect();
+    for (key, _) in &missing {
+        let p = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % 271) as u32;
+        let same: Vec<_> = expected
+            .keys()
+            .filter(|k| xxhash_rust::xxh3::xxh3_64(k.as_bytes()) % 271 == u64::from(p))
+            .map(|k| (k.clone(), got.contains_key(k)))
+            .collect();
+        eprintln!(
+            "missing {key}: partition {p}, replicas {:?}, here {:?} {:?}, others {:?}, acked keys of the partition (present?) {same:?}",
+            grid.partition_table().replicas[p as usize],
+            grid.local_member().id,
+            grid.local_replica(p),
+            others
+                .iter()
+                .map(|g| (g.local_member().id, g.local_replica(p)))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost, e.g. {missing:?}",
+        expected
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .count(),
+        expected.len()
+    );
 }
