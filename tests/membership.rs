@@ -132,10 +132,15 @@ async fn an_isolated_member_is_declared_down_and_rejoins_with_a_new_generation_a
         DEADLINE,
         || {
             let gone = (0..2).all(|i| cluster.grid(i).members().len() == 2);
-            async move { gone.then_some(()) }
+            // And the isolated member to declare the majority down: its verdicts are stale once
+            // the link heals.
+            let alone = cluster.grid(2).members().len() == 1;
+            async move { (gone && alone).then_some(()) }
         },
     )
     .await;
+    let majority: Vec<_> = (0..2).map(|i| cluster.grid(i).local_member()).collect();
+    let mut events = cluster.grid(0).membership_events();
     // Calls across the cut fail fast with a typed error.
     let err = cluster.grid(0).member_info(isolated.id).await.unwrap_err();
     assert!(
@@ -155,6 +160,21 @@ async fn an_isolated_member_is_declared_down_and_rejoins_with_a_new_generation_a
         "it rejoined with a renewed identity"
     );
     assert_eq!(cluster.grid(2).local_member().generation, back.generation);
+    // The majority kept its identities: the isolated member's stale view declared nobody down.
+    for (i, before) in majority.iter().enumerate() {
+        assert_eq!(
+            cluster.grid(i).local_member().generation,
+            before.generation,
+            "a healthy member was declared down by the stale view"
+        );
+    }
+    while let Ok(Some(event)) =
+        tokio::time::timeout(std::time::Duration::from_millis(10), events.recv()).await
+    {
+        if let peergrid::MembershipEvent::Down(member) = &event {
+            assert_ne!(member.id, majority[1].id, "a healthy member was seen down");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,7 +149,7 @@ async fn copy_streams_broken_halfway_are_retried_and_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_rejoining_with_a_new_generation_mid_migration_gets_only_the_current_table() {
-    let mut cluster = Cluster::start_with(4, |c| c.max_parallel_migrations = 4).await;
+    let cluster = Cluster::start_with(4, |c| c.max_parallel_migrations = 4).await;
     cluster.wait_table_settled().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&[cluster.grid(0), cluster.grid(1)], 3, &stop);

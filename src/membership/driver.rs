@@ -232,6 +232,10 @@ impl Driver {
             }
         };
         let accepted = match kind {
+            Kind::Swim if self.is_stale_verdict(payload) => {
+                tracing::debug!(%from, "ignored a down verdict from a member this one considers down");
+                true
+            }
             Kind::Swim => match self.foca.handle_data(payload, &mut self.runtime) {
                 Ok(()) => true,
                 Err(e) => {
@@ -246,6 +250,27 @@ impl Driver {
         } else {
             &counters.dropped_invalid_payload
         });
+    }
+
+    /// Whether `payload` is a "you are down" message (foca's `TurnUndead`) from a sender this
+    /// member itself considers down, while this member still has live peers.
+    ///
+    /// foca obeys such a message even from a sender it distrusts, so that two members that each
+    /// declared the other down do not stay apart. But the sender is usually the one that was cut
+    /// off: it declared everyone down, and obeying would make a healthy member of the majority
+    /// (the coordinator, say) renew itself and be declared down everywhere. A member that still
+    /// has live peers has the better view and ignores it; a member with none (the one that was
+    /// cut off) obeys, renews, and rejoins.
+    fn is_stale_verdict(&self, payload: &[u8]) -> bool {
+        let Ok(header) = foca::Codec::<Identity>::decode_header(&mut PostcardCodec, payload) else {
+            return false;
+        };
+        if header.message != foca::Message::TurnUndead {
+            return false;
+        }
+        let mut active = self.foca.iter_members().map(|m| m.id());
+        let has_peers = self.foca.iter_members().next().is_some();
+        has_peers && !active.any(|id| *id == header.src)
     }
 
     /// A peer says it leaves. Only a notice naming a live identity at the generation we know is

@@ -62,8 +62,11 @@ pub(crate) struct Snapshot {
     pub(crate) entries: u64,
     /// Approximate payload size (keys and values).
     pub(crate) bytes: u64,
-    maps: Vec<(Arc<str>, Vec<(Bytes, Record)>)>,
+    maps: Vec<(Arc<str>, CopiedEntries)>,
 }
+
+/// One map's entries, copied out of the partition.
+type CopiedEntries = Vec<(Bytes, Record)>;
 
 impl Snapshot {
     /// Copies `maps` (the caller holds the partition's write lock, so `seq` matches).
