@@ -128,11 +128,13 @@ pub enum Error {
         owner: Option<MemberId>,
     },
 
-    /// The write was applied on the partition's primary, but a backup would not take it because
-    /// the partition moved to another primary meanwhile. Its outcome is unknown: the new primary
-    /// usually has it, but it may be lost if a member fails now. `set` retries this by itself.
+    /// The write was applied on the partition's primary, but a backup would not take it (the
+    /// partition moved to another primary meanwhile) or was declared down before it acknowledged
+    /// it. Its outcome is unknown: the write may survive, or be lost if a member fails now.
+    /// `set` retries this by itself.
     #[error(
-        "write to partition {partition} was not backed up (the partition moved); outcome unknown"
+        "write to partition {partition} was not backed up (the partition moved, or its backup \
+         failed); outcome unknown"
     )]
     NotBackedUp {
         /// The partition.

@@ -267,10 +267,13 @@ impl Node {
 
     /// Waits for the backups of synchronous writes.
     ///
-    /// A backup that took the mutation acknowledges it; one that was declared down releases it
-    /// (the write then stands on every live backup). A backup that would not take it (the
-    /// partition moved meanwhile) makes the write [`Error::NotBackedUp`], and a member that is
-    /// stopping answers [`Error::Shutdown`]: in both cases the write is on this member only.
+    /// A backup that took the mutation acknowledges it. A backup that would not take it (the
+    /// partition moved meanwhile), or that this member declared down before it acknowledged,
+    /// makes the write [`Error::NotBackedUp`], and a member that is stopping answers
+    /// [`Error::Shutdown`]: in each case the write may be on this member only, so it is not
+    /// acknowledged. (A backup declared down is not proof that this member is the healthy one: a
+    /// member cut off from the cluster declares its backups down too, while the majority
+    /// promotes them without the write.)
     pub(crate) async fn await_acks(&self, acks: Acks) -> Result<()> {
         if acks.is_empty() {
             return Ok(());
@@ -291,8 +294,10 @@ impl Node {
         })?;
         for (partition, answer) in answers {
             match answer {
-                Ok(Ack::Stored | Ack::BackupGone) => {}
-                Ok(Ack::NotTaken) => return Err(Error::NotBackedUp { partition }),
+                Ok(Ack::Stored) => {}
+                Ok(Ack::NotTaken | Ack::BackupGone) => {
+                    return Err(Error::NotBackedUp { partition });
+                }
                 Err(_) => return Err(Error::Shutdown),
             }
         }
@@ -470,6 +475,13 @@ impl Node {
             // A member keeps a partition it just lost for one table version, so a new primary
             // can still pull it from here.
             if !was && !is {
+                if self
+                    .store
+                    .partition(partition)
+                    .is_some_and(|d| d.has_copy())
+                {
+                    tracing::trace!(member = %self.me, partition, "dropping this member's copy");
+                }
                 self.store.drop_partition(partition);
             }
         }
@@ -587,6 +599,8 @@ impl Node {
                             .values()
                             .flat_map(|m| m.iter().map(|e| e.key().len() + e.value().value.len()))
                             .sum::<usize>() as u64;
+                        let (seq, entries) = (staged.header.seq, staged.header.entries);
+                        tracing::debug!(member = %self.me, partition, %source, seq, entries, "pulled a whole partition");
                         if self.store.install(staged) {
                             self.stats
                                 .migration_bytes_received

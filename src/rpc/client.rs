@@ -8,7 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::proto::peer_grid_client::PeerGridClient;
-use super::{CLUSTER_HEADER, FROM_HEADER};
+use super::{CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
 use crate::error::{Error, Result};
 use crate::fault::FaultSwitch;
 use crate::membership::MemberId;
@@ -142,6 +142,9 @@ impl RpcClients {
         }
         if let Ok(v) = self.local_id.parse() {
             metadata.insert(FROM_HEADER, v);
+        }
+        if let Ok(v) = self.local_gossip.to_string().parse() {
+            metadata.insert(GOSSIP_HEADER, v);
         }
         request
     }

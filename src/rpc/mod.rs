@@ -19,3 +19,5 @@ pub(crate) mod proto {
 pub(crate) const CLUSTER_HEADER: &str = "x-peergrid-cluster";
 /// Metadata key for the caller's member id, as 16 hex digits.
 pub(crate) const FROM_HEADER: &str = "x-peergrid-from";
+/// Metadata key: the caller's gossip address, which names it to the fault switch.
+pub(crate) const GOSSIP_HEADER: &str = "x-peergrid-gossip";

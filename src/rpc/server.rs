@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::peer_grid_server::{PeerGrid, PeerGridServer};
 use super::proto::{self, MemberInfoRequest, MemberInfoResponse};
-use super::{CLUSTER_HEADER, FROM_HEADER};
+use super::{CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
 use crate::error::Error;
 use crate::map::ops::MapOp;
 use crate::membership::{MemberId, MembershipState};
@@ -63,17 +63,35 @@ impl PeerGridService {
     }
 
     /// Refuses to answer once the member stopped while a call was in progress: a dead process
-    /// answers nothing, and an answer could claim work the member can no longer back up.
-    fn still_running(&self) -> Result<(), Status> {
+    /// answers nothing, and an answer could claim work the member can no longer back up. Also
+    /// refuses when the fault switch cut the link to the caller while the call was in progress,
+    /// as a firewall would drop the answer: the switch then cuts calls in flight, not only new
+    /// ones.
+    fn still_running(&self, caller: Option<std::net::SocketAddr>) -> Result<(), Status> {
         if self.closed.is_cancelled() {
             // Not `unavailable`: the work may have been applied, so the caller must not take it
             // for a request that never arrived.
-            Err(Status::aborted(
+            return Err(Status::aborted(
                 "member stopped while answering; outcome unknown",
-            ))
-        } else {
-            Ok(())
+            ));
         }
+        if let (Some(switch), Some(caller)) = (self.node.config.fault_switch.as_ref(), caller)
+            && switch.is_cut(self.membership.local_identity().gossip, caller)
+        {
+            return Err(Status::aborted(
+                "link cut by the fault switch while answering; outcome unknown",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The caller's gossip address, as it says.
+    fn caller_gossip<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
+        request
+            .metadata()
+            .get(GOSSIP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
     }
 
     /// Whether `from` is the primary of `partition` in this member's table (after catching up
@@ -143,6 +161,7 @@ impl PeerGrid for PeerGridService {
         request: Request<proto::MapRequest>,
     ) -> Result<Response<proto::MapResponse>, Status> {
         self.admit(&request, "map_call")?;
+        let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
         let op = op_from_proto(&request)
             .ok_or_else(|| Status::invalid_argument("unknown map operation"))?;
@@ -157,7 +176,7 @@ impl PeerGrid for PeerGridService {
             )
             .await
             .map_err(to_status)?;
-        self.still_running()?;
+        self.still_running(caller)?;
         Ok(Response::new(proto::MapResponse {
             outcome: Some(match outcome {
                 Outcome::Done(result) => proto::map_response::Outcome::Result(proto::MapResult {
@@ -185,6 +204,7 @@ impl PeerGrid for PeerGridService {
         request: Request<proto::MapBatchRequest>,
     ) -> Result<Response<proto::MapBatchResponse>, Status> {
         self.admit(&request, "map_batch")?;
+        let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
         self.node.catch_up(request.table_version).await;
         let mut results = Vec::with_capacity(request.entries.len());
@@ -228,7 +248,7 @@ impl PeerGrid for PeerGridService {
             });
         }
         self.node.await_acks(acks).await.map_err(to_status)?;
-        self.still_running()?;
+        self.still_running(caller)?;
         Ok(Response::new(proto::MapBatchResponse { results }))
     }
 
@@ -237,13 +257,14 @@ impl PeerGrid for PeerGridService {
         request: Request<proto::MapScanRequest>,
     ) -> Result<Response<proto::MapScanResponse>, Status> {
         self.admit(&request, "map_scan")?;
+        let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
         let (entries, partitions) = self
             .node
             .scan(&request.map, request.clear, request.table_version)
             .await
             .map_err(to_status)?;
-        self.still_running()?;
+        self.still_running(caller)?;
         Ok(Response::new(proto::MapScanResponse {
             entries,
             partitions,
@@ -307,9 +328,15 @@ impl PeerGrid for PeerGridService {
         if self.node.table.current().primary(staged.header.partition) != from {
             return refused;
         }
+        let (partition, seq, entries) = (
+            staged.header.partition,
+            staged.header.seq,
+            staged.header.entries,
+        );
         if !self.node.store.install(staged) {
             return Err(Status::invalid_argument("no such partition"));
         }
+        tracing::debug!(member = %self.node.me, partition, seq, entries, ?from, "backup snapshot installed");
         Ok(Response::new(proto::InstallSnapshotResponse {
             installed: true,
         }))

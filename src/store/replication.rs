@@ -7,7 +7,8 @@
 //! partition, and the task installs a fresh snapshot of it; a queued `Snapshot` item (a new backup
 //! after a table change) does the same. Writers of synchronous maps wait for their mutation's
 //! acknowledgement; when a backup member is declared down its queue is dropped, which releases
-//! them (the write is then acknowledged by every *live* backup).
+//! them with [`Ack::BackupGone`]: their writes fail as not backed up (outcome unknown), since the
+//! member that declared the backup down may itself be the one cut off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,7 +35,8 @@ pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
 pub(crate) enum Ack {
     /// The backup applied it (or installed a snapshot that contains it).
     Stored,
-    /// The backup was declared down, or is no longer a live member: it no longer counts.
+    /// The backup was declared down, or is no longer a live member, before it acknowledged: the
+    /// write is not backed up.
     BackupGone,
     /// The backup would not take it: the partition moved to another primary meanwhile.
     NotTaken,
