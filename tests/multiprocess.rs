@@ -1,5 +1,8 @@
 //! Real OS processes: three members started with the default configuration find each other, and
-//! one killed with SIGKILL is declared down by the others.
+//! one killed with SIGKILL is declared down by the others; with data in the cluster, a SIGKILL
+//! loses no acknowledged write.
+//!
+//! The tests share the default ports (5701 and up) and seeds, so they run one at a time.
 
 mod common;
 
@@ -69,8 +72,13 @@ async fn pump(
     }
 }
 
+/// Serializes the tests of this file: members of two clusters at once could take every default
+/// seed port and leave a third member unable to find its own cluster.
+static DEFAULT_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_find_each_other_by_default_and_detect_a_sigkill() {
+    let _ports = DEFAULT_PORTS.lock().await;
     let cluster = common::unique_cluster_name();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut members: Vec<Member> = (0..3).map(|i| spawn(&cluster, i, &tx)).collect();
@@ -110,4 +118,68 @@ async fn three_processes_find_each_other_by_default_and_detect_a_sigkill() {
             .expect("status");
         assert!(status.success(), "member exited with {status}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_member_process_loses_no_acknowledged_write() {
+    let _ports = DEFAULT_PORTS.lock().await;
+    let cluster = common::unique_cluster_name();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut members: Vec<Member> = (0..3).map(|i| spawn(&cluster, i, &tx)).collect();
+    pump(&mut members, &mut rx, "3 processes to converge", |m| {
+        m.iter().all(|m| m.members == 3)
+    })
+    .await;
+    // This test process joins as a fourth member, found the same way (default ports and seeds).
+    let grid = peergrid::Grid::join(peergrid::GridConfig {
+        cluster_name: cluster.clone(),
+        ..peergrid::GridConfig::default()
+    })
+    .await
+    .expect("joins");
+    common::wait_for("4 members", common::DEADLINE, || {
+        let n = grid.members().len();
+        async move { (n == 4).then_some(()) }
+    })
+    .await;
+    grid.wait_safe(common::DEADLINE).await.expect("safe");
+    let map: peergrid::Map<String, u64> = grid.map("sigkill");
+    let expected: std::collections::HashMap<String, u64> =
+        (0..5000u64).map(|i| (format!("k{i}"), i)).collect();
+    map.put_all(expected.clone()).await.expect("acknowledged");
+    // Every process holds primaries and backups.
+    let table = grid.partition_table();
+    let victim_id = members[1].id.clone().expect("victim id");
+    let led = table
+        .replicas
+        .iter()
+        .filter(|r| r[0].to_string() == victim_id)
+        .count();
+    assert!(led > 30, "the victim leads {led} partitions");
+
+    members[1].child.start_kill().expect("SIGKILL");
+    members[1].child.wait().await.expect("reaped");
+    common::wait_for("the victim to be declared down", common::DEADLINE, || {
+        let gone = !grid.members().iter().any(|m| m.id.to_string() == victim_id);
+        async move { gone.then_some(()) }
+    })
+    .await;
+    grid.wait_safe(common::DEADLINE).await.expect("safe again");
+    let keys: Vec<String> = expected.keys().cloned().collect();
+    let got = map.get_all(&keys).await.expect("read back");
+    let lost = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .count();
+    assert_eq!(lost, 0, "{lost} acknowledged writes lost to the SIGKILL");
+
+    grid.leave().await.expect("leaves");
+    for i in [0, 2] {
+        let mut stdin = members[i].child.stdin.take().expect("stdin");
+        stdin.write_all(b"leave\n").await.expect("write");
+    }
+    pump(&mut members, &mut rx, "survivors to leave", |m| {
+        m[0].said_bye && m[2].said_bye
+    })
+    .await;
 }
