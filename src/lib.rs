@@ -31,13 +31,19 @@
 //!   gRPC call; `NotOwner` refresh and bounded retry.
 //! - `partition`: `partition::key` (XXH3-64 of the key's bytes with Redis-style hash tags),
 //!   `partition::assignment` (the pure member-set-to-table function: bounded-load consistent
-//!   hashing over the `hashring` crate), `partition::table` (versioned tables and their holder),
-//!   `partition::coordinator` (the oldest member computes and publishes tables, advancing only
-//!   from a settled one, and leaving members out of them), and [`PartitionEvent`].
+//!   hashing over the `hashring` crate), `partition::migration` (the pure planning of each step
+//!   from the current table toward the target: promotion of first live backups after a crash,
+//!   copy-then-commit moves, a bound on parallel migrations), `partition::table` (versioned
+//!   tables and their holder), `partition::coordinator` (the oldest member publishes each step
+//!   once the last one settled, and leaves departing members out), [`PartitionEvent`] and
+//!   [`PartitionStats`].
 //! - `node`: the owner side of the data path: ownership checks, sequencing, replication hand-off,
 //!   and the takeover of partitions when the table changes.
-//! - `store`: per-partition record stores (reads take no partition lock) and
-//!   `store::replication`, the ordered primary-to-backup stream with gap resync.
+//! - `store`: per-partition record stores (reads take no partition lock);
+//!   `store::replication`, the ordered primary-to-backup stream with gap resync;
+//!   `store::snapshot`, consistent partition copies streamed in chunks and staged before they
+//!   replace anything (the one path every kind of partition state migrates by); and
+//!   `store::anti_entropy`, the periodic primary-to-backup comparison that repairs drift.
 //! - `membership`: SWIM membership with foca. `membership::driver` is the one task that owns
 //!   the `Foca` value, the UDP socket and the ordered timer queue (`membership::timers`);
 //!   `membership::frame` is the datagram header (magic, version, cluster hash);

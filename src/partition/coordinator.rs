@@ -1,18 +1,26 @@
 //! The coordinator: the oldest live member computes the partition table and publishes it.
 //!
 //! Every member runs this task; only the member that is oldest in its own view acts. On every
-//! membership change, and every [`REPUBLISH_EVERY`] besides, the coordinator computes the target
-//! table with [`assign`] over the live members. If it differs from the current table it applies a
-//! new version locally, then it pushes its current table to every peer (a late or lossy peer
-//! catches up at the next push). A peer that reports a different table at the same or a higher
-//! version (two members both coordinated for a moment) makes the coordinator republish above it,
-//! so the cluster converges. Members that are not coordinator fetch the table once when they have
-//! none yet.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! membership change, every [`REPUBLISH_EVERY`] while idle and every 25 ms while a migration is
+//! under way, the coordinator pushes its current table to every peer and reads back what each
+//! holds. Then, in order:
+//!
+//! 1. A peer that reports a different table at the same or a higher version (two members both
+//!    coordinated for a moment, or one was cut off) makes it republish above it, so the cluster
+//!    converges.
+//! 2. If a member of the table is gone, it publishes the [`migration::repair`]ed table at once:
+//!    each partition that lost its primary is led by its first live backup (no copy).
+//! 3. Otherwise, once the current table has settled (every peer holds it, no takeover is running
+//!    and no snapshot is still on its way to a backup), it publishes the next
+//!    [`migration::advance`] step toward the target that [`assign`] computes over the live
+//!    members less those leaving: at most `max_parallel_migrations` partitions per step.
+//!
+//! Members refuse tables from a live member that is not the coordinator in their view, and
+//! members that are not coordinator fetch the table once when they have none yet.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::membership::MemberId;
 use crate::node::Node;
