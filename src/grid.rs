@@ -358,7 +358,10 @@ impl Grid {
             .collect();
         let in_sync = (0..table.partition_count()).all(|p| {
             let replicas = table.replicas(p);
-            let primary = held.get(&(replicas[0], p));
+            let Some(&first) = replicas.first() else {
+                return false;
+            };
+            let primary = held.get(&(first, p));
             // A backup may trail its primary by mutations in flight (a synchronous write is
             // acknowledged only once they arrive), never lead it, and at the same sequence
             // number it holds the same data.

@@ -241,13 +241,15 @@ impl Node {
         acks: &mut Acks,
     ) {
         let backups = table.backups(partition);
-        let count = map_config
+        let regular = usize::from(self.config.backup_count);
+        let waited = map_config
             .backup_count
-            .map_or(backups.len(), |n| usize::from(n).min(backups.len()));
-        // Every backup gets every mutation so its sequence has no gaps; only the first `count`
-        // are waited for.
+            .map_or(regular, |n| usize::from(n).min(regular));
+        // Every backup gets every mutation so its sequence has no gaps. The map's first
+        // `backup_count` backups are waited for, and so are replicas a migration step added
+        // beyond the configured count: one of them may be promoted at the next step.
         for (i, &backup) in backups.iter().enumerate() {
-            let ack = if i < count && !map_config.async_backups {
+            let ack = if (i < waited || i >= regular) && !map_config.async_backups {
                 let (tx, rx) = oneshot::channel();
                 acks.push((partition, rx));
                 Some(tx)
@@ -434,7 +436,12 @@ impl Node {
             let node = self.clone();
             // Whom to pull from: the previous primary per the coordinator, then per this member;
             // a member that held no copy also tries the other replicas it knew of.
-            let was_replica = previous.replicas(partition).contains(&self.me);
+            // A replica without a copy (its snapshot never arrived) pulls like a newcomer.
+            let was_replica = previous.replicas(partition).contains(&self.me)
+                && self
+                    .store
+                    .partition(partition)
+                    .is_some_and(|d| d.has_copy());
             let mut sources: Vec<MemberId> = Vec::new();
             let candidates = current
                 .previous_primary(partition)
@@ -592,6 +599,9 @@ impl Node {
                         tracing::debug!(partition, %source, "copy differs from the source's; pulling it whole");
                         full = true;
                         continue;
+                    }
+                    Ok(Fetched::Whole(staged)) if staged.header.partition != partition => {
+                        tracing::warn!(partition, %source, got = staged.header.partition, "a pull answered with another partition");
                     }
                     Ok(Fetched::Whole(staged)) => {
                         let bytes = staged
@@ -768,6 +778,7 @@ impl Node {
     /// (seq, digest) of every partition it holds a replica of.
     pub(crate) fn replica_states(&self, only: &[u32]) -> proto::ReplicaStatesResponse {
         let table = self.table.current();
+        let only: std::collections::HashSet<u32> = only.iter().copied().collect();
         proto::ReplicaStatesResponse {
             table_version: table.version,
             table_publisher: table.publisher.as_u64(),

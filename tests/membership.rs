@@ -401,3 +401,20 @@ async fn an_idle_five_member_cluster_has_no_false_suspicion() {
     assert!(downs.is_empty(), "false suspicion: {downs:?}");
     cluster.wait_converged().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_into_two_groups_of_two_merges_after_heal() {
+    let cluster = Cluster::start(4).await;
+    let a = [cluster.slots[0].gossip, cluster.slots[1].gossip];
+    let b = [cluster.slots[2].gossip, cluster.slots[3].gossip];
+    cluster.switch.split(&a, &b);
+    wait_for("each side to see only itself", DEADLINE, || {
+        let split = (0..4).all(|i| cluster.grid(i).members().len() == 2);
+        async move { split.then_some(()) }
+    })
+    .await;
+    // Each side declared the other down; neither has the better view. Both keep telling the
+    // other it is down, and past the grace period they obey, renew and merge.
+    cluster.switch.heal_all();
+    cluster.wait_converged().await;
+}

@@ -196,3 +196,36 @@ async fn a_member_rejoining_with_a_new_generation_mid_migration_gets_only_the_cu
     );
     assert_everywhere(&cluster, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_coordinator_rejoining_does_not_wipe_what_the_majority_wrote() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let coordinator = cluster.grid(0).local_member();
+    let map: Map<String, u64> = cluster.grid(1).map("failover");
+    for i in 0..200u64 {
+        map.set(&format!("k{i}"), &i).await.unwrap();
+    }
+    // The oldest member is cut off: it coordinates a cluster of its own, holding every partition,
+    // while the majority promotes, restores its backups and overwrites every entry.
+    let others = [cluster.slots[1].gossip, cluster.slots[2].gossip];
+    cluster.switch.split(&[coordinator.gossip_addr], &others);
+    common::wait_for("both sides to see the split", common::DEADLINE, || {
+        let split = cluster.grid(0).members().len() == 1
+            && (1..3).all(|i| cluster.grid(i).members().len() == 2);
+        async move { split.then_some(()) }
+    })
+    .await;
+    cluster.grid(1).wait_safe(common::DEADLINE).await.unwrap();
+    let expected: std::collections::HashMap<String, u64> =
+        (0..200u64).map(|i| (format!("k{i}"), i + 1000)).collect();
+    map.put_all(expected.clone()).await.unwrap();
+    // It rejoins as the youngest member, so the majority's coordinator keeps coordinating and
+    // its tables, not the ones made alone, win.
+    cluster.switch.heal_all();
+    cluster.wait_converged().await;
+    cluster.wait_table_settled().await;
+    let rejoined = cluster.grid(0).local_member();
+    assert!(rejoined.generation > cluster.grid(2).local_member().generation);
+    assert_everywhere(&cluster, &expected).await;
+}

@@ -71,6 +71,8 @@ pub(crate) struct Driver {
     /// The renewed identity after this member learned it was declared down: foca is rebuilt
     /// with it (see [`Driver::restart_foca`]).
     restart_as: Option<Identity>,
+    /// Down verdicts ignored per sender address: (first, last) time seen.
+    ignored_verdicts: std::collections::HashMap<SocketAddr, (Instant, Instant)>,
     swim: foca::Config,
     send_buf: Vec<u8>,
 }
@@ -87,6 +89,7 @@ impl Driver {
             foca: Foca::new(config.identity, config.swim.clone(), rng, PostcardCodec),
             swim: config.swim,
             restart_as: None,
+            ignored_verdicts: std::collections::HashMap::new(),
             runtime: AccumulatingRuntime::new(),
             socket,
             timers: TimerQueue::new(),
@@ -232,7 +235,7 @@ impl Driver {
             }
         };
         let accepted = match kind {
-            Kind::Swim if self.is_stale_verdict(payload) => {
+            Kind::Swim if self.is_stale_verdict(payload, from) => {
                 tracing::debug!(%from, "ignored a down verdict from a member this one considers down");
                 true
             }
@@ -253,24 +256,51 @@ impl Driver {
     }
 
     /// Whether `payload` is a "you are down" message (foca's `TurnUndead`) from a sender this
-    /// member itself considers down, while this member still has live peers.
+    /// member itself considers down, to be ignored for now.
     ///
     /// foca obeys such a message even from a sender it distrusts, so that two members that each
     /// declared the other down do not stay apart. But the sender is usually the one that was cut
     /// off: it declared everyone down, and obeying would make a healthy member of the majority
-    /// (the coordinator, say) renew itself and be declared down everywhere. A member that still
-    /// has live peers has the better view and ignores it; a member with none (the one that was
-    /// cut off) obeys, renews, and rejoins.
-    fn is_stale_verdict(&self, payload: &[u8]) -> bool {
+    /// (the coordinator, say) renew itself and be declared down everywhere. So a member with
+    /// live peers ignores such verdicts for a grace period (twice a probe period plus the
+    /// suspicion timeout) from a sender that keeps sending them: the member that was cut off, with no live peer, obeys the majority's
+    /// verdict at once, renews and rejoins, and its own verdicts stop. When two groups of several
+    /// members each were apart, both keep receiving verdicts past the grace period and obey
+    /// them, so they still merge.
+    fn is_stale_verdict(&mut self, payload: &[u8], from: SocketAddr) -> bool {
         let Ok(header) = foca::Codec::<Identity>::decode_header(&mut PostcardCodec, payload) else {
             return false;
         };
         if header.message != foca::Message::TurnUndead {
             return false;
         }
-        let mut active = self.foca.iter_members().map(|m| m.id());
         let has_peers = self.foca.iter_members().next().is_some();
-        has_peers && !active.any(|id| *id == header.src)
+        let sender_active = self.foca.iter_members().any(|m| *m.id() == header.src);
+        if !has_peers || sender_active {
+            return false;
+        }
+        let grace = (self.swim.probe_period + self.swim.suspect_to_down_after) * 2;
+        // Verdicts come back with every announce to a down member; a longer silence starts a
+        // new run.
+        let run = grace
+            + self
+                .swim
+                .periodic_announce_to_down_members
+                .as_ref()
+                .map_or(Duration::ZERO, |p| p.frequency * 2);
+        let now = Instant::now();
+        let seen = self.ignored_verdicts.entry(from).or_insert((now, now));
+        if now.duration_since(seen.1) > run {
+            *seen = (now, now);
+        }
+        seen.1 = now;
+        let ignore = now.duration_since(seen.0) < grace;
+        self.ignored_verdicts
+            .retain(|_, (_, last)| now.duration_since(*last) <= run);
+        if !ignore {
+            self.ignored_verdicts.remove(&from);
+        }
+        ignore
     }
 
     /// A peer says it leaves. Only a notice naming a live identity at the generation we know is

@@ -12,7 +12,8 @@ use super::MemberId;
 ///
 /// The gossip address is foca's `Addr`: at most one identity per address is live. When two
 /// identities claim one address, the higher `(generation, id)` wins. A process starts with the
-/// current time in microseconds as its generation and [`foca::Identity::renew`] adds one, so both
+/// current time in microseconds as its generation and [`foca::Identity::renew`] takes the time
+/// again (at least one more), so both
 /// a process restarted at the same address and a member that was wrongly declared down rejoin at
 /// once, without waiting for the cluster to forget the old identity.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,9 +68,13 @@ impl std::fmt::Debug for Identity {
 impl foca::Identity for Identity {
     type Addr = SocketAddr;
 
+    /// The generation becomes the current time (at least one more than before): a member that
+    /// was declared down rejoins as the youngest member, so it cannot become coordinator and
+    /// push the tables it made while cut off before it holds the cluster's.
     fn renew(&self) -> Option<Self> {
+        let now = Identity::new(self.id, self.gossip, self.rpc, self.name.clone()).generation;
         Some(Identity {
-            generation: self.generation.wrapping_add(1),
+            generation: now.max(self.generation.wrapping_add(1)),
             ..self.clone()
         })
     }
@@ -93,7 +98,7 @@ mod tests {
         let addr = "127.0.0.1:5701".parse().unwrap();
         let old = Identity::new(MemberId(7), addr, addr, Arc::from("a"));
         let renewed = old.renew().unwrap();
-        assert_eq!(renewed.generation, old.generation + 1);
+        assert!(renewed.generation > old.generation);
         assert_eq!(renewed.id, old.id);
         assert!(renewed.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&renewed));

@@ -102,17 +102,19 @@ impl PeerGridService {
     }
 
     /// Whether a backup takes `partition`'s mutations from `from`: its primary, or its previous
-    /// primary while that member is live (the tail of the history the new primary takes over;
-    /// sequence numbers keep it in order with the new primary's own mutations).
-    async fn takes_mutations(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
-        if self.sent_by_primary(from, partition, version).await {
-            return true;
-        }
+    /// primary when that member is live and already holds this member's table (the tail of the
+    /// history the new primary takes over: the old primary applies the new table before it
+    /// flushes; sequence numbers keep the tail in order with the new primary's own mutations). A
+    /// member still writing under an older table is refused.
+    fn takes_mutations(&self, from: Option<MemberId>, partition: u32, version: u64) -> bool {
         let Some(from) = from else {
             return false;
         };
-        self.node.table.current().previous_primary(partition) == Some(from)
-            && self.membership.peer(from).is_some()
+        let table = self.node.table.current();
+        table.primary(partition) == Some(from)
+            || (table.previous_primary(partition) == Some(from)
+                && version >= table.version
+                && self.membership.peer(from).is_some())
     }
 }
 
@@ -278,11 +280,10 @@ impl PeerGrid for PeerGridService {
         let from = self.admit(&request, "replicate")?;
         let request = request.into_inner();
         let mut response = proto::ReplicateResponse::default();
+        // Caught up once for the whole batch, not once per partition.
+        self.node.catch_up(request.table_version).await;
         for p in &request.partitions {
-            if !self
-                .takes_mutations(from, p.partition, request.table_version)
-                .await
-            {
+            if !self.takes_mutations(from, p.partition, request.table_version) {
                 response.rejected.push(p.partition);
             } else if self
                 .node

@@ -72,18 +72,27 @@ pub(crate) async fn pass(node: &Arc<Node>) -> usize {
             by_backup.entry(backup).or_default().push(p);
         }
     }
-    let checks = by_backup
-        .into_iter()
-        .map(|(backup, partitions)| check(node, table.version, backup, partitions));
+    let checks = by_backup.into_iter().map(|(backup, partitions)| {
+        check(node, (table.version, table.publisher), backup, partitions)
+    });
     futures::future::join_all(checks).await.into_iter().sum()
 }
 
-async fn check(node: &Arc<Node>, version: u64, backup: MemberId, partitions: Vec<u32>) -> usize {
+async fn check(
+    node: &Arc<Node>,
+    table: (u64, MemberId),
+    backup: MemberId,
+    partitions: Vec<u32>,
+) -> usize {
     let ready: Vec<u32> = partitions
         .into_iter()
         .filter(|&p| node.store.partition(p).is_some_and(|d| !d.is_pending()))
         .collect();
-    let quiet_before = node.replication.idle(backup);
+    if ready.is_empty() {
+        return 0;
+    }
+    // Positions first, then idleness: a write between the two then shows as a moved sequence
+    // number, not as a backup that looks stuck.
     let before: BTreeMap<u32, Position> = ready
         .iter()
         .filter_map(|&p| {
@@ -91,6 +100,7 @@ async fn check(node: &Arc<Node>, version: u64, backup: MemberId, partitions: Vec
             Some((p, Position { seq, digest }))
         })
         .collect();
+    let quiet_before = node.replication.idle(backup);
     let Ok(mut call) = node.peer_client(backup) else {
         return 0;
     };
@@ -103,7 +113,10 @@ async fn check(node: &Arc<Node>, version: u64, backup: MemberId, partitions: Vec
     let answer = answer.into_inner();
     let quiet = quiet_before && node.replication.idle(backup);
     // Compared only under one table: under another, the backup may rightly hold something else.
-    if answer.table_version != version || node.table.current().version != version {
+    let current = node.table.current();
+    if (answer.table_version, answer.table_publisher) != (table.0, table.1.as_u64())
+        || (current.version, current.publisher) != table
+    {
         return 0;
     }
     let held: BTreeMap<u32, Position> = answer

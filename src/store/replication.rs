@@ -143,13 +143,14 @@ impl Replication {
         self.deps
             .snapshot_backlog
             .fetch_add(snapshots, Ordering::Relaxed);
-        if replicator.queue.send(item).is_err() {
+        if let Err(mpsc::error::SendError(item)) = replicator.queue.send(item) {
             self.deps
                 .snapshot_backlog
                 .fetch_sub(snapshots, Ordering::Relaxed);
-            // The task ended (the member was given up on); the item's ack is dropped with it.
+            // The task ended (the member was given up on): the write is not backed up there.
             drop(replicator);
             self.replicators.remove(&backup);
+            resolve(&mut vec![item], &BTreeSet::new(), Ack::BackupGone);
         }
     }
 

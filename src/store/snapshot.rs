@@ -218,6 +218,13 @@ impl Staging {
                     records.push((entry.key, record));
                 }
                 self.received += records.len() as u64;
+                let announced = self.header.as_ref().map_or(0, |h| h.entries);
+                if self.received > announced {
+                    return Err(SnapshotError::Incomplete {
+                        announced,
+                        received: self.received,
+                    });
+                }
                 self.digest = self.digest.wrapping_add(digest);
                 let entries = self.maps.entry(map.name).or_default();
                 for (key, record) in records {
