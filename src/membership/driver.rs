@@ -299,8 +299,22 @@ impl Driver {
             .retain(|_, (_, last)| now.duration_since(*last) <= run);
         if !ignore {
             self.ignored_verdicts.remove(&from);
+            return false;
         }
-        ignore
+        // Tell the sender it is down, as foca would have: a member that was cut off and has no
+        // live peer obeys at once, renews and rejoins, and its verdicts stop.
+        let verdict = foca::Header {
+            src: self.foca.identity().clone(),
+            src_incarnation: Default::default(),
+            dst: header.src.clone(),
+            message: foca::Message::TurnUndead,
+        };
+        let mut bytes = Vec::new();
+        if foca::Codec::<Identity>::encode_header(&mut PostcardCodec, &verdict, &mut bytes).is_ok()
+        {
+            foca::Runtime::send_to(&mut self.runtime, header.src, &bytes);
+        }
+        true
     }
 
     /// A peer says it leaves. Only a notice naming a live identity at the generation we know is
