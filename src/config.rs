@@ -146,6 +146,10 @@ pub struct MapConfig {
     /// Whether writes return before the backups acknowledge (faster; a write can be lost if the
     /// primary crashes right after it). Default `false`: writes wait for the backups.
     pub async_backups: bool,
+    /// Time to live of entries written without one of their own (`put`, `set`, `put_all`,
+    /// `put_if_absent`, `replace`): the entry expires this long after its last write. Default
+    /// `None`: entries never expire unless written with a time to live.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl GridConfig {

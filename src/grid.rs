@@ -197,11 +197,12 @@ impl Grid {
         coordinator::step(&node).await;
         let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
         let anti_entropy_task = tokio::spawn(crate::store::anti_entropy::run(node.clone()));
+        let expiry_task = tokio::spawn(crate::store::expiry::run(node.clone()));
         grid.inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([coordinator_task, anti_entropy_task]);
+            .extend([coordinator_task, anti_entropy_task, expiry_task]);
         Ok(grid)
     }
 

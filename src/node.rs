@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
-use crate::map::ops::{Change, MapOp, OpResult};
+use crate::map::ops::{Change, Expiry, MapOp, OpResult};
 use crate::membership::{MemberId, MembershipState};
 use crate::partition::PartitionEvent;
 use crate::partition::table::{PartitionTable, TableHolder};
@@ -177,11 +177,16 @@ impl Node {
         if data.is_pending() {
             return Ok((Outcome::Pending, Vec::new()));
         }
+        let now = crate::store::now_ms();
         if op.is_read() {
             let current = data
                 .entries(map)
                 .and_then(|entries| entries.get(&key).map(|r| r.clone()));
-            return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
+            // An expired entry is removed through the write path below, so its expiry is
+            // replicated like any removal.
+            if !current.as_ref().is_some_and(|r| r.is_expired(now)) {
+                return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
+            }
         }
         let map_config = self.config.map_config(map);
         let mut acks = Vec::new();
@@ -195,23 +200,35 @@ impl Node {
             return Ok((Outcome::Pending, acks));
         }
         let entries = data.entries_or_create(map);
-        let current = entries.get(&key).map(|r| r.clone());
+        let stored = entries.get(&key).map(|r| r.clone());
+        // The primary decides expiry: an expired entry is absent to every operation, and is
+        // removed (and the removal replicated) when an operation finds it.
+        let expired = stored.as_ref().is_some_and(|r| r.is_expired(now));
+        let current = stored.filter(|_| !expired);
         let (result, change) = op.decide(current.as_ref());
         let change = match change {
+            Change::None if expired => {
+                entries.remove(&key);
+                Some(proto::mutation::Change::Remove(true))
+            }
             Change::None => None,
-            Change::Upsert(value) => {
+            Change::Upsert(value, expiry) => {
                 let version = current.map_or(1, |r| r.version + 1);
-                entries.insert(
-                    key.clone(),
-                    Record {
-                        value: value.clone(),
-                        version,
-                    },
-                );
-                Some(proto::mutation::Change::Upsert(proto::Record {
+                let ttl = match expiry {
+                    Expiry::MapDefault => map_config.ttl,
+                    Expiry::After(ttl) => Some(ttl),
+                };
+                let expires_at_ms = ttl
+                    .filter(|t| !t.is_zero())
+                    .map_or(0, |t| now.saturating_add(t.as_millis() as u64).max(1));
+                let record = Record {
                     value,
                     version,
-                }))
+                    expires_at_ms,
+                };
+                let wire = proto::Record::from(&record);
+                entries.insert(key.clone(), record);
+                Some(proto::mutation::Change::Upsert(wire))
             }
             Change::Remove => {
                 entries.remove(&key);
@@ -335,7 +352,7 @@ impl Node {
             if table.primary(partition) != Some(self.me) || data.is_pending() {
                 continue;
             }
-            count += data.len(map) as u64;
+            count += data.live_len(map, crate::store::now_ms()) as u64;
             owned.push(partition);
             if clear {
                 *seq += 1;
@@ -926,6 +943,7 @@ mod tests {
                 crate::store::Record {
                     value: bytes::Bytes::from_static(b"x"),
                     version: 1,
+                    expires_at_ms: 0,
                 },
             );
         backup.store.drop_partition(dropped);

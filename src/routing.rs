@@ -116,6 +116,7 @@ impl Node {
             op: kind as i32,
             value,
             expected,
+            ttl_ms: op_ttl(op),
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -151,8 +152,9 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
     match op {
         MapOp::Get => (proto::MapOp::Get, none.clone(), none),
         MapOp::ContainsKey => (proto::MapOp::ContainsKey, none.clone(), none),
-        MapOp::Put(v) => (proto::MapOp::Put, v.clone(), none),
-        MapOp::Set(v) => (proto::MapOp::Set, v.clone(), none),
+        MapOp::Put(v) | MapOp::PutWithTtl(v, _) => (proto::MapOp::Put, v.clone(), none),
+        MapOp::Set(v) | MapOp::SetWithTtl(v, _) => (proto::MapOp::Set, v.clone(), none),
+        MapOp::Expire(_) => (proto::MapOp::Expire, none.clone(), none),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
         MapOp::Delete => (proto::MapOp::Delete, none.clone(), none),
         MapOp::PutIfAbsent(v) => (proto::MapOp::PutIfAbsent, v.clone(), none),
@@ -165,14 +167,32 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
     }
 }
 
+/// The time to live an operation carries, in milliseconds.
+fn op_ttl(op: &MapOp) -> Option<u64> {
+    match op {
+        MapOp::PutWithTtl(_, ttl) | MapOp::SetWithTtl(_, ttl) | MapOp::Expire(ttl) => {
+            Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        }
+        _ => None,
+    }
+}
+
 /// The operation a request carries; `None` for an unknown kind.
 pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
     let value = request.value.clone();
+    let ttl = request.ttl_ms.map(std::time::Duration::from_millis);
     Some(match proto::MapOp::try_from(request.op).ok()? {
         proto::MapOp::Get => MapOp::Get,
         proto::MapOp::ContainsKey => MapOp::ContainsKey,
-        proto::MapOp::Put => MapOp::Put(value),
-        proto::MapOp::Set => MapOp::Set(value),
+        proto::MapOp::Put => match ttl {
+            Some(ttl) => MapOp::PutWithTtl(value, ttl),
+            None => MapOp::Put(value),
+        },
+        proto::MapOp::Set => match ttl {
+            Some(ttl) => MapOp::SetWithTtl(value, ttl),
+            None => MapOp::Set(value),
+        },
+        proto::MapOp::Expire => MapOp::Expire(ttl?),
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,
         proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),

@@ -152,6 +152,46 @@ where
         self.run(key, MapOp::Set(value)).await.map(|_| ())
     }
 
+    /// Stores `value` under `key` to expire `ttl` after this write, and returns the previous
+    /// value. An expired entry is never returned; its expiry is decided by the key's primary and
+    /// replicated, so a backup promoted later does not bring it back. `Duration::ZERO`: the entry
+    /// never expires (whatever the map's default time to live).
+    pub async fn put_with_ttl<Q>(
+        &self,
+        key: &Q,
+        value: &V,
+        ttl: std::time::Duration,
+    ) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        Self::decode_previous(self.run(key, MapOp::PutWithTtl(value, ttl)).await?)
+    }
+
+    /// [`Map::put_with_ttl`] without returning the previous value.
+    pub async fn set_with_ttl<Q>(&self, key: &Q, value: &V, ttl: std::time::Duration) -> Result<()>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let value = self.value(value)?;
+        self.run(key, MapOp::SetWithTtl(value, ttl))
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes an existing entry expire `ttl` from now (`Duration::ZERO`: never); returns whether
+    /// the entry existed. The value is unchanged.
+    pub async fn set_ttl<Q>(&self, key: &Q, ttl: std::time::Duration) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Ok(self.run(key, MapOp::Expire(ttl)).await?.applied)
+    }
+
     /// Removes `key` and returns its value.
     pub async fn remove<Q>(&self, key: &Q) -> Result<Option<V>>
     where

@@ -2,6 +2,8 @@
 //! current record. The store applies the resulting change and replicates it; nothing here does
 //! I/O.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 use crate::store::Record;
@@ -13,11 +15,20 @@ pub(crate) enum MapOp {
     ContainsKey,
     Put(Bytes),
     Set(Bytes),
+    /// `put` with its own time to live (zero: never expires).
+    PutWithTtl(Bytes, Duration),
+    /// `set` with its own time to live (zero: never expires).
+    SetWithTtl(Bytes, Duration),
+    /// Gives an existing entry a new time to live (zero: never expires).
+    Expire(Duration),
     Remove,
     Delete,
     PutIfAbsent(Bytes),
     Replace(Bytes),
-    ReplaceIfEqual { expected: Bytes, value: Bytes },
+    ReplaceIfEqual {
+        expected: Bytes,
+        value: Bytes,
+    },
 }
 
 /// What the caller learns.
@@ -31,11 +42,20 @@ pub(crate) struct OpResult {
     pub(crate) applied: bool,
 }
 
+/// When an upserted entry expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// The map's default time to live, from now (or never, without one).
+    MapDefault,
+    /// This time to live from now; zero: never.
+    After(Duration),
+}
+
 /// What happens to the entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     None,
-    Upsert(Bytes),
+    Upsert(Bytes, Expiry),
     Remove,
 }
 
@@ -45,8 +65,10 @@ impl MapOp {
         matches!(self, MapOp::Get | MapOp::ContainsKey)
     }
 
-    /// Decides the result and the change from the entry's current record.
+    /// Decides the result and the change from the entry's current record (`None` if absent or
+    /// expired).
     pub(crate) fn decide(&self, current: Option<&Record>) -> (OpResult, Change) {
+        let default = Expiry::MapDefault;
         let found = current.is_some();
         let previous = || current.map(|r| r.value.clone());
         match self {
@@ -71,7 +93,15 @@ impl MapOp {
                     value: previous(),
                     applied: true,
                 },
-                Change::Upsert(v.clone()),
+                Change::Upsert(v.clone(), default),
+            ),
+            MapOp::PutWithTtl(v, ttl) => (
+                OpResult {
+                    found,
+                    value: previous(),
+                    applied: true,
+                },
+                Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
             MapOp::Set(v) => (
                 OpResult {
@@ -79,7 +109,26 @@ impl MapOp {
                     value: None,
                     applied: true,
                 },
-                Change::Upsert(v.clone()),
+                Change::Upsert(v.clone(), default),
+            ),
+            MapOp::SetWithTtl(v, ttl) => (
+                OpResult {
+                    found,
+                    value: None,
+                    applied: true,
+                },
+                Change::Upsert(v.clone(), Expiry::After(*ttl)),
+            ),
+            MapOp::Expire(ttl) => (
+                OpResult {
+                    found,
+                    value: None,
+                    applied: found,
+                },
+                match current {
+                    Some(r) => Change::Upsert(r.value.clone(), Expiry::After(*ttl)),
+                    None => Change::None,
+                },
             ),
             MapOp::Remove | MapOp::Delete => {
                 let result = OpResult {
@@ -104,7 +153,7 @@ impl MapOp {
                     if found {
                         Change::None
                     } else {
-                        Change::Upsert(v.clone())
+                        Change::Upsert(v.clone(), default)
                     },
                 )
             }
@@ -117,7 +166,7 @@ impl MapOp {
                 (
                     result,
                     if found {
-                        Change::Upsert(v.clone())
+                        Change::Upsert(v.clone(), default)
                     } else {
                         Change::None
                     },
@@ -133,7 +182,7 @@ impl MapOp {
                 (
                     result,
                     if equal {
-                        Change::Upsert(value.clone())
+                        Change::Upsert(value.clone(), default)
                     } else {
                         Change::None
                     },
@@ -151,6 +200,7 @@ mod tests {
         Record {
             value: Bytes::from_static(v.as_bytes()),
             version: 1,
+            expires_at_ms: 0,
         }
     }
     fn b(v: &'static str) -> Bytes {
@@ -171,7 +221,7 @@ mod tests {
                     value: Some(b("a")),
                     applied: true
                 },
-                Change::Upsert(b("x"))
+                Change::Upsert(b("x"), Expiry::MapDefault)
             )
         );
         assert_eq!(MapOp::Remove.decide(Some(&a)).1, Change::Remove);
@@ -180,21 +230,52 @@ mod tests {
         assert_eq!(MapOp::PutIfAbsent(b("x")).decide(Some(&a)).1, Change::None);
         assert_eq!(
             MapOp::PutIfAbsent(b("x")).decide(None).1,
-            Change::Upsert(b("x"))
+            Change::Upsert(b("x"), Expiry::MapDefault)
         );
         assert_eq!(MapOp::Replace(b("x")).decide(None).1, Change::None);
         assert_eq!(
             MapOp::Replace(b("x")).decide(Some(&a)).1,
-            Change::Upsert(b("x"))
+            Change::Upsert(b("x"), Expiry::MapDefault)
         );
         let cas = |expected| MapOp::ReplaceIfEqual {
             expected: b(expected),
             value: b("x"),
         };
-        assert_eq!(cas("a").decide(Some(&a)).1, Change::Upsert(b("x")));
+        assert_eq!(
+            cas("a").decide(Some(&a)).1,
+            Change::Upsert(b("x"), Expiry::MapDefault)
+        );
         assert!(cas("a").decide(Some(&a)).0.applied);
         assert_eq!(cas("z").decide(Some(&a)).1, Change::None);
         assert_eq!(cas("a").decide(None).1, Change::None);
         assert!(MapOp::Get.is_read() && !MapOp::Set(b("v")).is_read());
+    }
+
+    #[test]
+    fn time_to_live_operations() {
+        let a = rec("a");
+        let ttl = Duration::from_secs(5);
+        assert_eq!(
+            MapOp::SetWithTtl(b("x"), ttl).decide(None).1,
+            Change::Upsert(b("x"), Expiry::After(ttl))
+        );
+        let (result, change) = MapOp::PutWithTtl(b("x"), ttl).decide(Some(&a));
+        assert_eq!(result.value, Some(b("a")));
+        assert_eq!(change, Change::Upsert(b("x"), Expiry::After(ttl)));
+        // Expire keeps the value and sets the new time to live; on a missing key it does nothing.
+        let (result, change) = MapOp::Expire(ttl).decide(Some(&a));
+        assert!(result.applied && result.found);
+        assert_eq!(change, Change::Upsert(b("a"), Expiry::After(ttl)));
+        let (result, change) = MapOp::Expire(ttl).decide(None);
+        assert!(!result.applied);
+        assert_eq!(change, Change::None);
+        assert!(!MapOp::Expire(ttl).is_read());
+        // Expiry itself is judged against the record's deadline.
+        let expiring = Record {
+            expires_at_ms: 1_000,
+            ..rec("a")
+        };
+        assert!(!expiring.is_expired(999) && expiring.is_expired(1_000));
+        assert!(!a.is_expired(u64::MAX), "0 means never");
     }
 }

@@ -6,11 +6,13 @@
 //! an `.await`), so every replica applies a partition's mutations in one order.
 //!
 //! - [`anti_entropy`]: the periodic primary-to-backup comparison that repairs drift.
+//! - [`expiry`]: the bounded background sweep that removes expired entries nobody reads.
 //! - [`replication`]: the primary-to-backup stream of sequenced mutations and snapshots.
 //! - [`snapshot`]: consistent partition copies, streamed in chunks: the one path by which every
 //!   kind of partition state moves between members.
 
 pub(crate) mod anti_entropy;
+pub(crate) mod expiry;
 pub(crate) mod replication;
 pub(crate) mod snapshot;
 
@@ -29,6 +31,43 @@ pub(crate) struct Record {
     pub(crate) value: Bytes,
     /// Bumped on every update of the entry; replicated with it.
     pub(crate) version: u64,
+    /// When the entry expires, in milliseconds since the Unix epoch (0: never). Decided by the
+    /// primary and replicated with the entry.
+    pub(crate) expires_at_ms: u64,
+}
+
+impl Record {
+    /// Whether the entry has expired at `now_ms`.
+    pub(crate) fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+    }
+}
+
+impl From<&proto::Record> for Record {
+    fn from(record: &proto::Record) -> Self {
+        Record {
+            value: record.value.clone(),
+            version: record.version,
+            expires_at_ms: record.expires_at_ms,
+        }
+    }
+}
+
+impl From<&Record> for proto::Record {
+    fn from(record: &Record) -> Self {
+        proto::Record {
+            value: record.value.clone(),
+            version: record.version,
+            expires_at_ms: record.expires_at_ms,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch on this member's clock.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One map's entries in one partition.
@@ -68,6 +107,14 @@ impl PartitionData {
         self.maps.get(map).map(|e| e.value().clone())
     }
 
+    /// Every map of the partition with its entries (cloned handles; no guard is kept).
+    pub(crate) fn maps(&self) -> Vec<(Arc<str>, Arc<Entries>)> {
+        self.maps
+            .iter()
+            .map(|m| (m.key().clone(), m.value().clone()))
+            .collect()
+    }
+
     /// The entries of `map`, created empty if missing.
     pub(crate) fn entries_or_create(&self, map: &str) -> Arc<Entries> {
         if let Some(entries) = self.entries(map) {
@@ -90,13 +137,8 @@ impl PartitionData {
         use proto::mutation::Change;
         match &mutation.change {
             Some(Change::Upsert(record)) => {
-                self.entries_or_create(&mutation.map).insert(
-                    mutation.key.clone(),
-                    Record {
-                        value: record.value.clone(),
-                        version: record.version,
-                    },
-                );
+                self.entries_or_create(&mutation.map)
+                    .insert(mutation.key.clone(), Record::from(record));
             }
             Some(Change::Remove(_)) => {
                 if let Some(entries) = self.entries(&mutation.map) {
@@ -111,8 +153,16 @@ impl PartitionData {
     }
 
     /// Number of entries of `map`.
+    #[cfg(test)]
     pub(crate) fn len(&self, map: &str) -> usize {
         self.entries(map).map_or(0, |e| e.len())
+    }
+
+    /// Number of entries of `map` that have not expired at `now_ms`.
+    pub(crate) fn live_len(&self, map: &str, now_ms: u64) -> usize {
+        self.entries(map).map_or(0, |e| {
+            e.iter().filter(|r| !r.value().is_expired(now_ms)).count()
+        })
     }
 
     /// Waits until the partition is not pending.
@@ -285,6 +335,7 @@ mod tests {
             map: "m".into(),
             key: Bytes::from_static(key.as_bytes()),
             change: Some(Change::Upsert(proto::Record {
+                expires_at_ms: 0,
                 value: Bytes::from_static(value.as_bytes()),
                 version: seq,
             })),

@@ -43,13 +43,14 @@ pub(crate) enum SnapshotError {
 /// The digest contribution of one entry; a partition's digest is the wrapping sum over its
 /// entries, so it does not depend on iteration order.
 pub(crate) fn entry_digest(map: &str, key: &[u8], record: &Record) -> u64 {
-    let mut bytes = Vec::with_capacity(map.len() + key.len() + record.value.len() + 10);
+    let mut bytes = Vec::with_capacity(map.len() + key.len() + record.value.len() + 18);
     bytes.extend_from_slice(map.as_bytes());
     bytes.push(0);
     bytes.extend_from_slice(key);
     bytes.push(0);
     bytes.extend_from_slice(&record.value);
     bytes.extend_from_slice(&record.version.to_be_bytes());
+    bytes.extend_from_slice(&record.expires_at_ms.to_be_bytes());
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
@@ -142,10 +143,7 @@ impl Snapshot {
                     size += key.len() + record.value.len() + 16;
                     chunk.push(proto::SnapshotEntry {
                         key,
-                        record: Some(proto::Record {
-                            value: record.value,
-                            version: record.version,
-                        }),
+                        record: Some(proto::Record::from(&record)),
                     });
                 }
                 Some(proto::SnapshotChunk {
@@ -209,11 +207,7 @@ impl Staging {
                 let mut digest = 0u64;
                 let mut records = Vec::with_capacity(map.entries.len());
                 for entry in map.entries {
-                    let record = entry.record.unwrap_or_default();
-                    let record = Record {
-                        value: record.value,
-                        version: record.version,
-                    };
+                    let record = Record::from(&entry.record.unwrap_or_default());
                     digest = digest.wrapping_add(entry_digest(&map.name, &entry.key, &record));
                     records.push((entry.key, record));
                 }
@@ -269,6 +263,7 @@ mod tests {
                     Record {
                         value: Bytes::from(vec![i as u8; 100]),
                         version: i as u64 + 1,
+                        expires_at_ms: 0,
                     },
                 );
             }

@@ -1,0 +1,163 @@
+//! The map as a cache on a real cluster: entries with a time to live expire on the primary,
+//! everywhere, after a failover, and without being read.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, DEADLINE, wait_for};
+use peergrid::{Map, MapConfig};
+
+/// Entries held by every member of `cluster` (primary and backup copies).
+fn held(cluster: &Cluster) -> u64 {
+    cluster
+        .live()
+        .map(|g| {
+            (0..271u32)
+                .filter_map(|p| g.local_replica(p))
+                .map(|r| r.entries)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_with_a_ttl_expire_and_never_come_back() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("sessions");
+    for i in 0..100u64 {
+        map.set_with_ttl(&format!("short{i}"), &i, Duration::from_millis(300))
+            .await
+            .unwrap();
+    }
+    map.set("forever", &1).await.unwrap();
+    map.set_with_ttl("zero-ttl", &2, Duration::ZERO)
+        .await
+        .unwrap();
+    map.set("later", &3).await.unwrap();
+    assert!(
+        map.set_ttl("later", Duration::from_millis(300))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !map.set_ttl("missing", Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    // Every member answers for the entries, and then, once they expired, never returns them.
+    let others: Vec<Map<String, u64>> = (1..3).map(|i| cluster.grid(i).map("sessions")).collect();
+    wait_for("the short-lived entries to expire", DEADLINE, || {
+        let (map, others) = (map.clone(), others.clone());
+        async move {
+            for m in std::iter::once(&map).chain(&others) {
+                for i in 0..100u64 {
+                    if m.get(&format!("short{i}")).await.unwrap().is_some() {
+                        return None;
+                    }
+                }
+                if m.get("later").await.unwrap().is_some() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    assert_eq!(map.get("forever").await.unwrap(), Some(1));
+    assert_eq!(map.get("zero-ttl").await.unwrap(), Some(2));
+    assert!(!map.contains_key("short1").await.unwrap());
+    assert_eq!(map.put_if_absent("short1", &7).await.unwrap(), None);
+    assert_eq!(map.get("short1").await.unwrap(), Some(7));
+    assert_eq!(map.size().await.unwrap(), 3);
+    // Primaries removed what the reads found expired, and their backups followed.
+    cluster.grid(0).wait_safe(DEADLINE).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_entry_stays_expired_on_a_promoted_backup() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("sessions");
+    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        map.set_with_ttl(key, &(i as u64), Duration::from_millis(200))
+            .await
+            .unwrap();
+    }
+    map.set("kept", &1).await.unwrap();
+    // The entries expire on every replica's clock; nobody reads them. Then the member leading
+    // a third of them crashes: the backups that take over hold the expiry time with the entry.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.crash(2);
+    cluster.wait_converged().await;
+    cluster.wait_table_settled().await;
+    let got = map.get_all(&keys).await.unwrap();
+    assert!(got.is_empty(), "{} expired entries came back", got.len());
+    assert_eq!(map.get("kept").await.unwrap(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_removes_expired_entries_nobody_reads_from_every_replica() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(1).map("sessions");
+    for i in 0..500u64 {
+        map.set_with_ttl(&format!("k{i}"), &i, Duration::from_millis(100))
+            .await
+            .unwrap();
+    }
+    assert!(
+        held(&cluster) > 500,
+        "primaries and backups hold the entries"
+    );
+    wait_for("the sweep to empty every replica", DEADLINE, || {
+        let n = held(&cluster);
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maps_default_ttl_applies_to_writes_without_their_own() {
+    let cluster = Cluster::start_with(2, |c| {
+        c.maps = vec![(
+            "cache*".to_string(),
+            MapConfig {
+                ttl: Some(Duration::from_millis(200)),
+                ..MapConfig::default()
+            },
+        )]
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let cache: Map<String, u64> = cluster.grid(0).map("cache-users");
+    let store: Map<String, u64> = cluster.grid(0).map("store");
+    cache.set("a", &1).await.unwrap();
+    cache.put_all([("b".to_string(), 2)]).await.unwrap();
+    cache
+        .set_with_ttl("pinned", &3, Duration::ZERO)
+        .await
+        .unwrap();
+    store.set("a", &1).await.unwrap();
+    wait_for(
+        "the map's default ttl to expire its entries",
+        DEADLINE,
+        || {
+            let cache = cache.clone();
+            async move {
+                let gone = cache.get("a").await.unwrap().is_none()
+                    && cache.get("b").await.unwrap().is_none();
+                gone.then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(cache.get("pinned").await.unwrap(), Some(3));
+    assert_eq!(
+        store.get("a").await.unwrap(),
+        Some(1),
+        "other maps keep theirs"
+    );
+}
