@@ -130,6 +130,7 @@ impl Grid {
             leaving: std::sync::Mutex::new(Default::default()),
             partition_events: tokio::sync::broadcast::channel(1024).0,
             stats: Default::default(),
+            map_counters: Default::default(),
         });
         let server_task = server::spawn(
             tcp,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
 use crate::map::ops::{Change, Expiry, MapOp, OpResult};
+use crate::map::stats::MapCounters;
 use crate::membership::{MemberId, MembershipState};
 use crate::partition::PartitionEvent;
 use crate::partition::table::{PartitionTable, TableHolder};
@@ -87,6 +88,8 @@ pub(crate) struct Node {
     pub(crate) partition_events: tokio::sync::broadcast::Sender<PartitionEvent>,
     /// Counters behind [`crate::Grid::partition_stats`].
     pub(crate) stats: MigrationCounters,
+    /// Per-map operation counters behind [`crate::Map::local_stats`].
+    pub(crate) map_counters: dashmap::DashMap<Arc<str>, Arc<MapCounters>>,
 }
 
 /// Counters of this member's takeovers and copies.
@@ -109,6 +112,39 @@ impl Node {
             .peer(member)
             .ok_or(Error::UnknownMember(member))?;
         self.rpc.get(&peer)
+    }
+
+    /// The operation counters of `map` (the handle is cloned out; no map guard is kept).
+    pub(crate) fn counters(&self, map: &str) -> Arc<MapCounters> {
+        if let Some(c) = self.map_counters.get(map) {
+            return c.value().clone();
+        }
+        self.map_counters
+            .entry(Arc::from(map))
+            .or_default()
+            .value()
+            .clone()
+    }
+
+    /// `map`'s statistics on this member: its counters, and what it holds now.
+    pub(crate) fn map_stats(&self, map: &str) -> crate::map::stats::MapStats {
+        let mut stats = self.counters(map).read();
+        let table = self.table.current();
+        let now = crate::store::now_ms();
+        for p in 0..table.partition_count() {
+            let Some(entries) = self.store.partition(p).and_then(|d| d.entries(map)) else {
+                continue;
+            };
+            if table.primary(p) == Some(self.me) {
+                for e in entries.iter().filter(|e| !e.value().is_expired(now)) {
+                    stats.owned_entries += 1;
+                    stats.owned_bytes += (e.key().len() + e.value().value.len()) as u64;
+                }
+            } else if table.replicas(p).contains(&self.me) {
+                stats.backup_entries += entries.len() as u64;
+            }
+        }
+        stats
     }
 
     fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
@@ -185,6 +221,13 @@ impl Node {
             // An expired entry is removed through the write path below, so its expiry is
             // replicated like any removal.
             if !current.as_ref().is_some_and(|r| r.is_expired(now)) {
+                let counters = self.counters(map);
+                MapCounters::bump(&counters.gets);
+                MapCounters::bump(if current.is_some() {
+                    &counters.hits
+                } else {
+                    &counters.misses
+                });
                 return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
             }
         }
@@ -206,6 +249,21 @@ impl Node {
         let expired = stored.as_ref().is_some_and(|r| r.is_expired(now));
         let current = stored.filter(|_| !expired);
         let (result, change) = op.decide(current.as_ref());
+        let counters = self.counters(map);
+        if op.is_read() {
+            MapCounters::bump(&counters.gets);
+            MapCounters::bump(if current.is_some() {
+                &counters.hits
+            } else {
+                &counters.misses
+            });
+        }
+        match &change {
+            Change::Upsert(..) => MapCounters::bump(&counters.puts),
+            Change::Remove => MapCounters::bump(&counters.removes),
+            Change::None if expired => MapCounters::bump(&counters.expirations),
+            Change::None => {}
+        }
         let change = match change {
             Change::None if expired => {
                 entries.remove(&key);

@@ -150,7 +150,7 @@ impl Node {
 pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
     let none = Bytes::new();
     match op {
-        MapOp::Get => (proto::MapOp::Get, none.clone(), none),
+        MapOp::Get | MapOp::RemoveIfExpired => (proto::MapOp::Get, none.clone(), none),
         MapOp::ContainsKey => (proto::MapOp::ContainsKey, none.clone(), none),
         MapOp::Put(v) | MapOp::PutWithTtl(v, _) => (proto::MapOp::Put, v.clone(), none),
         MapOp::Set(v) | MapOp::SetWithTtl(v, _) => (proto::MapOp::Set, v.clone(), none),

@@ -170,3 +170,55 @@ async fn a_maps_default_ttl_applies_to_writes_without_their_own() {
         "other maps keep theirs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_member_counts_what_it_served_as_primary() {
+    let cluster = Cluster::start(2).await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("stats");
+    for i in 0..100u64 {
+        map.set(&format!("k{i}"), &i).await.unwrap();
+    }
+    for i in 0..150u64 {
+        map.get(&format!("k{i}")).await.unwrap(); // 100 hits, 50 misses
+    }
+    for i in 0..10u64 {
+        map.remove(&format!("k{i}")).await.unwrap();
+    }
+    map.set_with_ttl("brief", &1, Duration::from_millis(50))
+        .await
+        .unwrap();
+    wait_for("the brief entry to expire", DEADLINE, || {
+        let map = map.clone();
+        async move { map.get("brief").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    let mut total = peergrid::MapStats::default();
+    let per_member: Vec<_> = cluster
+        .live()
+        .map(|g| g.map::<String, u64>("stats").local_stats())
+        .collect();
+    for s in &per_member {
+        assert!(s.gets > 0, "both members lead some keys: {s:?}");
+        total.gets += s.gets;
+        total.hits += s.hits;
+        total.misses += s.misses;
+        total.puts += s.puts;
+        total.removes += s.removes;
+        total.expirations += s.expirations;
+        total.owned_entries += s.owned_entries;
+        total.backup_entries += s.backup_entries;
+        total.owned_bytes += s.owned_bytes;
+    }
+    // The polls of "brief" add gets: one hit-or-miss each, ending with the miss that expired it.
+    assert_eq!(total.hits + total.misses, total.gets);
+    assert!(total.gets >= 151 && total.hits >= 100 && total.misses >= 51);
+    assert_eq!(total.puts, 101);
+    assert_eq!(total.removes, 10);
+    assert_eq!(total.expirations, 1);
+    assert_eq!(total.owned_entries, 90);
+    assert_eq!(total.backup_entries, 90, "one backup of each");
+    assert!(total.owned_bytes >= 90 * 2);
+    let ratio = total.hits as f64 / total.gets as f64;
+    assert!(per_member[0].hit_ratio().is_some() && ratio > 0.5);
+}

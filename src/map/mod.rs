@@ -5,6 +5,7 @@
 //! store when that is this member, a gRPC call otherwise.
 
 pub(crate) mod ops;
+pub(crate) mod stats;
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -130,6 +131,13 @@ where
         Q: Serialize + ?Sized,
     {
         Ok(self.run(key, MapOp::ContainsKey).await?.found)
+    }
+
+    /// This map's statistics on this member: the operations it executed as the primary of their
+    /// keys, and the entries it holds. Local and cheap to ask for; sum over members for the
+    /// cluster.
+    pub fn local_stats(&self) -> crate::MapStats {
+        self.node.map_stats(&self.name)
     }
 
     /// Stores `value` under `key` and returns the previous value.

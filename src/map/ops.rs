@@ -21,6 +21,9 @@ pub(crate) enum MapOp {
     SetWithTtl(Bytes, Duration),
     /// Gives an existing entry a new time to live (zero: never expires).
     Expire(Duration),
+    /// Removes the entry if it expired, and nothing else (the expiry sweep; never sent over the
+    /// wire, and not counted as a read).
+    RemoveIfExpired,
     Remove,
     Delete,
     PutIfAbsent(Bytes),
@@ -119,6 +122,8 @@ impl MapOp {
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
+            // The expired case is handled by the caller, which sees the record's deadline.
+            MapOp::RemoveIfExpired => (OpResult::default(), Change::None),
             MapOp::Expire(ttl) => (
                 OpResult {
                     found,

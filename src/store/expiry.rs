@@ -66,9 +66,12 @@ pub(crate) fn pass(node: &Arc<Node>, start: u32, budget: usize) -> (u32, usize) 
                 .map(|e| e.key().clone())
                 .collect();
             for key in due {
-                // A read of an expired entry removes it and replicates the removal; nobody waits
-                // for the backups' acknowledgements.
-                if node.apply(partition, &map, key, &MapOp::Get).is_ok() {
+                // Removed through the write path, which replicates the removal; nobody waits for
+                // the backups' acknowledgements.
+                if node
+                    .apply(partition, &map, key, &MapOp::RemoveIfExpired)
+                    .is_ok()
+                {
                     expired += 1;
                 }
             }
