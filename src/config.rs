@@ -150,6 +150,36 @@ pub struct MapConfig {
     /// `put_if_absent`, `replace`): the entry expires this long after its last write. Default
     /// `None`: entries never expire unless written with a time to live.
     pub ttl: Option<std::time::Duration>,
+    /// How the map stays within a size limit. Default: no limit.
+    pub eviction: EvictionConfig,
+}
+
+/// A map's size limit and the policy that keeps it (in [`MapConfig::eviction`]).
+///
+/// The limit is per member, over the entries it leads (as Hazelcast's `PER_NODE`), and is
+/// enforced per partition: a partition may hold `max_entries_per_member` divided by the number of
+/// partitions the member leads (at least one). A write that adds an entry beyond that evicts
+/// the entry the policy picks among a random sample of the partition's entries; the eviction is
+/// replicated to the backups like a removal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictionConfig {
+    /// Which entries go first. Default [`EvictionPolicy::None`]: nothing is evicted.
+    pub policy: EvictionPolicy,
+    /// Most entries one member leads for this map. `None`: no limit.
+    pub max_entries_per_member: Option<u64>,
+}
+
+/// Which entry an eviction removes, among a sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EvictionPolicy {
+    /// No eviction: the limit is not enforced.
+    #[default]
+    None,
+    /// Least recently used (read or written) first.
+    Lru,
+    /// Least frequently read first (ties: least recently used).
+    Lfu,
 }
 
 impl GridConfig {

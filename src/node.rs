@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::EvictionPolicy;
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
 use crate::map::ops::{Change, Expiry, MapOp, OpResult};
@@ -19,7 +20,7 @@ use crate::rpc::client::RpcClients;
 use crate::rpc::proto;
 use crate::store::replication::{Ack, Item, Replication};
 use crate::store::snapshot::{Staging, maybe_broken};
-use crate::store::{Record, Store};
+use crate::store::{Entries, Record, Store};
 
 /// The answer of the owner side: done, or "not the primary here".
 #[derive(Debug)]
@@ -32,6 +33,42 @@ pub(crate) enum Outcome<T> {
     /// This member is the primary but is still taking the partition over; try again once it is
     /// ready.
     Pending,
+}
+
+/// Entries an eviction compares.
+const EVICTION_SAMPLE: usize = 16;
+
+/// The entry to evict from `entries` under `policy`, among a sample that starts at a random
+/// place in the map, never `keep` (the entry being written).
+fn pick_victim(entries: &Entries, keep: &Bytes, policy: EvictionPolicy) -> Option<Bytes> {
+    use rand::RngExt;
+    let len = entries.len();
+    if len <= 1 {
+        return None;
+    }
+    let skip = rand::rng().random_range(0..len);
+    let rank = |r: &Record| match policy {
+        EvictionPolicy::Lfu => (u64::from(r.hits), r.last_access_ms),
+        _ => (r.last_access_ms, 0),
+    };
+    let sampled = |skip: usize, take: usize| -> Vec<(Bytes, (u64, u64))> {
+        // One iterator at a time: its shard read guards are gone before the next starts.
+        entries
+            .iter()
+            .skip(skip)
+            .filter(|e| e.key() != keep)
+            .take(take)
+            .map(|e| (e.key().clone(), rank(e.value())))
+            .collect()
+    };
+    let mut sample = sampled(skip, EVICTION_SAMPLE);
+    if sample.len() < EVICTION_SAMPLE {
+        sample.extend(sampled(0, EVICTION_SAMPLE - sample.len()));
+    }
+    sample
+        .into_iter()
+        .min_by_key(|(_, rank)| *rank)
+        .map(|(key, _)| key)
 }
 
 /// How a takeover's pull ended.
@@ -214,10 +251,24 @@ impl Node {
             return Ok((Outcome::Pending, Vec::new()));
         }
         let now = crate::store::now_ms();
+        let map_config = self.config.map_config(map);
+        let tracks_access = map_config.eviction.policy != EvictionPolicy::None;
         if op.is_read() {
-            let current = data
-                .entries(map)
-                .and_then(|entries| entries.get(&key).map(|r| r.clone()));
+            let current = data.entries(map).and_then(|entries| {
+                if tracks_access {
+                    // LRU and LFU need the entry's last access and read count (local to this
+                    // member; a short shard write lock).
+                    entries.get_mut(&key).map(|mut r| {
+                        if !r.is_expired(now) {
+                            r.last_access_ms = now;
+                            r.hits = r.hits.saturating_add(1);
+                        }
+                        r.clone()
+                    })
+                } else {
+                    entries.get(&key).map(|r| r.clone())
+                }
+            });
             // An expired entry is removed through the write path below, so its expiry is
             // replicated like any removal.
             if !current.as_ref().is_some_and(|r| r.is_expired(now)) {
@@ -231,7 +282,6 @@ impl Node {
                 return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
             }
         }
-        let map_config = self.config.map_config(map);
         let mut acks = Vec::new();
         let mut seq = data.lock();
         // Checked again under the write lock: a handover may have moved the partition away.
@@ -249,6 +299,7 @@ impl Node {
         let expired = stored.as_ref().is_some_and(|r| r.is_expired(now));
         let current = stored.filter(|_| !expired);
         let (result, change) = op.decide(current.as_ref());
+        let adds_entry = current.is_none() && matches!(change, Change::Upsert(..));
         let counters = self.counters(map);
         if op.is_read() {
             MapCounters::bump(&counters.gets);
@@ -283,6 +334,8 @@ impl Node {
                     value,
                     version,
                     expires_at_ms,
+                    last_access_ms: now,
+                    hits: 0,
                 };
                 let wire = proto::Record::from(&record);
                 entries.insert(key.clone(), record);
@@ -298,12 +351,50 @@ impl Node {
             let mutation = proto::Mutation {
                 seq: *seq,
                 map: map.to_string(),
-                key,
+                key: key.clone(),
                 change: Some(change),
             };
             self.replicate(partition, &table, mutation, &map_config, &mut acks);
         }
+        if adds_entry && let Some(limit) = self.partition_limit(&map_config, &table) {
+            // Evictions are removals like any other: sequenced, replicated, and waited for with
+            // the write that caused them.
+            while entries.len() > limit {
+                let Some(victim) = pick_victim(&entries, &key, map_config.eviction.policy) else {
+                    break;
+                };
+                entries.remove(&victim);
+                MapCounters::bump(&counters.evictions);
+                *seq += 1;
+                let mutation = proto::Mutation {
+                    seq: *seq,
+                    map: map.to_string(),
+                    key: victim,
+                    change: Some(proto::mutation::Change::Remove(true)),
+                };
+                self.replicate(partition, &table, mutation, &map_config, &mut acks);
+            }
+        }
         Ok((Outcome::Done(result), acks))
+    }
+
+    /// How many entries of a map one partition this member leads may hold, if the map has a
+    /// limit it enforces: the per-member limit over the partitions led, at least one.
+    fn partition_limit(
+        &self,
+        map_config: &crate::config::MapConfig,
+        table: &PartitionTable,
+    ) -> Option<usize> {
+        let eviction = map_config.eviction;
+        if eviction.policy == EvictionPolicy::None {
+            return None;
+        }
+        let limit = eviction.max_entries_per_member?;
+        let led = (0..table.partition_count())
+            .filter(|&p| table.primary(p) == Some(self.me))
+            .count()
+            .max(1) as u64;
+        Some(usize::try_from((limit / led).max(1)).unwrap_or(usize::MAX))
     }
 
     /// Queues `mutation` for the partition's backups (the caller holds the write lock).
@@ -960,6 +1051,42 @@ mod tests {
         n
     }
 
+    #[test]
+    fn eviction_picks_the_least_recently_or_least_frequently_used_never_the_new_entry() {
+        use crate::config::EvictionPolicy;
+        use crate::store::{Entries, Record};
+        let entries = Entries::new();
+        for (key, last_access_ms, hits) in [("a", 30, 1), ("b", 10, 9), ("c", 20, 0), ("new", 0, 0)]
+        {
+            entries.insert(
+                bytes::Bytes::from_static(key.as_bytes()),
+                Record {
+                    last_access_ms,
+                    hits,
+                    ..Record::default()
+                },
+            );
+        }
+        let keep = bytes::Bytes::from_static(b"new");
+        for _ in 0..20 {
+            // Small enough that the sample is the whole map, wherever it starts.
+            assert_eq!(
+                super::pick_victim(&entries, &keep, EvictionPolicy::Lru).as_deref(),
+                Some(&b"b"[..])
+            );
+            assert_eq!(
+                super::pick_victim(&entries, &keep, EvictionPolicy::Lfu).as_deref(),
+                Some(&b"c"[..])
+            );
+        }
+        let single = Entries::new();
+        single.insert(keep.clone(), Record::default());
+        assert_eq!(
+            super::pick_victim(&single, &keep, EvictionPolicy::Lru),
+            None
+        );
+    }
+
     /// A backup whose copy drifted from its primary's (corrupted at the same sequence number, or
     /// dropped) is found by anti-entropy and repaired, with no write to expose it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1001,7 +1128,7 @@ mod tests {
                 crate::store::Record {
                     value: bytes::Bytes::from_static(b"x"),
                     version: 1,
-                    expires_at_ms: 0,
+                    ..Default::default()
                 },
             );
         backup.store.drop_partition(dropped);

@@ -222,3 +222,67 @@ async fn each_member_counts_what_it_served_as_primary() {
     let ratio = total.hits as f64 / total.gets as f64;
     assert!(per_member[0].hit_ratio().is_some() && ratio > 0.5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() {
+    let limit = 2000u64;
+    let cluster = Cluster::start_with(2, |c| {
+        c.maps = vec![(
+            "lru".to_string(),
+            MapConfig {
+                eviction: peergrid::EvictionConfig {
+                    policy: peergrid::EvictionPolicy::Lru,
+                    max_entries_per_member: Some(limit),
+                },
+                ..MapConfig::default()
+            },
+        )]
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("lru");
+    let hot: Vec<String> = (0..50).map(|i| format!("hot{i}")).collect();
+    map.put_all(hot.iter().map(|k| (k.clone(), 1)))
+        .await
+        .unwrap();
+    for batch in 0..40u64 {
+        map.put_all((0..250u64).map(|i| (format!("cold{batch}-{i}"), i)))
+            .await
+            .unwrap();
+        // The hot set is read between batches, so it stays recently used.
+        let got = map.get_all(&hot).await.unwrap();
+        assert!(
+            got.len() >= 45,
+            "only {} hot keys left after batch {batch}",
+            got.len()
+        );
+    }
+    let stats: Vec<_> = cluster
+        .live()
+        .map(|g| g.map::<String, u64>("lru").local_stats())
+        .collect();
+    let (mut owned, mut backups, mut evictions) = (0, 0, 0);
+    for s in &stats {
+        assert!(
+            s.owned_entries <= limit,
+            "a member leads {} entries",
+            s.owned_entries
+        );
+        owned += s.owned_entries;
+        backups += s.backup_entries;
+        evictions += s.evictions;
+    }
+    assert!(evictions >= 10_050 - 2 * limit, "{evictions} evictions");
+    assert_eq!(
+        owned + evictions,
+        10_050,
+        "every entry is either held or was evicted"
+    );
+    assert_eq!(backups, owned, "evictions are replicated to the backups");
+    let got = map.get_all(&hot).await.unwrap();
+    assert!(
+        got.len() >= 45,
+        "LRU keeps the hot set: {} of 50",
+        got.len()
+    );
+}

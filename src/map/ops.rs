@@ -205,7 +205,7 @@ mod tests {
         Record {
             value: Bytes::from_static(v.as_bytes()),
             version: 1,
-            expires_at_ms: 0,
+            ..Record::default()
         }
     }
     fn b(v: &'static str) -> Bytes {

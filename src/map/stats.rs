@@ -23,6 +23,8 @@ pub struct MapStats {
     pub removes: u64,
     /// Entries removed because they expired (found by an operation or by the sweep).
     pub expirations: u64,
+    /// Entries evicted to keep the map within its size limit.
+    pub evictions: u64,
     /// Live entries in the partitions this member leads.
     pub owned_entries: u64,
     /// Entries in the partitions this member backs up.
@@ -47,6 +49,7 @@ pub(crate) struct MapCounters {
     pub(crate) puts: AtomicU64,
     pub(crate) removes: AtomicU64,
     pub(crate) expirations: AtomicU64,
+    pub(crate) evictions: AtomicU64,
 }
 
 impl MapCounters {
@@ -63,6 +66,7 @@ impl MapCounters {
             puts: get(&self.puts),
             removes: get(&self.removes),
             expirations: get(&self.expirations),
+            evictions: get(&self.evictions),
             ..MapStats::default()
         }
     }

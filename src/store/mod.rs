@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use crate::rpc::proto;
 
 /// A stored entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) value: Bytes,
     /// Bumped on every update of the entry; replicated with it.
@@ -34,6 +34,11 @@ pub(crate) struct Record {
     /// When the entry expires, in milliseconds since the Unix epoch (0: never). Decided by the
     /// primary and replicated with the entry.
     pub(crate) expires_at_ms: u64,
+    /// When the primary last read or wrote the entry, in milliseconds since the Unix epoch (for
+    /// LRU eviction). Local to the member: not replicated, not part of the digest.
+    pub(crate) last_access_ms: u64,
+    /// Reads of the entry on this member since it was written (for LFU eviction). Local.
+    pub(crate) hits: u32,
 }
 
 impl Record {
@@ -49,6 +54,8 @@ impl From<&proto::Record> for Record {
             value: record.value.clone(),
             version: record.version,
             expires_at_ms: record.expires_at_ms,
+            last_access_ms: now_ms(),
+            hits: 0,
         }
     }
 }

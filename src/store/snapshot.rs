@@ -263,7 +263,7 @@ mod tests {
                     Record {
                         value: Bytes::from(vec![i as u8; 100]),
                         version: i as u64 + 1,
-                        expires_at_ms: 0,
+                        ..Record::default()
                     },
                 );
             }
