@@ -152,6 +152,19 @@ pub struct MapConfig {
     pub ttl: Option<std::time::Duration>,
     /// How the map stays within a size limit. Default: no limit.
     pub eviction: EvictionConfig,
+    /// Entries not read or written for this long expire. Access is tracked by the key's
+    /// primary only, so after a failover an entry's idle time starts again on the new primary.
+    /// Default `None`: no idle limit.
+    pub max_idle: Option<std::time::Duration>,
+}
+
+impl MapConfig {
+    /// [`MapConfig::max_idle`] in milliseconds, 0 for none.
+    pub(crate) fn max_idle_ms(&self) -> u64 {
+        self.max_idle.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        })
+    }
 }
 
 /// A map's size limit and the policy that keeps it (in [`MapConfig::eviction`]).

@@ -168,12 +168,13 @@ impl Node {
         let mut stats = self.counters(map).read();
         let table = self.table.current();
         let now = crate::store::now_ms();
+        let max_idle = self.config.map_config(map).max_idle_ms();
         for p in 0..table.partition_count() {
             let Some(entries) = self.store.partition(p).and_then(|d| d.entries(map)) else {
                 continue;
             };
             if table.primary(p) == Some(self.me) {
-                for e in entries.iter().filter(|e| !e.value().is_expired(now)) {
+                for e in entries.iter().filter(|e| !e.value().is_dead(now, max_idle)) {
                     stats.owned_entries += 1;
                     stats.owned_bytes += (e.key().len() + e.value().value.len()) as u64;
                 }
@@ -252,14 +253,15 @@ impl Node {
         }
         let now = crate::store::now_ms();
         let map_config = self.config.map_config(map);
-        let tracks_access = map_config.eviction.policy != EvictionPolicy::None;
+        let max_idle = map_config.max_idle_ms();
+        let tracks_access = map_config.eviction.policy != EvictionPolicy::None || max_idle != 0;
         if op.is_read() {
             let current = data.entries(map).and_then(|entries| {
                 if tracks_access {
                     // LRU and LFU need the entry's last access and read count (local to this
                     // member; a short shard write lock).
                     entries.get_mut(&key).map(|mut r| {
-                        if !r.is_expired(now) {
+                        if !r.is_dead(now, max_idle) {
                             r.last_access_ms = now;
                             r.hits = r.hits.saturating_add(1);
                         }
@@ -271,7 +273,7 @@ impl Node {
             });
             // An expired entry is removed through the write path below, so its expiry is
             // replicated like any removal.
-            if !current.as_ref().is_some_and(|r| r.is_expired(now)) {
+            if !current.as_ref().is_some_and(|r| r.is_dead(now, max_idle)) {
                 let counters = self.counters(map);
                 MapCounters::bump(&counters.gets);
                 MapCounters::bump(if current.is_some() {
@@ -296,7 +298,7 @@ impl Node {
         let stored = entries.get(&key).map(|r| r.clone());
         // The primary decides expiry: an expired entry is absent to every operation, and is
         // removed (and the removal replicated) when an operation finds it.
-        let expired = stored.as_ref().is_some_and(|r| r.is_expired(now));
+        let expired = stored.as_ref().is_some_and(|r| r.is_dead(now, max_idle));
         let current = stored.filter(|_| !expired);
         let (result, change) = op.decide(current.as_ref());
         let adds_entry = current.is_none() && matches!(change, Change::Upsert(..));
@@ -501,7 +503,7 @@ impl Node {
             if table.primary(partition) != Some(self.me) || data.is_pending() {
                 continue;
             }
-            count += data.live_len(map, crate::store::now_ms()) as u64;
+            count += data.live_len(map, crate::store::now_ms(), map_config.max_idle_ms()) as u64;
             owned.push(partition);
             if clear {
                 *seq += 1;

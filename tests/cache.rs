@@ -286,3 +286,51 @@ async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() 
         got.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_idle_longer_than_max_idle_expire_and_read_ones_stay() {
+    let cluster = Cluster::start_with(2, |c| {
+        c.maps = vec![(
+            "idle".to_string(),
+            MapConfig {
+                max_idle: Some(Duration::from_millis(400)),
+                ..MapConfig::default()
+            },
+        )]
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, u64> = cluster.grid(0).map("idle");
+    map.set("read", &1).await.unwrap();
+    map.set("ignored", &2).await.unwrap();
+    // "read" is read every 100 ms, well within its idle limit; "ignored" never is.
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            map.get("read").await.unwrap(),
+            Some(1),
+            "a read entry stays"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only "read" is left, on its primary and its backup.
+    wait_for(
+        "the idle entry to be swept from every replica",
+        DEADLINE,
+        || {
+            let n: u64 = cluster
+                .live()
+                .map(|g| {
+                    (0..271u32)
+                        .filter_map(|p| g.local_replica(p))
+                        .map(|r| r.entries)
+                        .sum::<u64>()
+                })
+                .sum();
+            async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(map.get("ignored").await.unwrap(), None);
+    assert_eq!(map.get("read").await.unwrap(), Some(1));
+}

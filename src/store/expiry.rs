@@ -58,11 +58,12 @@ pub(crate) fn pass(node: &Arc<Node>, start: u32, budget: usize) -> (u32, usize) 
             continue;
         }
         for (map, entries) in data.maps() {
+            let max_idle = node.config.map_config(&map).max_idle_ms();
             // Keys are collected first: no map guard is held while an entry is removed.
             let due: Vec<bytes::Bytes> = entries
                 .iter()
                 .inspect(|_| looked += 1)
-                .filter(|e| e.value().is_expired(now))
+                .filter(|e| e.value().is_dead(now, max_idle))
                 .map(|e| e.key().clone())
                 .collect();
             for key in due {

@@ -42,9 +42,16 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// Whether the entry has expired at `now_ms`.
+    /// Whether the entry's time to live has run out at `now_ms`.
     pub(crate) fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+    }
+
+    /// Whether the entry is gone at `now_ms`: its time to live ran out, or it was not accessed
+    /// on this member for `max_idle_ms` (0: no idle limit).
+    pub(crate) fn is_dead(&self, now_ms: u64, max_idle_ms: u64) -> bool {
+        self.is_expired(now_ms)
+            || (max_idle_ms != 0 && self.last_access_ms.saturating_add(max_idle_ms) <= now_ms)
     }
 }
 
@@ -165,10 +172,12 @@ impl PartitionData {
         self.entries(map).map_or(0, |e| e.len())
     }
 
-    /// Number of entries of `map` that have not expired at `now_ms`.
-    pub(crate) fn live_len(&self, map: &str, now_ms: u64) -> usize {
+    /// Number of entries of `map` that are not dead at `now_ms` (see [`Record::is_dead`]).
+    pub(crate) fn live_len(&self, map: &str, now_ms: u64, max_idle_ms: u64) -> usize {
         self.entries(map).map_or(0, |e| {
-            e.iter().filter(|r| !r.value().is_expired(now_ms)).count()
+            e.iter()
+                .filter(|r| !r.value().is_dead(now_ms, max_idle_ms))
+                .count()
         })
     }
 
