@@ -103,6 +103,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// The loader of a [`crate::Map::get_or_load`] failed (this caller's, or the one every caller
+    /// waited for); nothing was stored, and the next call loads again.
+    #[error("loading the value failed: {message}")]
+    LoadFailed {
+        /// The loader's error, as text.
+        message: String,
+    },
+
     /// A partition copy streamed from `member` was malformed or incomplete (a migration or
     /// backup transfer; it is retried, and the receiver's previous copy is left untouched).
     #[error("partition copy from {member} refused: {reason}")]

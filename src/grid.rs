@@ -131,6 +131,7 @@ impl Grid {
             partition_events: tokio::sync::broadcast::channel(1024).0,
             stats: Default::default(),
             map_counters: Default::default(),
+            loads: Default::default(),
         });
         let server_task = server::spawn(
             tcp,

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EvictionPolicy;
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
-use crate::map::ops::{Change, Expiry, MapOp, OpResult};
+use crate::map::ops::{Change, Expiry, LoadOutcome, MapOp, OpResult};
 use crate::map::stats::MapCounters;
 use crate::membership::{MemberId, MembershipState};
 use crate::partition::PartitionEvent;
@@ -127,6 +127,31 @@ pub(crate) struct Node {
     pub(crate) stats: MigrationCounters,
     /// Per-map operation counters behind [`crate::Map::local_stats`].
     pub(crate) map_counters: dashmap::DashMap<Arc<str>, Arc<MapCounters>>,
+    /// `get_or_load` loads in flight for keys this member leads, by map and key.
+    pub(crate) loads: dashmap::DashMap<(Arc<str>, Bytes), LoadState>,
+}
+
+/// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
+/// the loader's member is declared down).
+pub(crate) const LOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A load in flight on the key's primary.
+pub(crate) struct LoadState {
+    member: MemberId,
+    claim: u64,
+    lease_until: tokio::time::Instant,
+    done: tokio::sync::watch::Sender<Option<LoadOutcome>>,
+}
+
+impl LoadState {
+    fn new(member: MemberId, claim: u64) -> Self {
+        LoadState {
+            member,
+            claim,
+            lease_until: tokio::time::Instant::now() + LOAD_LEASE,
+            done: tokio::sync::watch::channel(None).0,
+        }
+    }
 }
 
 /// Counters of this member's takeovers and copies.
@@ -218,15 +243,134 @@ impl Node {
         caller_version: u64,
     ) -> Result<Outcome<OpResult>> {
         self.catch_up(caller_version).await;
+        match op {
+            MapOp::LoadBegin { member, claim } => {
+                self.load_begin(partition, map, key, member, claim).await
+            }
+            MapOp::LoadEnd { claim, outcome } => {
+                self.load_end(partition, map, key, claim, outcome).await
+            }
+            op => self.execute_local(partition, map, key, &op).await,
+        }
+    }
+
+    /// Runs `op` here, waiting out a takeover of the partition.
+    async fn execute_local(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: &MapOp,
+    ) -> Result<Outcome<OpResult>> {
         loop {
             self.partition_ready(partition).await?;
-            let (outcome, acks) = self.apply(partition, map, key.clone(), &op)?;
+            let (outcome, acks) = self.apply(partition, map, key.clone(), op)?;
             if let Outcome::Pending = outcome {
                 continue;
             }
             self.await_acks(acks).await?;
             return Ok(outcome);
         }
+    }
+
+    /// `get_or_load`, first step, on the key's primary: the value if there is one; otherwise the
+    /// right to load it if nobody holds it (or its holder's member is gone, or its lease ran
+    /// out); otherwise, after waiting up to half an rpc timeout for the holder, its outcome, or
+    /// "ask again". Results: `found` with the value; `applied`: load it; neither, with a value:
+    /// the load failed with that message; neither, without: ask again.
+    async fn load_begin(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        member: MemberId,
+        claim: u64,
+    ) -> Result<Outcome<OpResult>> {
+        let wait_until = tokio::time::Instant::now() + self.config.rpc_timeout / 2;
+        loop {
+            match self
+                .execute_local(partition, map, key.clone(), &MapOp::Get)
+                .await?
+            {
+                Outcome::Done(found) if found.found => return Ok(Outcome::Done(found)),
+                Outcome::Done(_) => {}
+                other => return Ok(other),
+            }
+            let slot = (Arc::<str>::from(map), key.clone());
+            // The guard ends with this block, before any wait.
+            let mut waiting = {
+                let mut load = self
+                    .loads
+                    .entry(slot)
+                    .or_insert_with(|| LoadState::new(member, claim));
+                let holder_gone = load.lease_until <= tokio::time::Instant::now()
+                    || (load.member != self.me && self.membership.peer(load.member).is_none());
+                if load.claim != claim && holder_gone {
+                    tracing::info!(partition, holder = %load.member, "get_or_load: the loader is gone; another caller loads");
+                    // The old holder's waiters see its sender dropped and ask again.
+                    *load = LoadState::new(member, claim);
+                }
+                if load.claim == claim {
+                    return Ok(Outcome::Done(OpResult {
+                        applied: true,
+                        ..OpResult::default()
+                    }));
+                }
+                load.done.subscribe()
+            };
+            let now = tokio::time::Instant::now();
+            if now >= wait_until {
+                return Ok(Outcome::Done(OpResult::default()));
+            }
+            let _ = tokio::time::timeout(wait_until - now, waiting.changed()).await;
+            let outcome = waiting.borrow_and_update().clone();
+            match outcome {
+                Some(LoadOutcome::Loaded(value)) => {
+                    return Ok(Outcome::Done(OpResult {
+                        found: true,
+                        value: Some(value),
+                        applied: false,
+                    }));
+                }
+                Some(LoadOutcome::Failed(message)) => {
+                    return Ok(Outcome::Done(OpResult {
+                        value: Some(Bytes::from(message)),
+                        ..OpResult::default()
+                    }));
+                }
+                // Timed out, or the holder was replaced: look again.
+                None => {}
+            }
+        }
+    }
+
+    /// `get_or_load`, last step, on the key's primary: stores a loaded value (replicated like a
+    /// `set`; a failure is stored nowhere), then hands the outcome to every waiter.
+    async fn load_end(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        claim: u64,
+        outcome: LoadOutcome,
+    ) -> Result<Outcome<OpResult>> {
+        if let LoadOutcome::Loaded(value) = &outcome {
+            match self
+                .execute_local(partition, map, key.clone(), &MapOp::Set(value.clone()))
+                .await?
+            {
+                Outcome::Done(_) => {}
+                other => return Ok(other),
+            }
+        }
+        let slot = (Arc::<str>::from(map), key);
+        if let Some((_, load)) = self.loads.remove_if(&slot, |_, load| load.claim == claim) {
+            load.done.send_replace(Some(outcome));
+        }
+        Ok(Outcome::Done(OpResult {
+            applied: true,
+            ..OpResult::default()
+        }))
     }
 
     /// The synchronous part of an operation: ownership check, decision, change, sequencing and

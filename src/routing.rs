@@ -117,6 +117,21 @@ impl Node {
             value,
             expected,
             ttl_ms: op_ttl(op),
+            load_member: match op {
+                MapOp::LoadBegin { member, .. } => member.as_u64(),
+                _ => 0,
+            },
+            load_claim: match op {
+                MapOp::LoadBegin { claim, .. } | MapOp::LoadEnd { claim, .. } => *claim,
+                _ => 0,
+            },
+            load_failed: matches!(
+                op,
+                MapOp::LoadEnd {
+                    outcome: crate::map::ops::LoadOutcome::Failed(_),
+                    ..
+                }
+            ),
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -155,6 +170,15 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
         MapOp::Put(v) | MapOp::PutWithTtl(v, _) => (proto::MapOp::Put, v.clone(), none),
         MapOp::Set(v) | MapOp::SetWithTtl(v, _) => (proto::MapOp::Set, v.clone(), none),
         MapOp::Expire(_) => (proto::MapOp::Expire, none.clone(), none),
+        MapOp::LoadBegin { .. } => (proto::MapOp::LoadBegin, none.clone(), none),
+        MapOp::LoadEnd { outcome, .. } => (
+            proto::MapOp::LoadEnd,
+            match outcome {
+                crate::map::ops::LoadOutcome::Loaded(v) => v.clone(),
+                crate::map::ops::LoadOutcome::Failed(m) => Bytes::from(m.clone()),
+            },
+            none,
+        ),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
         MapOp::Delete => (proto::MapOp::Delete, none.clone(), none),
         MapOp::PutIfAbsent(v) => (proto::MapOp::PutIfAbsent, v.clone(), none),
@@ -193,6 +217,18 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             None => MapOp::Set(value),
         },
         proto::MapOp::Expire => MapOp::Expire(ttl?),
+        proto::MapOp::LoadBegin => MapOp::LoadBegin {
+            member: crate::MemberId(request.load_member),
+            claim: request.load_claim,
+        },
+        proto::MapOp::LoadEnd => MapOp::LoadEnd {
+            claim: request.load_claim,
+            outcome: if request.load_failed {
+                crate::map::ops::LoadOutcome::Failed(String::from_utf8_lossy(&value).into_owned())
+            } else {
+                crate::map::ops::LoadOutcome::Loaded(value)
+            },
+        },
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,
         proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),

@@ -334,3 +334,115 @@ async fn entries_idle_longer_than_max_idle_expire_and_read_ones_stay() {
     assert_eq!(map.get("ignored").await.unwrap(), None);
     assert_eq!(map.get("read").await.unwrap(), Some(1));
 }
+
+/// A member of `cluster` that is not the primary of `key` in map "loads"'s partition, by index.
+fn not_primary_of(cluster: &Cluster, key: &str) -> Vec<usize> {
+    let table = cluster.grid(0).partition_table();
+    let p = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % 271) as usize;
+    let primary = table.replicas[p][0];
+    (0..cluster.slots.len())
+        .filter(|&i| cluster.slots[i].grid.is_some())
+        .filter(|&i| cluster.grid(i).local_member().id != primary)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_get_or_loads_on_three_members_run_the_loader_once() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let loads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for i in 0..1000 {
+        let map: Map<String, u64> = cluster.grid(i % 3).map("loads");
+        let loads = loads.clone();
+        callers.push(tokio::spawn(async move {
+            map.get_or_load("hot", || async move {
+                loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, std::io::Error>(42)
+            })
+            .await
+        }));
+    }
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().unwrap(), 42);
+    }
+    assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Stored like a set: a plain read sees it, and the next get_or_load does not load.
+    let map: Map<String, u64> = cluster.grid(1).map("loads");
+    assert_eq!(map.get("hot").await.unwrap(), Some(42));
+    let again = map
+        .get_or_load("hot", || async { Err::<u64, _>("must not run") })
+        .await
+        .unwrap();
+    assert_eq!(again, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_reaches_every_waiter_and_is_not_cached() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let mut callers = Vec::new();
+    for i in 0..60 {
+        let map: Map<String, u64> = cluster.grid(i % 3).map("loads");
+        callers.push(tokio::spawn(async move {
+            map.get_or_load("flaky", || async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err::<u64, _>("backend down")
+            })
+            .await
+        }));
+    }
+    for caller in callers {
+        match caller.await.unwrap() {
+            Err(peergrid::Error::LoadFailed { message }) => assert_eq!(message, "backend down"),
+            other => panic!("expected the loader's failure, got {other:?}"),
+        }
+    }
+    let map: Map<String, u64> = cluster.grid(0).map("loads");
+    assert_eq!(
+        map.get("flaky").await.unwrap(),
+        None,
+        "a failure is not cached"
+    );
+    let value = map
+        .get_or_load("flaky", || async { Ok::<_, std::io::Error>(7) })
+        .await
+        .unwrap();
+    assert_eq!(value, 7, "the next call loads again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_whose_member_crashes_does_not_wedge_the_key() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let key = "orphaned";
+    // The loader runs on a member that is not the key's primary, and never finishes.
+    let doomed = not_primary_of(&cluster, key)[0];
+    let map: Map<String, u64> = cluster.grid(doomed).map("loads");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let stuck = tokio::spawn(async move {
+        map.get_or_load(key, || async move {
+            let _ = started_tx.send(());
+            std::future::pending::<std::result::Result<u64, std::io::Error>>().await
+        })
+        .await
+    });
+    started_rx.await.expect("the doomed member got the load");
+    // Callers on the other members wait for it...
+    let mut waiters = Vec::new();
+    for i in (0..3).filter(|&i| i != doomed) {
+        let map: Map<String, u64> = cluster.grid(i).map("loads");
+        waiters.push(tokio::spawn(async move {
+            map.get_or_load(key, || async { Ok::<_, std::io::Error>(99) })
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...until its member crashes: one of them loads instead, and all get that value.
+    cluster.crash(doomed);
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().unwrap(), 99);
+    }
+    stuck.abort();
+}

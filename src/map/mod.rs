@@ -200,6 +200,77 @@ where
         Ok(self.run(key, MapOp::Expire(ttl)).await?.applied)
     }
 
+    /// The value of `key`, loaded with `loader` if there is none, with one load per key in the
+    /// whole cluster at a time (stampede protection).
+    ///
+    /// The key's primary coordinates: the first caller anywhere gets the right to load and runs
+    /// `loader` in its own process; every other caller, on any member, waits for that load and
+    /// gets its value. The loaded value is stored like a `set` (the map's default time to live
+    /// applies) before the waiters get it. A loader that fails returns [`Error::LoadFailed`] to
+    /// its caller and to every waiter, and nothing is stored: the next call loads again. A loader
+    /// whose member is declared down, or that holds the key longer than a 30 s lease, loses it to
+    /// the next caller. If the key's primary fails over mid-load, the load may run once more.
+    pub async fn get_or_load<Q, F, Fut, E>(&self, key: &Q, loader: F) -> Result<V>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<V, E>>,
+        E: std::fmt::Display,
+    {
+        let (partition, key) = self.key(key)?;
+        let claim: u64 = rand::random();
+        let begin = MapOp::LoadBegin {
+            member: self.node.me,
+            claim,
+        };
+        loop {
+            let answer = self
+                .node
+                .route(partition, &self.name, key.clone(), begin.clone())
+                .await?;
+            if answer.found {
+                return match answer.value {
+                    Some(bytes) => codec::decode(&bytes),
+                    None => Err(Error::LoadFailed {
+                        message: "the primary answered without a value".to_string(),
+                    }),
+                };
+            }
+            if answer.applied {
+                break;
+            }
+            if let Some(message) = answer.value.filter(|m| !m.is_empty()) {
+                return Err(Error::LoadFailed {
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                });
+            }
+            // Another caller's load is still running: ask again.
+        }
+        let (outcome, result) = match loader().await {
+            Ok(value) => match self.value(&value) {
+                Ok(bytes) => (ops::LoadOutcome::Loaded(bytes), Ok(value)),
+                Err(e) => (ops::LoadOutcome::Failed(e.to_string()), Err(e)),
+            },
+            Err(e) => {
+                let message = e.to_string();
+                (
+                    ops::LoadOutcome::Failed(message.clone()),
+                    Err(Error::LoadFailed { message }),
+                )
+            }
+        };
+        self.node
+            .route(
+                partition,
+                &self.name,
+                key,
+                MapOp::LoadEnd { claim, outcome },
+            )
+            .await?;
+        result
+    }
+
     /// Removes `key` and returns its value.
     pub async fn remove<Q>(&self, key: &Q) -> Result<Option<V>>
     where

@@ -24,6 +24,16 @@ pub(crate) enum MapOp {
     /// Removes the entry if it expired, and nothing else (the expiry sweep; never sent over the
     /// wire, and not counted as a read).
     RemoveIfExpired,
+    /// `get_or_load`, first step (handled by [`crate::node::Node::execute`], not `decide`).
+    LoadBegin {
+        member: crate::MemberId,
+        claim: u64,
+    },
+    /// `get_or_load`, last step (handled by [`crate::node::Node::execute`], not `decide`).
+    LoadEnd {
+        claim: u64,
+        outcome: LoadOutcome,
+    },
     Remove,
     Delete,
     PutIfAbsent(Bytes),
@@ -43,6 +53,13 @@ pub(crate) struct OpResult {
     pub(crate) value: Option<Bytes>,
     /// Whether a conditional operation changed the entry.
     pub(crate) applied: bool,
+}
+
+/// What a loader produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LoadOutcome {
+    Loaded(Bytes),
+    Failed(String),
 }
 
 /// When an upserted entry expires.
@@ -123,7 +140,9 @@ impl MapOp {
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
             // The expired case is handled by the caller, which sees the record's deadline.
-            MapOp::RemoveIfExpired => (OpResult::default(), Change::None),
+            MapOp::RemoveIfExpired | MapOp::LoadBegin { .. } | MapOp::LoadEnd { .. } => {
+                (OpResult::default(), Change::None)
+            }
             MapOp::Expire(ttl) => (
                 OpResult {
                     found,
