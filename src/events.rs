@@ -6,11 +6,12 @@ use std::task::{Context, Poll};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-/// A stream of events of one kind, from [`crate::Grid::membership_events`] or
-/// [`crate::Grid::partition_events`].
+/// A stream of events of one kind, from [`crate::Grid::membership_events`],
+/// [`crate::Grid::partition_events`] or [`crate::Map::listen`].
 ///
-/// It holds the 1024 most recent events a slow reader has not taken; older ones are skipped.
-/// It ends once the member has stopped and every event was taken.
+/// It holds a bounded number of recent events a slow reader has not taken (1024, or 4096 for
+/// entry listeners); older ones are skipped. It ends once the member has stopped and every event
+/// was taken.
 pub struct EventStream<T> {
     inner: BroadcastStream<T>,
 }

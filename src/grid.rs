@@ -132,6 +132,7 @@ impl Grid {
             stats: Default::default(),
             map_counters: Default::default(),
             loads: Default::default(),
+            entry_events: tokio::sync::broadcast::channel(8192).0,
         });
         let server_task = server::spawn(
             tcp,

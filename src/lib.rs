@@ -78,6 +78,7 @@ pub use events::EventStream;
 pub use fault::FaultSwitch;
 pub use grid::{Grid, PartitionTableView, ReplicaState};
 pub use map::Map;
+pub use map::listen::{EntryEvent, EntryEventKind};
 pub use map::stats::MapStats;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
 pub use partition::{PartitionEvent, PartitionStats};

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EvictionPolicy;
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
+use crate::map::listen::{EntryEventKind, RawEntryEvent};
 use crate::map::ops::{Change, Expiry, LoadOutcome, MapOp, OpResult};
 use crate::map::stats::MapCounters;
 use crate::membership::{MemberId, MembershipState};
@@ -129,6 +130,8 @@ pub(crate) struct Node {
     pub(crate) map_counters: dashmap::DashMap<Arc<str>, Arc<MapCounters>>,
     /// `get_or_load` loads in flight for keys this member leads, by map and key.
     pub(crate) loads: dashmap::DashMap<(Arc<str>, Bytes), LoadState>,
+    /// Changes this member applied as primary, for entry listeners.
+    pub(crate) entry_events: tokio::sync::broadcast::Sender<Arc<RawEntryEvent>>,
 }
 
 /// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
@@ -174,6 +177,30 @@ impl Node {
             .peer(member)
             .ok_or(Error::UnknownMember(member))?;
         self.rpc.get(&peer)
+    }
+
+    /// Publishes a change to this member's entry listeners (the caller holds the partition's
+    /// write lock, so a partition's events go out in sequence order).
+    fn emit(
+        &self,
+        map: &str,
+        kind: EntryEventKind,
+        key: &Bytes,
+        value: Option<Bytes>,
+        partition: u32,
+        seq: u64,
+    ) {
+        if self.entry_events.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.entry_events.send(Arc::new(RawEntryEvent {
+            map: Arc::from(map),
+            kind,
+            key: key.clone(),
+            value,
+            partition,
+            seq,
+        }));
     }
 
     /// The operation counters of `map` (the handle is cloned out; no map guard is kept).
@@ -443,7 +470,7 @@ impl Node {
         // The primary decides expiry: an expired entry is absent to every operation, and is
         // removed (and the removal replicated) when an operation finds it.
         let expired = stored.as_ref().is_some_and(|r| r.is_dead(now, max_idle));
-        let current = stored.filter(|_| !expired);
+        let current = stored.clone().filter(|_| !expired);
         let (result, change) = op.decide(current.as_ref());
         let adds_entry = current.is_none() && matches!(change, Change::Upsert(..));
         let counters = self.counters(map);
@@ -468,7 +495,7 @@ impl Node {
             }
             Change::None => None,
             Change::Upsert(value, expiry) => {
-                let version = current.map_or(1, |r| r.version + 1);
+                let version = current.as_ref().map_or(1, |r| r.version + 1);
                 let ttl = match expiry {
                     Expiry::MapDefault => map_config.ttl,
                     Expiry::After(ttl) => Some(ttl),
@@ -494,6 +521,28 @@ impl Node {
         };
         if let Some(change) = change {
             *seq += 1;
+            let event = match &change {
+                proto::mutation::Change::Upsert(record) => Some((
+                    if current.is_some() {
+                        EntryEventKind::Updated
+                    } else {
+                        EntryEventKind::Added
+                    },
+                    Some(record.value.clone()),
+                )),
+                proto::mutation::Change::Remove(_) if expired => Some((
+                    EntryEventKind::Expired,
+                    stored.as_ref().map(|r| r.value.clone()),
+                )),
+                proto::mutation::Change::Remove(_) => Some((
+                    EntryEventKind::Removed,
+                    current.as_ref().map(|r| r.value.clone()),
+                )),
+                proto::mutation::Change::Clear(_) => None,
+            };
+            if let Some((kind, value)) = event {
+                self.emit(map, kind, &key, value, partition, *seq);
+            }
             let mutation = proto::Mutation {
                 seq: *seq,
                 map: map.to_string(),
@@ -509,9 +558,17 @@ impl Node {
                 let Some(victim) = pick_victim(&entries, &key, map_config.eviction.policy) else {
                     break;
                 };
-                entries.remove(&victim);
+                let evicted = entries.remove(&victim).map(|(_, r)| r.value);
                 MapCounters::bump(&counters.evictions);
                 *seq += 1;
+                self.emit(
+                    map,
+                    EntryEventKind::Evicted,
+                    &victim,
+                    evicted,
+                    partition,
+                    *seq,
+                );
                 let mutation = proto::Mutation {
                     seq: *seq,
                     map: map.to_string(),

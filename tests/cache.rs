@@ -446,3 +446,62 @@ async fn a_loader_whose_member_crashes_does_not_wedge_the_key() {
     }
     stuck.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_sees_every_change_in_order_per_key_from_every_primary() {
+    use peergrid::EntryEventKind::{Added, Expired, Removed, Updated};
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let mut events = cluster
+        .grid(0)
+        .map::<String, u64>("watched")
+        .listen(true)
+        .await;
+    let map: Map<String, u64> = cluster.grid(1).map("watched");
+    for i in 0..30u64 {
+        let key = format!("k{i}");
+        map.set(&key, &1).await.unwrap();
+        map.set(&key, &2).await.unwrap();
+        map.remove(&key).await.unwrap();
+    }
+    map.set_with_ttl("brief", &5, Duration::from_millis(50))
+        .await
+        .unwrap();
+    // Another map's changes are not this listener's.
+    cluster
+        .grid(2)
+        .map::<String, u64>("other")
+        .set("k0", &9)
+        .await
+        .unwrap();
+    let mut seen: std::collections::HashMap<String, Vec<(peergrid::EntryEventKind, Option<u64>)>> =
+        std::collections::HashMap::new();
+    let expected_events = 30 * 3 + 2;
+    let mut count = 0;
+    tokio::time::timeout(DEADLINE, async {
+        while count < expected_events {
+            if count == 90 + 1 {
+                // "brief" was added; reading it once it expired removes it.
+                while map.get("brief").await.unwrap().is_some() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let event = events.recv().await.expect("stream open");
+            seen.entry(event.key.clone())
+                .or_default()
+                .push((event.kind, event.value));
+            count += 1;
+        }
+    })
+    .await
+    .expect("every event arrives");
+    for i in 0..30u64 {
+        assert_eq!(
+            seen[&format!("k{i}")],
+            vec![(Added, Some(1)), (Updated, Some(2)), (Removed, Some(2))],
+            "key k{i}"
+        );
+    }
+    assert_eq!(seen["brief"], vec![(Added, Some(5)), (Expired, Some(5))]);
+    assert_eq!(seen.len(), 31);
+}

@@ -4,6 +4,7 @@
 //! lets the router run the operation on the partition's primary: a direct call into the local
 //! store when that is this member, a gRPC call otherwise.
 
+pub(crate) mod listen;
 pub(crate) mod ops;
 pub(crate) mod stats;
 
@@ -269,6 +270,56 @@ where
             )
             .await?;
         result
+    }
+
+    /// A stream of this map's entry changes (added, updated, removed, expired, evicted) from
+    /// now on, cluster-wide: from this member's primaries, and from every other member and every
+    /// member that joins later. Returns once it is listening to every current member. With
+    /// `include_values`, events carry the new (or last) value.
+    ///
+    /// Delivery is at most once, and in order per key except across a change of the key's
+    /// primary: see the `map::listen` module. Events whose key or value does not decode as `K`
+    /// or `V` are skipped. The stream ends when this member stops.
+    pub async fn listen(&self, include_values: bool) -> crate::EventStream<listen::EntryEvent<K, V>>
+    where
+        K: DeserializeOwned + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let mut raw = listen::subscribe(&self.node, self.name.clone(), include_values).await;
+        let (tx, rx) = tokio::sync::broadcast::channel(4096);
+        let cancel = self.node.cancel.clone();
+        tokio::spawn(async move {
+            let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                let event = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = check.tick() => if tx.receiver_count() == 0 { return } else { continue },
+                    event = raw.recv() => match event {
+                        Some(event) => event,
+                        None => return,
+                    },
+                };
+                let Ok(key) = codec::decode::<K>(&event.key) else {
+                    continue;
+                };
+                let value = match &event.value {
+                    Some(bytes) => match codec::decode::<V>(bytes) {
+                        Ok(value) => Some(value),
+                        Err(_) => continue,
+                    },
+                    None => None,
+                };
+                let typed = listen::EntryEvent {
+                    kind: event.kind,
+                    key,
+                    value,
+                };
+                if tx.send(typed).is_err() {
+                    return;
+                }
+            }
+        });
+        crate::EventStream::new(rx)
     }
 
     /// Removes `key` and returns its value.

@@ -134,8 +134,15 @@ impl RpcClients {
 
     /// A request with the deadline and the peergrid metadata set.
     pub(crate) fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
+        let mut request = self.request_untimed(message);
         request.set_timeout(self.timeout);
+        request
+    }
+
+    /// A request with the peergrid metadata and no deadline, for streams that last as long as
+    /// their caller wants (entry listeners; use a client from [`RpcClients::get_bulk`]).
+    pub(crate) fn request_untimed<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
         let metadata = request.metadata_mut();
         if let Ok(v) = self.cluster_hash.parse() {
             metadata.insert(CLUSTER_HEADER, v);

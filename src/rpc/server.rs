@@ -394,6 +394,36 @@ impl PeerGrid for PeerGridService {
         Ok(Response::new(self.node.replica_states(&partitions)))
     }
 
+    type ListenStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<proto::EntryEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn listen(
+        &self,
+        request: Request<proto::ListenRequest>,
+    ) -> Result<Response<Self::ListenStream>, Status> {
+        self.admit(&request, "listen")?;
+        let request = request.into_inner();
+        let map: std::sync::Arc<str> = std::sync::Arc::from(request.map);
+        let include_values = request.include_values;
+        let events =
+            tokio_stream::wrappers::BroadcastStream::new(self.node.entry_events.subscribe());
+        let events = tokio_stream::StreamExt::filter_map(events, move |event| match event {
+            Ok(event) if event.map == map => Some(Ok(event.to_proto(include_values))),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(lost)) => {
+                Some(Ok(proto::EntryEvent {
+                    kind: proto::EntryEventKind::Lost as i32,
+                    seq: lost,
+                    ..proto::EntryEvent::default()
+                }))
+            }
+        });
+        // Ends when the member stops.
+        let events = futures::StreamExt::take_until(events, self.closed.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(events)))
+    }
+
     async fn echo(
         &self,
         request: Request<proto::EchoMessage>,
