@@ -505,3 +505,58 @@ async fn a_listener_sees_every_change_in_order_per_key_from_every_primary() {
     assert_eq!(seen["brief"], vec![(Added, Some(5)), (Expired, Some(5))]);
     assert_eq!(seen.len(), 31);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_sees_evictions() {
+    use peergrid::EntryEventKind::{Added, Evicted};
+    let cluster = Cluster::start_with(2, |c| {
+        c.maps = vec![(
+            "tiny".to_string(),
+            MapConfig {
+                eviction: peergrid::EvictionConfig {
+                    policy: peergrid::EvictionPolicy::Lru,
+                    max_entries_per_member: Some(1),
+                },
+                ..MapConfig::default()
+            },
+        )]
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let mut events = cluster
+        .grid(1)
+        .map::<String, u64>("tiny")
+        .listen(false)
+        .await;
+    let map: Map<String, u64> = cluster.grid(0).map("tiny");
+    // One partition (a hash tag) may hold one entry: the second write evicts the first.
+    map.set("{t}a", &1).await.unwrap();
+    map.set("{t}b", &2).await.unwrap();
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while seen.len() < 3 {
+            let event = events.recv().await.expect("stream open");
+            seen.push((event.kind, event.key, event.value));
+        }
+    })
+    .await
+    .expect("every event arrives");
+    assert_eq!(
+        seen,
+        vec![
+            (Added, "{t}a".to_string(), None),
+            (Added, "{t}b".to_string(), None),
+            (Evicted, "{t}a".to_string(), None),
+        ]
+    );
+    assert_eq!(map.get("{t}a").await.unwrap(), None);
+    assert_eq!(
+        map.local_stats().evictions
+            + cluster
+                .grid(1)
+                .map::<String, u64>("tiny")
+                .local_stats()
+                .evictions,
+        1
+    );
+}
