@@ -302,7 +302,8 @@ where
                 let Ok(key) = codec::decode::<K>(&event.key) else {
                     continue;
                 };
-                let value = match &event.value {
+                // This member's own primaries publish values whatever the listener asked for.
+                let value = match event.value.as_ref().filter(|_| include_values) {
                     Some(bytes) => match codec::decode::<V>(bytes) {
                         Ok(value) => Some(value),
                         Err(_) => continue,
