@@ -44,6 +44,24 @@ async fn run_member() -> Result<(), Box<dyn std::error::Error>> {
     let grid = Grid::join(config).await?;
     let mut events = grid.membership_events();
     let me = grid.local_member();
+    // Reports when the cluster becomes safe (every partition placed and backed up), and when it
+    // stops being so.
+    let watcher = grid.clone();
+    tokio::spawn(async move {
+        let mut was_safe = false;
+        loop {
+            let safe = watcher.is_safe().await.unwrap_or(false);
+            if safe != was_safe {
+                if safe {
+                    println!("safe {}", watcher.members().len());
+                } else {
+                    println!("unsafe");
+                }
+                was_safe = safe;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
     println!("joined {} {} {}", me.id, me.gossip_addr, me.rpc_addr);
     println!("members {}", grid.members().len());
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -77,6 +95,8 @@ struct Proc {
     id: String,
     gossip: String,
     members: usize,
+    /// The member count when this member last found the cluster safe (0: not safe).
+    safe_with: usize,
 }
 
 /// Lines from every member process: (process index, line).
@@ -109,6 +129,7 @@ async fn spawn_member(
         id: String::new(),
         gossip: String::new(),
         members: 0,
+        safe_with: 0,
     })
 }
 
@@ -135,6 +156,10 @@ async fn until(
             Some("members") => {
                 procs[i].members = words.next().and_then(|n| n.parse().ok()).unwrap_or(0)
             }
+            Some("safe") => {
+                procs[i].safe_with = words.next().and_then(|n| n.parse().ok()).unwrap_or(0)
+            }
+            Some("unsafe") => procs[i].safe_with = 0,
             Some(kind @ ("up" | "down" | "left")) => {
                 println!(
                     "  [{:>6.0} ms] member {} ({}) sees {kind:<4} {}",
@@ -169,7 +194,17 @@ async fn run_demo() -> Result<(), Box<dyn std::error::Error>> {
     for (i, p) in procs.iter().enumerate() {
         println!("  member {i}: id {} gossip {}", p.id, p.gossip);
     }
-    println!("  every member sees 3 members after {join_time:.2?}\n");
+    println!("  every member sees 3 members after {join_time:.2?}");
+    let safe = until(
+        &mut procs,
+        &mut lines,
+        "the partitions to be spread and backed up",
+        |p| p.iter().any(|p| p.safe_with == 3),
+    )
+    .await?;
+    println!(
+        "  partitions spread over the 3 and backed up (cluster safe) after another {safe:.2?}\n"
+    );
 
     println!("2. killing member 2 with SIGKILL");
     procs[2].child.start_kill()?;
@@ -202,10 +237,9 @@ async fn run_demo() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     println!("  the others saw it leave after {leave:.2?}\n");
 
-    for p in &mut procs {
+    // The rest leave one at a time, each handing its partitions to those that stay.
+    for p in procs.iter_mut().rev() {
         drop(p.child.stdin.take());
-    }
-    for p in &mut procs {
         let _ = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await;
     }
     println!("summary");
