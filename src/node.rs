@@ -470,8 +470,8 @@ impl Node {
         // The primary decides expiry: an expired entry is absent to every operation, and is
         // removed (and the removal replicated) when an operation finds it.
         let expired = stored.as_ref().is_some_and(|r| r.is_dead(now, max_idle));
-        let current = stored.clone().filter(|_| !expired);
-        let (result, change) = op.decide(current.as_ref());
+        let current = stored.as_ref().filter(|_| !expired);
+        let (result, change) = op.decide(current);
         let adds_entry = current.is_none() && matches!(change, Change::Upsert(..));
         let counters = self.counters(map);
         if op.is_read() {
@@ -495,7 +495,7 @@ impl Node {
             }
             Change::None => None,
             Change::Upsert(value, expiry) => {
-                let version = current.as_ref().map_or(1, |r| r.version + 1);
+                let version = current.map_or(1, |r| r.version + 1);
                 let ttl = match expiry {
                     Expiry::MapDefault => map_config.ttl,
                     Expiry::After(ttl) => Some(ttl),
@@ -534,10 +534,9 @@ impl Node {
                     EntryEventKind::Expired,
                     stored.as_ref().map(|r| r.value.clone()),
                 )),
-                proto::mutation::Change::Remove(_) => Some((
-                    EntryEventKind::Removed,
-                    current.as_ref().map(|r| r.value.clone()),
-                )),
+                proto::mutation::Change::Remove(_) => {
+                    Some((EntryEventKind::Removed, current.map(|r| r.value.clone())))
+                }
                 proto::mutation::Change::Clear(_) => None,
             };
             if let Some((kind, value)) = event {
@@ -1122,7 +1121,7 @@ impl Node {
             if broken {
                 tracing::info!(partition, "fault switch: breaking this migration stream");
             }
-            Ok(chunks)
+            Ok(Box::new(chunks))
         } else {
             let header = proto::SnapshotChunk {
                 part: Some(proto::snapshot_chunk::Part::Header(
@@ -1244,6 +1243,25 @@ mod tests {
         panic!("the cluster did not settle");
     }
 
+    /// Two members of a fresh cluster named after `name`, configured by `tune`, settled.
+    async fn pair(name: &str, tune: impl Fn(&mut GridConfig)) -> (Grid, Grid) {
+        let config = |seeds| {
+            let mut config = GridConfig {
+                cluster_name: format!("{name}-{}", std::process::id()),
+                seeds,
+                ..GridConfig::ephemeral()
+            };
+            tune(&mut config);
+            config
+        };
+        let a = Grid::join(config(vec![])).await.unwrap();
+        let b = Grid::join(config(vec![a.local_member().gossip_addr]))
+            .await
+            .unwrap();
+        settled(&[&a, &b]).await;
+        (a, b)
+    }
+
     async fn present(map: &Map<String, u64>) -> usize {
         let mut n = 0;
         for i in 0..300u64 {
@@ -1294,18 +1312,11 @@ mod tests {
     /// dropped) is found by anti-entropy and repaired, with no write to expose it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn anti_entropy_repairs_a_drifted_backup() {
-        let config = |seeds| GridConfig {
-            cluster_name: format!("anti-entropy-test-{}", std::process::id()),
-            seeds,
-            backup_count: 1,
-            anti_entropy_interval: Duration::from_millis(100),
-            ..GridConfig::ephemeral()
-        };
-        let a = Grid::join(config(vec![])).await.unwrap();
-        let b = Grid::join(config(vec![a.local_member().gossip_addr]))
-            .await
-            .unwrap();
-        settled(&[&a, &b]).await;
+        let (a, b) = pair("anti-entropy-test", |c| {
+            c.backup_count = 1;
+            c.anti_entropy_interval = Duration::from_millis(100);
+        })
+        .await;
         a.wait_safe(Duration::from_secs(20)).await.unwrap();
         let map: Map<String, u64> = a.map("m");
         for i in 0..300u64 {
@@ -1357,17 +1368,7 @@ mod tests {
     /// make the current primaries replace their data with empty snapshots.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_table_with_stale_previous_primaries_wipes_nothing() {
-        let config = |seeds| GridConfig {
-            cluster_name: format!("node-test-{}", std::process::id()),
-            seeds,
-            backup_count: 0,
-            ..GridConfig::ephemeral()
-        };
-        let a = Grid::join(config(vec![])).await.unwrap();
-        let b = Grid::join(config(vec![a.local_member().gossip_addr]))
-            .await
-            .unwrap();
-        settled(&[&a, &b]).await;
+        let (a, b) = pair("node-test", |c| c.backup_count = 0).await;
         let map: Map<String, u64> = a.map("m");
         for i in 0..300u64 {
             map.set(&format!("k{i}"), &i).await.unwrap();

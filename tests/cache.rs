@@ -8,6 +8,11 @@ use std::time::Duration;
 use common::{Cluster, DEADLINE, wait_for};
 use peergrid::{Map, MapConfig};
 
+/// `n` members whose map (or pattern) `map` has `config`.
+async fn with_map(n: usize, map: &str, config: MapConfig) -> Cluster {
+    Cluster::start_with(n, |c| c.maps = vec![(map.to_string(), config.clone())]).await
+}
+
 /// Entries held by every member of `cluster` (primary and backup copies).
 fn held(cluster: &Cluster) -> u64 {
     cluster
@@ -100,15 +105,14 @@ async fn an_expired_entry_stays_expired_on_a_promoted_backup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_removes_expired_entries_nobody_reads_from_every_replica() {
-    let cluster = Cluster::start_with(3, |c| {
-        c.maps = vec![(
-            "sessions".to_string(),
-            MapConfig {
-                ttl: Some(Duration::from_secs(1)),
-                ..MapConfig::default()
-            },
-        )]
-    })
+    let cluster = with_map(
+        3,
+        "sessions",
+        MapConfig {
+            ttl: Some(Duration::from_secs(1)),
+            ..MapConfig::default()
+        },
+    )
     .await;
     cluster.wait_table_settled().await;
     let map: Map<String, u64> = cluster.grid(1).map("sessions");
@@ -130,15 +134,14 @@ async fn the_sweep_removes_expired_entries_nobody_reads_from_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_maps_default_ttl_applies_to_writes_without_their_own() {
-    let cluster = Cluster::start_with(2, |c| {
-        c.maps = vec![(
-            "cache*".to_string(),
-            MapConfig {
-                ttl: Some(Duration::from_millis(200)),
-                ..MapConfig::default()
-            },
-        )]
-    })
+    let cluster = with_map(
+        2,
+        "cache*",
+        MapConfig {
+            ttl: Some(Duration::from_millis(200)),
+            ..MapConfig::default()
+        },
+    )
     .await;
     cluster.wait_table_settled().await;
     let cache: Map<String, u64> = cluster.grid(0).map("cache-users");
@@ -226,18 +229,17 @@ async fn each_member_counts_what_it_served_as_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() {
     let limit = 2000u64;
-    let cluster = Cluster::start_with(2, |c| {
-        c.maps = vec![(
-            "lru".to_string(),
-            MapConfig {
-                eviction: peergrid::EvictionConfig {
-                    policy: peergrid::EvictionPolicy::Lru,
-                    max_entries_per_member: Some(limit),
-                },
-                ..MapConfig::default()
+    let cluster = with_map(
+        2,
+        "lru",
+        MapConfig {
+            eviction: peergrid::EvictionConfig {
+                policy: peergrid::EvictionPolicy::Lru,
+                max_entries_per_member: Some(limit),
             },
-        )]
-    })
+            ..MapConfig::default()
+        },
+    )
     .await;
     cluster.wait_table_settled().await;
     let map: Map<String, u64> = cluster.grid(0).map("lru");
@@ -289,15 +291,14 @@ async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_idle_longer_than_max_idle_expire_and_read_ones_stay() {
-    let cluster = Cluster::start_with(2, |c| {
-        c.maps = vec![(
-            "idle".to_string(),
-            MapConfig {
-                max_idle: Some(Duration::from_millis(400)),
-                ..MapConfig::default()
-            },
-        )]
-    })
+    let cluster = with_map(
+        2,
+        "idle",
+        MapConfig {
+            max_idle: Some(Duration::from_millis(400)),
+            ..MapConfig::default()
+        },
+    )
     .await;
     cluster.wait_table_settled().await;
     let map: Map<String, u64> = cluster.grid(0).map("idle");
@@ -318,15 +319,7 @@ async fn entries_idle_longer_than_max_idle_expire_and_read_ones_stay() {
         "the idle entry to be swept from every replica",
         DEADLINE,
         || {
-            let n: u64 = cluster
-                .live()
-                .map(|g| {
-                    (0..271u32)
-                        .filter_map(|p| g.local_replica(p))
-                        .map(|r| r.entries)
-                        .sum::<u64>()
-                })
-                .sum();
+            let n = held(&cluster);
             async move { (n == 2).then_some(()) }
         },
     )
@@ -438,7 +431,15 @@ async fn a_loader_whose_member_crashes_does_not_wedge_the_key() {
                 .await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every get_or_load asks the primary first (a read there): wait until both waiters have.
+    wait_for("both waiters to reach the primary", DEADLINE, || {
+        let gets: u64 = cluster
+            .live()
+            .map(|g| g.map::<String, u64>("loads").local_stats().gets)
+            .sum();
+        async move { (gets >= 3).then_some(()) }
+    })
+    .await;
     // ...until its member crashes: one of them loads instead, and all get that value.
     cluster.crash(doomed);
     for waiter in waiters {
@@ -509,18 +510,17 @@ async fn a_listener_sees_every_change_in_order_per_key_from_every_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_sees_evictions() {
     use peergrid::EntryEventKind::{Added, Evicted};
-    let cluster = Cluster::start_with(2, |c| {
-        c.maps = vec![(
-            "tiny".to_string(),
-            MapConfig {
-                eviction: peergrid::EvictionConfig {
-                    policy: peergrid::EvictionPolicy::Lru,
-                    max_entries_per_member: Some(1),
-                },
-                ..MapConfig::default()
+    let cluster = with_map(
+        2,
+        "tiny",
+        MapConfig {
+            eviction: peergrid::EvictionConfig {
+                policy: peergrid::EvictionPolicy::Lru,
+                max_entries_per_member: Some(1),
             },
-        )]
-    })
+            ..MapConfig::default()
+        },
+    )
     .await;
     cluster.wait_table_settled().await;
     let mut events = cluster

@@ -6,7 +6,6 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use common::{Cluster, assert_all_present, collect, start_writers};
 use peergrid::{Map, PartitionEvent};
@@ -35,12 +34,13 @@ async fn adding_two_members_to_three_under_writes_loses_no_acknowledged_write() 
     preload.put_all(before.clone()).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let puts_before = cluster.puts("failover");
     let writers = start_writers(
         &[cluster.grid(0), cluster.grid(1), cluster.grid(2)],
         2,
         &stop,
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.wait_for_writes("failover", puts_before, 100).await;
     // Two members join at once.
     let (config_a, config_b) = (cluster.config(), cluster.config());
     let (a, b) = tokio::join!(
@@ -80,8 +80,9 @@ async fn the_coordinator_crashing_mid_migration_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start_with(3, |c| c.max_parallel_migrations = 4).await;
     cluster.wait_table_settled().await;
     let stop = Arc::new(AtomicBool::new(false));
+    let puts_before = cluster.puts("failover");
     let writers = start_writers(&[cluster.grid(1), cluster.grid(2)], 3, &stop);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.wait_for_writes("failover", puts_before, 100).await;
     let joiner = cluster.add().await;
     // Crash the coordinator (the oldest member) once the joiner started taking partitions over,
     // with most moves still to come (4 at a time).
@@ -104,7 +105,9 @@ async fn the_coordinator_crashing_mid_migration_loses_no_acknowledged_write() {
     cluster.crash(0);
     cluster.wait_converged().await;
     cluster.wait_table_settled().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The writers keep going on the cluster the crash left.
+    let puts_after = cluster.puts("failover");
+    cluster.wait_for_writes("failover", puts_after, 100).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, failed) = collect(writers).await;
     eprintln!("{} acknowledged writes, {failed} failed calls", acked.len());
@@ -152,8 +155,9 @@ async fn a_member_rejoining_with_a_new_generation_mid_migration_gets_only_the_cu
     let cluster = Cluster::start_with(4, |c| c.max_parallel_migrations = 4).await;
     cluster.wait_table_settled().await;
     let stop = Arc::new(AtomicBool::new(false));
+    let puts_before = cluster.puts("failover");
     let writers = start_writers(&[cluster.grid(0), cluster.grid(1)], 3, &stop);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.wait_for_writes("failover", puts_before, 100).await;
     // Member 3 is cut off from everyone: declared down, its partitions promoted and re-backed up.
     let isolated = cluster.grid(3).clone();
     let old = isolated.local_member();

@@ -102,17 +102,25 @@ async fn three_processes_find_each_other_by_default_and_detect_a_sigkill() {
     )
     .await;
 
-    // The survivors leave gracefully and exit cleanly.
-    for m in &mut members[..2] {
-        let mut stdin = m.child.stdin.take().expect("stdin");
+    leave_and_exit(&mut members, &mut rx, &[0, 1]).await;
+}
+
+/// The members at `which` leave gracefully (told on stdin) and exit cleanly.
+async fn leave_and_exit(
+    members: &mut [Member],
+    rx: &mut mpsc::UnboundedReceiver<(usize, String)>,
+    which: &[usize],
+) {
+    for &i in which {
+        let mut stdin = members[i].child.stdin.take().expect("stdin");
         stdin.write_all(b"leave\n").await.expect("write");
     }
-    pump(&mut members, &mut rx, "survivors to leave", |m| {
-        m[..2].iter().all(|m| m.said_bye)
+    pump(members, rx, "survivors to leave", |m| {
+        which.iter().all(|&i| m[i].said_bye)
     })
     .await;
-    for m in &mut members[..2] {
-        let status = tokio::time::timeout(Duration::from_secs(10), m.child.wait())
+    for &i in which {
+        let status = tokio::time::timeout(Duration::from_secs(10), members[i].child.wait())
             .await
             .expect("exits")
             .expect("status");
@@ -174,12 +182,5 @@ async fn a_sigkilled_member_process_loses_no_acknowledged_write() {
     assert_eq!(lost, 0, "{lost} acknowledged writes lost to the SIGKILL");
 
     grid.leave().await.expect("leaves");
-    for i in [0, 2] {
-        let mut stdin = members[i].child.stdin.take().expect("stdin");
-        stdin.write_all(b"leave\n").await.expect("write");
-    }
-    pump(&mut members, &mut rx, "survivors to leave", |m| {
-        m[0].said_bye && m[2].said_bye
-    })
-    .await;
+    leave_and_exit(&mut members, &mut rx, &[0, 2]).await;
 }

@@ -411,11 +411,7 @@ async fn install_snapshot(
     };
     let bytes = snapshot.bytes;
     let chunks = snapshot.chunks(deps.table.current().version, deps.chunk_size);
-    let breaks = deps
-        .fault_switch
-        .as_ref()
-        .is_some_and(|f| f.take_stream_break());
-    let chunks = chunks.take(if breaks { 2 } else { usize::MAX });
+    let (chunks, _) = super::snapshot::maybe_broken(chunks, deps.fault_switch.as_ref());
     let mut call = deps.rpc.get_bulk(peer)?;
     let request = deps.rpc.bulk_request(futures::stream::iter(chunks), bytes);
     let answer = call

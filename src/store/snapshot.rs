@@ -161,13 +161,12 @@ impl Snapshot {
 /// `chunks` as sent, ending right after the first chunk of contents (the header and one chunk)
 /// when `fault` says this stream is to break. A receiver then sees an incomplete stream. Returns
 /// whether it breaks.
-pub(crate) fn maybe_broken(
-    chunks: impl Iterator<Item = proto::SnapshotChunk> + Send + 'static,
+pub(crate) fn maybe_broken<I: Iterator<Item = proto::SnapshotChunk>>(
+    chunks: I,
     fault: Option<&crate::FaultSwitch>,
-) -> (Box<dyn Iterator<Item = proto::SnapshotChunk> + Send>, bool) {
+) -> (std::iter::Take<I>, bool) {
     let broken = fault.is_some_and(|f| f.take_stream_break());
-    let limit = if broken { 2 } else { usize::MAX };
-    (Box::new(chunks.take(limit)), broken)
+    (chunks.take(if broken { 2 } else { usize::MAX }), broken)
 }
 
 /// A received snapshot, checked and ready to replace a partition's contents.

@@ -115,13 +115,7 @@ impl Cluster {
     /// Starts one more member with `config` and returns its index.
     pub async fn add_with(&mut self, config: GridConfig) -> usize {
         let grid = Grid::join(config).await.expect("member joins");
-        let me = grid.local_member();
-        self.slots.push(Slot {
-            grid: Some(grid),
-            gossip: me.gossip_addr,
-            rpc: me.rpc_addr,
-        });
-        self.slots.len() - 1
+        self.adopt(grid)
     }
 
     /// Takes a member started elsewhere (with [`Cluster::config`]) into the cluster; returns its
@@ -210,6 +204,22 @@ impl Cluster {
                 }
             },
         )
+        .await;
+    }
+
+    /// Writes to `map` that the running members executed as primaries so far.
+    pub fn puts(&self, map: &str) -> u64 {
+        self.live()
+            .map(|g| g.map::<String, u64>(map).local_stats().puts)
+            .sum()
+    }
+
+    /// Waits until the running members executed `n` more writes to `map` than `since`.
+    pub async fn wait_for_writes(&self, map: &str, since: u64, n: u64) {
+        wait_for(&format!("{n} writes to {map}"), DEADLINE, || {
+            let done = self.puts(map) >= since + n;
+            async move { done.then_some(()) }
+        })
         .await;
     }
 
