@@ -71,7 +71,7 @@ impl Node {
                     e
                 }
                 // Setting a value twice is the same as once: retry on the new primary.
-                Err(e @ Error::NotBackedUp { .. }) if matches!(op, MapOp::Set(_)) => {
+                Err(e @ Error::NotBackedUp { .. }) if op.is_repeatable() => {
                     self.await_table_change(table.version).await;
                     e
                 }

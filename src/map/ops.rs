@@ -80,6 +80,21 @@ pub(crate) enum Change {
 }
 
 impl MapOp {
+    /// Whether applying the operation twice is the same as once, so a write whose outcome is
+    /// unknown may simply be sent again: a plain set (with or without a time to live), and the
+    /// end of a load (its value is set, then handed to the waiters).
+    pub(crate) fn is_repeatable(&self) -> bool {
+        matches!(
+            self,
+            MapOp::Set(_)
+                | MapOp::SetWithTtl(..)
+                | MapOp::LoadEnd {
+                    outcome: LoadOutcome::Loaded(_),
+                    ..
+                }
+        )
+    }
+
     /// Whether the operation only reads.
     pub(crate) fn is_read(&self) -> bool {
         matches!(self, MapOp::Get | MapOp::ContainsKey)
@@ -294,6 +309,10 @@ mod tests {
         assert!(!result.applied);
         assert_eq!(change, Change::None);
         assert!(!MapOp::Expire(ttl).is_read());
+        assert!(
+            MapOp::SetWithTtl(b("x"), ttl).is_repeatable() && MapOp::Set(b("x")).is_repeatable()
+        );
+        assert!(!MapOp::Put(b("x")).is_repeatable() && !MapOp::Expire(ttl).is_repeatable());
         // Expiry itself is judged against the record's deadline.
         let expiring = Record {
             expires_at_ms: 1_000,
