@@ -156,6 +156,47 @@ pub struct MapConfig {
     /// primary only, so after a failover an entry's idle time starts again on the new primary.
     /// Default `None`: no idle limit.
     pub max_idle: Option<std::time::Duration>,
+    /// A near cache (L1) of this map on this member: recently read entries of remote partitions
+    /// kept in process, invalidated by their primaries. Default `None`: no near cache.
+    pub near_cache: Option<NearCacheConfig>,
+}
+
+/// A map's near cache on one member (in [`MapConfig::near_cache`]), like Hazelcast's.
+///
+/// A `get` of a key whose primary is another member keeps the value it got; later reads of that
+/// key are answered from process memory until the entry is invalidated, expires or is evicted.
+/// The key's primary pushes invalidations (batched) on every update, removal, expiry, eviction
+/// and clear. Invalidations carry per-partition sequence numbers; a lost one is found at the
+/// next invalidation of its partition or by the repair round, and the partition's cached entries
+/// are dropped. See `map::near` for the staleness bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NearCacheConfig {
+    /// Most entries the near cache holds. Default 10 000.
+    pub max_entries: usize,
+    /// Which entry goes when the near cache is full. [`EvictionPolicy::None`]: nothing is evicted
+    /// and new entries are not cached while it is full. Default [`EvictionPolicy::Lru`].
+    pub eviction: EvictionPolicy,
+    /// Entries are dropped this long after they were cached (and never kept beyond the entry's
+    /// own expiry). Default `None`.
+    pub ttl: Option<std::time::Duration>,
+    /// Entries not read for this long are dropped. Default `None`.
+    pub max_idle: Option<std::time::Duration>,
+    /// How often the near cache compares the invalidations it received with each member's
+    /// sequence numbers to find lost ones: a lost invalidation is found within two intervals.
+    /// Must not be zero. Default 1 s.
+    pub repair_interval: std::time::Duration,
+}
+
+impl Default for NearCacheConfig {
+    fn default() -> Self {
+        NearCacheConfig {
+            max_entries: 10_000,
+            eviction: EvictionPolicy::Lru,
+            ttl: None,
+            max_idle: None,
+            repair_interval: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 impl MapConfig {
@@ -326,6 +367,20 @@ impl GridConfig {
                     field: "maps.backup_count",
                     reason: "must not exceed the grid's backup_count",
                 });
+            }
+            if let Some(near) = &map.near_cache {
+                if near.max_entries == 0 {
+                    return Err(ConfigError::Range {
+                        field: "maps.near_cache.max_entries",
+                        reason: "must be at least 1",
+                    });
+                }
+                if near.repair_interval.is_zero() {
+                    return Err(ConfigError::Range {
+                        field: "maps.near_cache.repair_interval",
+                        reason: "must not be zero",
+                    });
+                }
             }
         }
         self.swim.validate()

@@ -18,6 +18,8 @@ pub struct FaultSwitch {
     cuts: Arc<RwLock<HashSet<(SocketAddr, SocketAddr)>>>,
     /// Partition copy streams still to break, and how many were broken.
     stream_breaks: Arc<(AtomicU64, AtomicU64)>,
+    /// Near-cache invalidation batches still to drop, and how many were dropped.
+    invalidation_drops: Arc<(AtomicU64, AtomicU64)>,
 }
 
 fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -78,15 +80,23 @@ impl FaultSwitch {
 
     /// Whether the stream about to be sent is to break (counted as broken if so).
     pub(crate) fn take_stream_break(&self) -> bool {
-        let taken = self
-            .stream_breaks
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if taken {
-            self.stream_breaks.1.fetch_add(1, Ordering::SeqCst);
-        }
-        taken
+        take(&self.stream_breaks)
+    }
+
+    /// Drops the next `n` near-cache invalidation batches sent by the members sharing this
+    /// switch (their sequence numbers are spent, as a batch lost on the way would be).
+    pub fn drop_invalidation_batches(&self, n: u64) {
+        self.invalidation_drops.0.store(n, Ordering::SeqCst);
+    }
+
+    /// How many invalidation batches this switch dropped so far.
+    pub fn dropped_invalidation_batches(&self) -> u64 {
+        self.invalidation_drops.1.load(Ordering::SeqCst)
+    }
+
+    /// Whether the invalidation batch about to be sent is to be dropped (counted if so).
+    pub(crate) fn take_invalidation_drop(&self) -> bool {
+        take(&self.invalidation_drops)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
@@ -94,6 +104,18 @@ impl FaultSwitch {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Takes one from a (still to do, done) pair of counters, if any is left.
+fn take(counters: &(AtomicU64, AtomicU64)) -> bool {
+    let taken = counters
+        .0
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if taken {
+        counters.1.fetch_add(1, Ordering::SeqCst);
+    }
+    taken
 }
 
 #[cfg(test)]

@@ -133,6 +133,7 @@ impl Grid {
             map_counters: Default::default(),
             loads: Default::default(),
             entry_events: tokio::sync::broadcast::channel(8192).0,
+            near_caches: Default::default(),
         });
         let server_task = server::spawn(
             tcp,

@@ -130,8 +130,10 @@ pub(crate) struct Node {
     pub(crate) map_counters: dashmap::DashMap<Arc<str>, Arc<MapCounters>>,
     /// `get_or_load` loads in flight for keys this member leads, by map and key.
     pub(crate) loads: dashmap::DashMap<(Arc<str>, Bytes), LoadState>,
-    /// Changes this member applied as primary, for entry listeners.
+    /// Changes this member applied as primary, for entry listeners and near caches.
     pub(crate) entry_events: tokio::sync::broadcast::Sender<Arc<RawEntryEvent>>,
+    /// This member's near caches, by map name (created with the map's first handle).
+    pub(crate) near_caches: dashmap::DashMap<Arc<str>, Arc<crate::map::near::NearCache>>,
 }
 
 /// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
@@ -179,27 +181,34 @@ impl Node {
         self.rpc.get(&peer)
     }
 
-    /// Publishes a change to this member's entry listeners (the caller holds the partition's
-    /// write lock, so a partition's events go out in sequence order).
+    /// Numbers a change for near-cache invalidation and publishes it to this member's entry
+    /// listeners and invalidation streams (the caller holds the partition's write lock, so a
+    /// partition's events go out in sequence order). `kind` `None`: the map's partition was
+    /// cleared.
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
+        counters: &MapCounters,
         map: &str,
-        kind: EntryEventKind,
+        kind: Option<EntryEventKind>,
         key: &Bytes,
         value: Option<Bytes>,
         partition: u32,
         seq: u64,
     ) {
+        let map_seq = counters.next_invalidation(partition);
         if self.entry_events.receiver_count() == 0 {
             return;
         }
         let _ = self.entry_events.send(Arc::new(RawEntryEvent {
             map: Arc::from(map),
-            kind,
+            kind: kind.unwrap_or(EntryEventKind::Removed),
+            clear: kind.is_none(),
             key: key.clone(),
             value,
             partition,
             seq,
+            map_seq,
         }));
     }
 
@@ -210,9 +219,26 @@ impl Node {
         }
         self.map_counters
             .entry(Arc::from(map))
-            .or_default()
+            .or_insert_with(|| Arc::new(MapCounters::new(self.config.partition_count)))
             .value()
             .clone()
+    }
+
+    /// The near cache of `map` on this member, started on first use, if the map has one.
+    pub(crate) fn near_cache(self: &Arc<Self>, map: &str) -> Option<Arc<crate::map::near::NearCache>> {
+        if let Some(near) = self.near_caches.get(map) {
+            return Some(near.value().clone());
+        }
+        let config = self.config.map_config(map).near_cache?;
+        Some(
+            self.near_caches
+                .entry(Arc::from(map))
+                .or_insert_with(|| {
+                    crate::map::near::NearCache::start(self, Arc::from(map), config)
+                })
+                .value()
+                .clone(),
+        )
     }
 
     /// `map`'s statistics on this member: its counters, and what it holds now.
@@ -357,6 +383,7 @@ impl Node {
                         found: true,
                         value: Some(value),
                         applied: false,
+                        expires_at_ms: 0,
                     }));
                 }
                 Some(LoadOutcome::Failed(message)) => {
@@ -540,7 +567,7 @@ impl Node {
                 proto::mutation::Change::Clear(_) => None,
             };
             if let Some((kind, value)) = event {
-                self.emit(map, kind, &key, value, partition, *seq);
+                self.emit(&counters, map, Some(kind), &key, value, partition, *seq);
             }
             let mutation = proto::Mutation {
                 seq: *seq,
@@ -561,8 +588,9 @@ impl Node {
                 MapCounters::bump(&counters.evictions);
                 *seq += 1;
                 self.emit(
+                    &counters,
                     map,
-                    EntryEventKind::Evicted,
+                    Some(EntryEventKind::Evicted),
                     &victim,
                     evicted,
                     partition,
@@ -690,6 +718,7 @@ impl Node {
         let mut count = 0u64;
         let mut acks = Vec::new();
         let map_config = self.config.map_config(map);
+        let counters = self.counters(map);
         for partition in candidates {
             self.partition_ready(partition).await?;
             let data = self
@@ -714,6 +743,7 @@ impl Node {
                     change: Some(proto::mutation::Change::Clear(true)),
                 };
                 data.apply_change(&mutation);
+                self.emit(&counters, map, None, &Bytes::new(), None, partition, *seq);
                 self.replicate(partition, &table, mutation, &map_config, &mut acks);
             }
         }
@@ -787,6 +817,24 @@ impl Node {
             takeovers = takeovers.len(),
             "partition table applied"
         );
+        // Near caches drop what they hold of a partition this member leads again: entries from
+        // its earlier tenure may have missed the writes of the primaries between.
+        if self.entry_events.receiver_count() > 0 {
+            for p in 0..current.partition_count() {
+                if current.primary(p) == Some(self.me) && previous.primary(p) != Some(self.me) {
+                    let _ = self.entry_events.send(Arc::new(RawEntryEvent {
+                        map: Arc::from(""),
+                        kind: EntryEventKind::Removed,
+                        clear: true,
+                        key: Bytes::new(),
+                        value: None,
+                        partition: p,
+                        seq: 0,
+                        map_seq: 0,
+                    }));
+                }
+            }
+        }
         self.on_table_changed(&previous, &current, &takeovers);
         true
     }

@@ -145,6 +145,7 @@ impl Node {
                 found: r.found,
                 value: r.found.then_some(r.value),
                 applied: r.applied,
+                expires_at_ms: r.expires_at_ms,
             }),
             Some(proto::map_response::Outcome::NotOwner(n)) => Outcome::NotOwner {
                 version: n.version,

@@ -54,6 +54,10 @@ pub(crate) struct RawEntryEvent {
     pub(crate) value: Option<Bytes>,
     pub(crate) partition: u32,
     pub(crate) seq: u64,
+    /// The primary's near-cache invalidation number of (map, partition).
+    pub(crate) map_seq: u64,
+    /// The whole partition of the map was cleared (no listener event; near caches drop it).
+    pub(crate) clear: bool,
 }
 
 impl RawEntryEvent {
@@ -85,6 +89,8 @@ impl RawEntryEvent {
             value: event.has_value.then_some(event.value),
             partition: event.partition,
             seq: event.seq,
+            map_seq: 0,
+            clear: false,
         })
     }
 }
@@ -122,7 +128,7 @@ pub(crate) async fn subscribe(
                 event = local.recv() => event,
             };
             match event {
-                Ok(event) if event.map == local_map => {
+                Ok(event) if event.map == local_map && !event.clear => {
                     let _ = local_tx.try_send(event);
                 }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

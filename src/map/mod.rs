@@ -5,6 +5,7 @@
 //! store when that is this member, a gRPC call otherwise.
 
 pub(crate) mod listen;
+pub(crate) mod near;
 pub(crate) mod ops;
 pub(crate) mod stats;
 
@@ -38,6 +39,7 @@ use ops::MapOp;
 pub struct Map<K, V> {
     node: Arc<Node>,
     name: Arc<str>,
+    near: Option<Arc<near::NearCache>>,
     _types: PhantomData<fn(K) -> V>,
 }
 
@@ -46,6 +48,7 @@ impl<K, V> Clone for Map<K, V> {
         Map {
             node: self.node.clone(),
             name: self.name.clone(),
+            near: self.near.clone(),
             _types: PhantomData,
         }
     }
@@ -64,6 +67,7 @@ where
 {
     pub(crate) fn new(node: Arc<Node>, name: &str) -> Self {
         Map {
+            near: node.near_cache(name),
             node,
             name: Arc::from(name),
             _types: PhantomData,
@@ -106,7 +110,49 @@ where
 
     async fn run<Q: Serialize + ?Sized>(&self, key: &Q, op: MapOp) -> Result<ops::OpResult> {
         let (partition, key) = self.key(key)?;
-        self.node.route(partition, &self.name, key, op).await
+        if op.is_read() {
+            return self.read(partition, key, op).await;
+        }
+        let Some(near) = &self.near else {
+            return self.node.route(partition, &self.name, key, op).await;
+        };
+        // Before, and after: a read that raced with the write must not keep the old value.
+        near.invalidate(&key);
+        let result = self
+            .node
+            .route(partition, &self.name, key.clone(), op)
+            .await;
+        near.invalidate(&key);
+        result
+    }
+
+    /// A read: from the near cache when it holds the key, else from the key's primary (and kept
+    /// in the near cache when it may be).
+    async fn read(&self, partition: u32, key: Bytes, op: MapOp) -> Result<ops::OpResult> {
+        let Some(near) = &self.near else {
+            return self.node.route(partition, &self.name, key, op).await;
+        };
+        let table = self.node.table.current();
+        let Some(primary) = table.primary(partition).filter(|p| *p != self.node.me) else {
+            // This member leads the key: its store is already in process.
+            return self.node.route(partition, &self.name, key, op).await;
+        };
+        if let Some(value) = near.lookup(&key, primary) {
+            return Ok(ops::OpResult {
+                found: true,
+                value: Some(value),
+                ..ops::OpResult::default()
+            });
+        }
+        let ticket = near.reserve(&key, partition, primary, table.version);
+        let result = self
+            .node
+            .route(partition, &self.name, key, MapOp::Get)
+            .await?;
+        if let Some(ticket) = ticket {
+            near.fill(ticket, &result, self.node.table.current().version);
+        }
+        Ok(result)
     }
 
     fn decode_previous(result: ops::OpResult) -> Result<Option<V>> {
@@ -134,11 +180,33 @@ where
         Ok(self.run(key, MapOp::ContainsKey).await?.found)
     }
 
+    /// The member that leads `key` in this member's current partition table (`None` while no
+    /// member does, before the first table). The answer can change with the next table.
+    pub fn owner<Q>(&self, key: &Q) -> Result<Option<MemberId>>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let (partition, _) = self.key(key)?;
+        Ok(self.node.table.current().primary(partition))
+    }
+
     /// This map's statistics on this member: the operations it executed as the primary of their
     /// keys, and the entries it holds. Local and cheap to ask for; sum over members for the
     /// cluster.
     pub fn local_stats(&self) -> crate::MapStats {
-        self.node.map_stats(&self.name)
+        let mut stats = self.node.map_stats(&self.name);
+        if let Some(near) = &self.near {
+            let n = near.stats();
+            stats.near_cache_hits = n.hits;
+            stats.near_cache_misses = n.misses;
+            stats.near_cache_entries = n.entries;
+            stats.near_cache_evictions = n.evictions;
+            stats.near_cache_expirations = n.expirations;
+            stats.near_cache_invalidations = n.invalidations;
+            stats.near_cache_partitions_dropped = n.partitions_dropped;
+        }
+        stats
     }
 
     /// Stores `value` under `key` and returns the previous value.
@@ -220,6 +288,13 @@ where
         E: std::fmt::Display,
     {
         let (partition, key) = self.key(key)?;
+        if let Some(near) = &self.near
+            && let Some(primary) = self.node.table.current().primary(partition)
+            && primary != self.node.me
+            && let Some(value) = near.lookup(&key, primary)
+        {
+            return codec::decode(&value);
+        }
         let claim: u64 = rand::random();
         let begin = MapOp::LoadBegin {
             member: self.node.me,
@@ -265,10 +340,13 @@ where
             .route(
                 partition,
                 &self.name,
-                key,
+                key.clone(),
                 MapOp::LoadEnd { claim, outcome },
             )
             .await?;
+        if let Some(near) = &self.near {
+            near.invalidate(&key);
+        }
         result
     }
 
@@ -386,12 +464,20 @@ where
         K: Clone + Eq + Hash + 'a,
     {
         let mut encoded = Vec::new();
+        let mut out = HashMap::new();
+        let table = self.near.as_ref().map(|_| self.node.table.current());
         for key in keys {
             let (partition, bytes) = self.key(key)?;
+            if let (Some(near), Some(table)) = (&self.near, &table)
+                && let Some(primary) = table.primary(partition).filter(|p| *p != self.node.me)
+                && let Some(value) = near.lookup(&bytes, primary)
+            {
+                out.insert(key.clone(), codec::decode(&value)?);
+                continue;
+            }
             encoded.push((key.clone(), partition, bytes, Bytes::new()));
         }
         let results = self.batch(false, &encoded).await?;
-        let mut out = HashMap::with_capacity(results.len());
         for ((key, ..), value) in encoded.into_iter().zip(results) {
             if let Some(bytes) = value {
                 out.insert(key, codec::decode(&bytes)?);
@@ -411,7 +497,14 @@ where
             let (partition, bytes) = self.key(&key)?;
             encoded.push(((), partition, bytes, self.value(&value)?));
         }
-        self.batch(true, &encoded).await.map(|_| ())
+        let Some(near) = &self.near else {
+            return self.batch(true, &encoded).await.map(|_| ());
+        };
+        let invalidate = || encoded.iter().for_each(|(_, _, key, _)| near.invalidate(key));
+        invalidate();
+        let result = self.batch(true, &encoded).await.map(|_| ());
+        invalidate();
+        result
     }
 
     /// Runs a batch: local entries directly, remote ones one call per owner, concurrently; entries
@@ -553,7 +646,11 @@ where
 
     /// Removes every entry in the whole cluster.
     pub async fn clear(&self) -> Result<()> {
-        self.scan(true).await.map(|_| ())
+        let result = self.scan(true).await.map(|_| ());
+        if let Some(near) = &self.near {
+            near.invalidate_all();
+        }
+        result
     }
 
     /// Asks every member for its primaries' count; retries while the answers do not cover every

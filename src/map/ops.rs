@@ -53,6 +53,9 @@ pub(crate) struct OpResult {
     pub(crate) value: Option<Bytes>,
     /// Whether a conditional operation changed the entry.
     pub(crate) applied: bool,
+    /// For `Get`: when the entry expires, in milliseconds since the Unix epoch (0: never); what
+    /// a near cache keeps it until at most.
+    pub(crate) expires_at_ms: u64,
 }
 
 /// What a loader produced.
@@ -112,6 +115,7 @@ impl MapOp {
                     found,
                     value: previous(),
                     applied: false,
+                    expires_at_ms: current.map_or(0, |r| r.expires_at_ms),
                 },
                 Change::None,
             ),
@@ -127,6 +131,7 @@ impl MapOp {
                     found,
                     value: previous(),
                     applied: true,
+                    expires_at_ms: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -135,6 +140,7 @@ impl MapOp {
                     found,
                     value: previous(),
                     applied: true,
+                    expires_at_ms: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -143,6 +149,7 @@ impl MapOp {
                     found,
                     value: None,
                     applied: true,
+                    expires_at_ms: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -151,6 +158,7 @@ impl MapOp {
                     found,
                     value: None,
                     applied: true,
+                    expires_at_ms: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -163,6 +171,7 @@ impl MapOp {
                     found,
                     value: None,
                     applied: found,
+                    expires_at_ms: 0,
                 },
                 match current {
                     Some(r) => Change::Upsert(r.value.clone(), Expiry::After(*ttl)),
@@ -178,6 +187,7 @@ impl MapOp {
                         None
                     },
                     applied: found,
+                    expires_at_ms: 0,
                 };
                 (result, if found { Change::Remove } else { Change::None })
             }
@@ -186,6 +196,7 @@ impl MapOp {
                     found,
                     value: previous(),
                     applied: !found,
+                    expires_at_ms: 0,
                 };
                 (
                     result,
@@ -201,6 +212,7 @@ impl MapOp {
                     found,
                     value: previous(),
                     applied: found,
+                    expires_at_ms: 0,
                 };
                 (
                     result,
@@ -217,6 +229,7 @@ impl MapOp {
                     found,
                     value: None,
                     applied: equal,
+                    expires_at_ms: 0,
                 };
                 (
                     result,
@@ -258,7 +271,8 @@ mod tests {
                 OpResult {
                     found: true,
                     value: Some(b("a")),
-                    applied: true
+                    applied: true,
+                    expires_at_ms: 0,
                 },
                 Change::Upsert(b("x"), Expiry::MapDefault)
             )

@@ -31,6 +31,21 @@ pub struct MapStats {
     pub backup_entries: u64,
     /// Key and value bytes of the owned entries (payload only, no overhead).
     pub owned_bytes: u64,
+    /// Reads this member's near cache answered (counted on the reading member, not in `gets`).
+    pub near_cache_hits: u64,
+    /// Reads of keys led by another member that the near cache could not answer.
+    pub near_cache_misses: u64,
+    /// Entries in this member's near cache.
+    pub near_cache_entries: u64,
+    /// Near-cache entries evicted to keep it within its size limit.
+    pub near_cache_evictions: u64,
+    /// Near-cache entries dropped because they (or their time in the near cache) expired.
+    pub near_cache_expirations: u64,
+    /// Near-cache entries dropped by an invalidation (a write here or on the key's primary).
+    pub near_cache_invalidations: u64,
+    /// Times the near cache dropped a whole partition: an invalidation was lost (a gap in the
+    /// sequence, or found by the repair round), the partition was cleared, or it changed primary.
+    pub near_cache_partitions_dropped: u64,
 }
 
 impl MapStats {
@@ -38,11 +53,19 @@ impl MapStats {
     pub fn hit_ratio(&self) -> Option<f64> {
         (self.gets > 0).then(|| self.hits as f64 / self.gets as f64)
     }
+
+    /// Near-cache hits over near-cache lookups; `None` before the first lookup.
+    pub fn near_cache_hit_ratio(&self) -> Option<f64> {
+        let lookups = self.near_cache_hits + self.near_cache_misses;
+        (lookups > 0).then(|| self.near_cache_hits as f64 / lookups as f64)
+    }
 }
 
 /// The counters behind [`MapStats`], one set per map name.
-#[derive(Default)]
 pub(crate) struct MapCounters {
+    /// Per partition: changes this member made as primary, numbered for near-cache invalidation
+    /// (see `map::near`).
+    pub(crate) invalidations: Box<[AtomicU64]>,
     pub(crate) gets: AtomicU64,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
@@ -53,6 +76,34 @@ pub(crate) struct MapCounters {
 }
 
 impl MapCounters {
+    pub(crate) fn new(partition_count: u32) -> Self {
+        MapCounters {
+            invalidations: (0..partition_count).map(|_| AtomicU64::new(0)).collect(),
+            gets: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// The next invalidation number of `partition` (the caller holds its write lock).
+    pub(crate) fn next_invalidation(&self, partition: u32) -> u64 {
+        self.invalidations
+            .get(partition as usize)
+            .map_or(0, |c| c.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// Every partition's last invalidation number.
+    pub(crate) fn invalidation_state(&self) -> Vec<u64> {
+        self.invalidations
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
+    }
+
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -185,6 +185,7 @@ impl PeerGrid for PeerGridService {
                     found: result.found,
                     value: result.value.unwrap_or_default(),
                     applied: result.applied,
+                    expires_at_ms: result.expires_at_ms,
                 }),
                 Outcome::NotOwner { version, owner } => {
                     proto::map_response::Outcome::NotOwner(proto::NotOwner {
@@ -409,7 +410,9 @@ impl PeerGrid for PeerGridService {
         let events =
             tokio_stream::wrappers::BroadcastStream::new(self.node.entry_events.subscribe());
         let events = tokio_stream::StreamExt::filter_map(events, move |event| match event {
-            Ok(event) if event.map == map => Some(Ok(event.to_proto(include_values))),
+            Ok(event) if event.map == map && !event.clear => {
+                Some(Ok(event.to_proto(include_values)))
+            }
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(lost)) => {
                 Some(Ok(proto::EntryEvent {
@@ -422,6 +425,33 @@ impl PeerGrid for PeerGridService {
         // Ends when the member stops.
         let events = futures::StreamExt::take_until(events, self.closed.clone().cancelled_owned());
         Ok(Response::new(Box::pin(events)))
+    }
+
+    type InvalidationsStream = tokio_stream::wrappers::ReceiverStream<
+        Result<proto::InvalidationBatch, Status>,
+    >;
+
+    async fn invalidations(
+        &self,
+        request: Request<proto::InvalidationsRequest>,
+    ) -> Result<Response<Self::InvalidationsStream>, Status> {
+        self.admit(&request, "invalidations")?;
+        let map = request.into_inner().map;
+        let batches = crate::map::near::serve_invalidations(&self.node, std::sync::Arc::from(map));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            batches,
+        )))
+    }
+
+    async fn invalidation_state(
+        &self,
+        request: Request<proto::InvalidationsRequest>,
+    ) -> Result<Response<proto::InvalidationStateResponse>, Status> {
+        self.admit(&request, "invalidation_state")?;
+        let map = request.into_inner().map;
+        Ok(Response::new(proto::InvalidationStateResponse {
+            seqs: self.node.counters(&map).invalidation_state(),
+        }))
     }
 
     async fn echo(
