@@ -72,7 +72,10 @@ mod routing;
 mod rpc;
 mod store;
 
-pub use config::{DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, MapConfig, NearCacheConfig, SwimConfig};
+pub use config::{
+    DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, MapConfig, NearCacheConfig,
+    SwimConfig,
+};
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;
 pub use fault::FaultSwitch;

@@ -225,7 +225,10 @@ impl Node {
     }
 
     /// The near cache of `map` on this member, started on first use, if the map has one.
-    pub(crate) fn near_cache(self: &Arc<Self>, map: &str) -> Option<Arc<crate::map::near::NearCache>> {
+    pub(crate) fn near_cache(
+        self: &Arc<Self>,
+        map: &str,
+    ) -> Option<Arc<crate::map::near::NearCache>> {
         if let Some(near) = self.near_caches.get(map) {
             return Some(near.value().clone());
         }
@@ -233,9 +236,7 @@ impl Node {
         Some(
             self.near_caches
                 .entry(Arc::from(map))
-                .or_insert_with(|| {
-                    crate::map::near::NearCache::start(self, Arc::from(map), config)
-                })
+                .or_insert_with(|| crate::map::near::NearCache::start(self, Arc::from(map), config))
                 .value()
                 .clone(),
         )

@@ -500,7 +500,11 @@ where
         let Some(near) = &self.near else {
             return self.batch(true, &encoded).await.map(|_| ());
         };
-        let invalidate = || encoded.iter().for_each(|(_, _, key, _)| near.invalidate(key));
+        let invalidate = || {
+            encoded
+                .iter()
+                .for_each(|(_, _, key, _)| near.invalidate(key))
+        };
         invalidate();
         let result = self.batch(true, &encoded).await.map(|_| ());
         invalidate();

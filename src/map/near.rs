@@ -144,9 +144,10 @@ pub(crate) struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.near
-            .entries
-            .remove_if(&self.key, |_, slot| matches!(slot, Slot::Reserved { id, .. } if *id == self.id));
+        self.near.entries.remove_if(
+            &self.key,
+            |_, slot| matches!(slot, Slot::Reserved { id, .. } if *id == self.id),
+        );
     }
 }
 
@@ -374,7 +375,11 @@ impl NearCache {
         };
         let mut candidates = sample(skip);
         if candidates.len() < EVICTION_SAMPLE {
-            candidates.extend(sample(0).into_iter().take(EVICTION_SAMPLE - candidates.len()));
+            candidates.extend(
+                sample(0)
+                    .into_iter()
+                    .take(EVICTION_SAMPLE - candidates.len()),
+            );
         }
         candidates
             .into_iter()
@@ -667,7 +672,9 @@ mod tests {
     }
 
     fn cache(near: &Arc<NearCache>, k: &'static str, partition: u32, from: MemberId) {
-        let ticket = near.reserve(&key(k), partition, from, 7).expect("a stream is open");
+        let ticket = near
+            .reserve(&key(k), partition, from, 7)
+            .expect("a stream is open");
         near.fill(ticket, &found("v"), 7);
     }
 
@@ -760,9 +767,16 @@ mod tests {
         cache(&near, "k", 2, A);
         // The member reports 1 for partition 2; the stream delivered nothing (the batch was lost).
         near.reconcile(&stream, vec![0, 0, 1, 0]);
-        assert!(near.lookup(b"k", A).is_some(), "one round may just be early");
+        assert!(
+            near.lookup(b"k", A).is_some(),
+            "one round may just be early"
+        );
         near.reconcile(&stream, vec![0, 0, 1, 0]);
-        assert_eq!(near.lookup(b"k", A), None, "still behind after a full round");
+        assert_eq!(
+            near.lookup(b"k", A),
+            None,
+            "still behind after a full round"
+        );
         // Delivered in time: nothing is dropped.
         cache(&near, "k", 2, A);
         near.reconcile(&stream, vec![0, 0, 2, 0]);
@@ -785,7 +799,10 @@ mod tests {
         for i in 0..200 {
             let k: &'static str = Box::leak(format!("k{i}").into_boxed_str());
             std::thread::sleep(Duration::from_millis(2));
-            assert!(near.lookup(b"hot", A).is_some(), "the hot entry was evicted at {i}");
+            assert!(
+                near.lookup(b"hot", A).is_some(),
+                "the hot entry was evicted at {i}"
+            );
             cache(&near, k, 1, A);
             assert!(near.entries.len() <= 10);
         }

@@ -427,9 +427,8 @@ impl PeerGrid for PeerGridService {
         Ok(Response::new(Box::pin(events)))
     }
 
-    type InvalidationsStream = tokio_stream::wrappers::ReceiverStream<
-        Result<proto::InvalidationBatch, Status>,
-    >;
+    type InvalidationsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::InvalidationBatch, Status>>;
 
     async fn invalidations(
         &self,
