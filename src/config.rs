@@ -210,17 +210,22 @@ impl MapConfig {
 
 /// A map's size limit and the policy that keeps it (in [`MapConfig::eviction`]).
 ///
-/// The limit is per member, over the entries it leads (as Hazelcast's `PER_NODE`), and is
-/// enforced per partition: a partition may hold `max_entries_per_member` divided by the number of
-/// partitions the member leads (at least one). A write that adds an entry beyond that evicts
-/// the entry the policy picks among a random sample of the partition's entries; the eviction is
-/// replicated to the backups like a removal.
+/// The limits are per member, over the entries it leads (as Hazelcast's `PER_NODE` and
+/// `USED_HEAP_SIZE`), and are enforced per partition: a partition may hold the member's limit
+/// divided by the number of partitions the member leads (at least one entry). A write that takes
+/// a partition beyond either limit evicts the entries the policy picks, each among a random
+/// sample of the partition's entries, never the entry being written; evictions are replicated to
+/// the backups like removals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EvictionConfig {
     /// Which entries go first. Default [`EvictionPolicy::None`]: nothing is evicted.
     pub policy: EvictionPolicy,
     /// Most entries one member leads for this map. `None`: no limit.
     pub max_entries_per_member: Option<u64>,
+    /// Most estimated memory of the entries one member leads for this map, in bytes: each entry
+    /// counts its key and value bytes plus a fixed estimate of its overhead (96 bytes, measured
+    /// by the memory benchmark). `None`: no limit.
+    pub max_bytes_per_member: Option<u64>,
 }
 
 /// Which entry an eviction removes, among a sample.

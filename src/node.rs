@@ -253,6 +253,7 @@ impl Node {
                 continue;
             };
             if table.primary(p) == Some(self.me) {
+                stats.owned_memory_bytes += entries.bytes();
                 for e in entries.iter().filter(|e| !e.value().is_dead(now, max_idle)) {
                     stats.owned_entries += 1;
                     stats.owned_bytes += (e.key().len() + e.value().value.len()) as u64;
@@ -500,7 +501,6 @@ impl Node {
         let expired = stored.as_ref().is_some_and(|r| r.is_dead(now, max_idle));
         let current = stored.as_ref().filter(|_| !expired);
         let (result, change) = op.decide(current);
-        let adds_entry = current.is_none() && matches!(change, Change::Upsert(..));
         let counters = self.counters(map);
         if op.is_read() {
             MapCounters::bump(&counters.gets);
@@ -516,6 +516,7 @@ impl Node {
             Change::None if expired => MapCounters::bump(&counters.expirations),
             Change::None => {}
         }
+        let upserts = matches!(change, Change::Upsert(..));
         let change = match change {
             Change::None if expired => {
                 entries.remove(&key);
@@ -578,10 +579,10 @@ impl Node {
             };
             self.replicate(partition, &table, mutation, &map_config, &mut acks);
         }
-        if adds_entry && let Some(limit) = self.partition_limit(&map_config, &table) {
+        if upserts && let Some((limit, byte_limit)) = self.partition_limit(&map_config, &table) {
             // Evictions are removals like any other: sequenced, replicated, and waited for with
             // the write that caused them.
-            while entries.len() > limit {
+            while entries.len() > limit || entries.bytes() > byte_limit {
                 let Some(victim) = pick_victim(&entries, &key, map_config.eviction.policy) else {
                     break;
                 };
@@ -609,23 +610,32 @@ impl Node {
         Ok((Outcome::Done(result), acks))
     }
 
-    /// How many entries of a map one partition this member leads may hold, if the map has a
-    /// limit it enforces: the per-member limit over the partitions led, at least one.
+    /// How many entries, and how many estimated bytes, of a map one partition this member leads
+    /// may hold, if the map has a limit it enforces: the per-member limits over the partitions
+    /// led (at least one entry).
     fn partition_limit(
         &self,
         map_config: &crate::config::MapConfig,
         table: &PartitionTable,
-    ) -> Option<usize> {
+    ) -> Option<(usize, u64)> {
         let eviction = map_config.eviction;
-        if eviction.policy == EvictionPolicy::None {
+        if eviction.policy == EvictionPolicy::None
+            || (eviction.max_entries_per_member.is_none()
+                && eviction.max_bytes_per_member.is_none())
+        {
             return None;
         }
-        let limit = eviction.max_entries_per_member?;
         let led = (0..table.partition_count())
             .filter(|&p| table.primary(p) == Some(self.me))
             .count()
             .max(1) as u64;
-        Some(usize::try_from((limit / led).max(1)).unwrap_or(usize::MAX))
+        let entries = eviction.max_entries_per_member.map_or(usize::MAX, |limit| {
+            usize::try_from((limit / led).max(1)).unwrap_or(usize::MAX)
+        });
+        let bytes = eviction
+            .max_bytes_per_member
+            .map_or(u64::MAX, |limit| limit / led);
+        Some((entries, bytes))
     }
 
     /// Queues `mutation` for the partition's backups (the caller holds the write lock).

@@ -236,6 +236,7 @@ async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() 
             eviction: peergrid::EvictionConfig {
                 policy: peergrid::EvictionPolicy::Lru,
                 max_entries_per_member: Some(limit),
+                ..Default::default()
             },
             ..MapConfig::default()
         },
@@ -286,6 +287,64 @@ async fn eviction_keeps_each_member_under_its_limit_and_lru_keeps_the_hot_set() 
         got.len() >= 45,
         "LRU keeps the hot set: {} of 50",
         got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_each_member_under_its_byte_limit() {
+    let limit = 256 * 1024u64;
+    let cluster = with_map(
+        2,
+        "heavy",
+        MapConfig {
+            eviction: peergrid::EvictionConfig {
+                policy: peergrid::EvictionPolicy::Lru,
+                max_bytes_per_member: Some(limit),
+                ..Default::default()
+            },
+            ..MapConfig::default()
+        },
+    )
+    .await;
+    cluster.wait_table_settled().await;
+    let map: Map<String, Vec<u8>> = cluster.grid(0).map("heavy");
+    // About 1.2 MB of entries for 512 KB of room.
+    for batch in 0..20u64 {
+        map.put_all((0..100u64).map(|i| (format!("k{batch}-{i}"), vec![7u8; 500])))
+            .await
+            .unwrap();
+    }
+    // Growing values evict too.
+    for i in 0..20u64 {
+        map.set(&format!("big{i}"), &vec![1u8; 1_500])
+            .await
+            .unwrap();
+    }
+    let stats: Vec<_> = cluster
+        .live()
+        .map(|g| g.map::<String, Vec<u8>>("heavy").local_stats())
+        .collect();
+    let mut evictions = 0;
+    for s in &stats {
+        assert!(
+            s.owned_memory_bytes <= limit,
+            "a member leads {} bytes of entries",
+            s.owned_memory_bytes
+        );
+        assert!(s.owned_bytes < s.owned_memory_bytes);
+        evictions += s.evictions;
+    }
+    let owned: u64 = stats.iter().map(|s| s.owned_entries).sum();
+    assert!(evictions > 1000, "{evictions} evictions");
+    assert_eq!(
+        owned + evictions,
+        2_020,
+        "every entry is held or was evicted"
+    );
+    assert_eq!(
+        map.get("big19").await.unwrap().map(|v| v.len()),
+        Some(1_500),
+        "the entry being written is never the one evicted"
     );
 }
 
@@ -517,6 +576,7 @@ async fn a_listener_sees_evictions() {
             eviction: peergrid::EvictionConfig {
                 policy: peergrid::EvictionPolicy::Lru,
                 max_entries_per_member: Some(1),
+                ..Default::default()
             },
             ..MapConfig::default()
         },

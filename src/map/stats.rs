@@ -31,6 +31,9 @@ pub struct MapStats {
     pub backup_entries: u64,
     /// Key and value bytes of the owned entries (payload only, no overhead).
     pub owned_bytes: u64,
+    /// Estimated memory of the owned entries: payload plus a fixed per-entry overhead estimate;
+    /// what [`crate::EvictionConfig::max_bytes_per_member`] limits.
+    pub owned_memory_bytes: u64,
     /// Reads this member's near cache answered (counted on the reading member, not in `gets`).
     pub near_cache_hits: u64,
     /// Reads of keys led by another member that the near cache could not answer.
