@@ -5,7 +5,8 @@
 //! cargo run --release --example bench -- quick   # a few seconds (CI smoke test)
 //! ```
 //!
-//! Two members in this process over real loopback sockets, backup count 1, 100-byte values.
+//! Two members in this process over real loopback sockets, backup count 1, 100-byte values; member
+//! a also keeps a near cache of a copy of the remote keys.
 //! Every figure is measured in rounds that interleave the systems under test, and the report
 //! gives the median over rounds. The echo is the member-to-member gRPC path with no map work:
 //! the floor a remote operation cannot beat. Nothing here asserts on time.
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use peergrid::{Grid, GridConfig, Map, MemberId};
+use peergrid::{Grid, GridConfig, Map, MapConfig, MemberId, NearCacheConfig};
 use tokio::time::Instant;
 
 const VALUE: [u8; 100] = [7; 100];
@@ -28,8 +29,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (5, 4000, Duration::from_secs(2))
     };
     let name = format!("bench-{}", std::process::id());
+    // Member a keeps a near cache of "bench-near" (the same data as "bench").
+    let near = MapConfig {
+        near_cache: Some(NearCacheConfig::default()),
+        ..MapConfig::default()
+    };
     let a = Grid::join(GridConfig {
         cluster_name: name.clone(),
+        maps: vec![("bench-near".to_string(), near)],
         ..GridConfig::ephemeral()
     })
     .await?;
@@ -41,6 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     let (ida, idb) = (a.local_member().id, b.local_member().id);
     wait_settled(&a, &b).await;
+    // Every migration done: keys stay where they are classified below.
+    a.wait_safe(Duration::from_secs(60)).await?;
 
     let map: Map<String, Bytes> = a.map("bench");
     let value = Bytes::from_static(&VALUE);
@@ -71,6 +80,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|k| (k.clone(), value.clone())),
     )
     .await?;
+    let near_map: Map<String, Bytes> = a.map("bench-near");
+    near_map
+        .put_all(remote.iter().map(|k| (k.clone(), value.clone())))
+        .await?;
+    // Read until every remote key is a near-cache hit (the invalidation streams open first).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = near_map.local_stats().near_cache_hits;
+        for k in remote.iter() {
+            near_map.get(k).await?;
+        }
+        if near_map.local_stats().near_cache_hits - before == remote.len() as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the near cache did not fill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut rows: Vec<(&str, Vec<Stats>)> = vec![
         ("local get", vec![]),
@@ -78,6 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("remote get", vec![]),
         ("remote set (1 sync backup)", vec![]),
         ("echo (bare rpc round trip)", vec![]),
+        ("near-cache get (remote key, cached)", vec![]),
     ];
     let mut throughput: Vec<(&str, Vec<f64>)> = vec![
         ("remote get, 64 tasks", vec![]),
@@ -120,6 +147,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await?,
         );
+        rows[5].1.push(
+            sequential_run(sequential, &remote, |k| {
+                let m = near_map.clone();
+                async move { m.get(&k).await.map(|_| ()) }
+            })
+            .await?,
+        );
         throughput[0].1.push(
             concurrent_run(64, concurrent_for, remote.clone(), map.clone(), Mode::Get).await?,
         );
@@ -144,11 +178,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("median of {rounds} interleaved round(s), {sequential} sequential ops per figure\n");
     println!("| operation | ops/s | p50 µs | p99 µs |");
     println!("|---|---:|---:|---:|");
+    // Sub-microsecond figures need two decimals.
     let mut medians = Vec::new();
     for (label, runs) in &rows {
         let m = Stats::median(runs);
         println!(
-            "| {label} | {:.0} | {:.1} | {:.1} |",
+            "| {label} | {:.0} | {:.2} | {:.2} |",
             m.ops_per_sec, m.p50_us, m.p99_us
         );
         medians.push(m);
@@ -177,6 +212,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "  local get ops/s / remote get ops/s: {:.1}",
         medians[0].ops_per_sec / medians[2].ops_per_sec
+    );
+    println!(
+        "  remote get p50 / near-cache hit p50: {:.0}  (target at least 50)",
+        medians[2].p50_us / medians[5].p50_us
+    );
+    let near_stats = near_map.local_stats();
+    println!(
+        "  near-cache hit ratio over the run:  {:.3} ({} hits, {} misses)",
+        near_stats.near_cache_hit_ratio().unwrap_or(0.0),
+        near_stats.near_cache_hits,
+        near_stats.near_cache_misses
     );
     Ok(())
 }
