@@ -156,6 +156,13 @@ pub struct MapConfig {
     /// primary only, so after a failover an entry's idle time starts again on the new primary.
     /// Default `None`: no idle limit.
     pub max_idle: Option<std::time::Duration>,
+    /// Probabilistic early refresh for [`crate::Map::get_or_load`]: in the last `early_refresh`
+    /// of an entry's time to live, each `get_or_load` of it may be chosen (with a probability
+    /// growing from 0 to 1 across the window) to run its loader and store the new value, while
+    /// every other caller keeps getting the current value; one refresh per key at a time in the
+    /// whole cluster. Hot keys are then replaced before they expire, and nobody waits for their
+    /// reload. Default `None`: entries are reloaded only once they expired.
+    pub early_refresh: Option<std::time::Duration>,
     /// A near cache (L1) of this map on this member: recently read entries of remote partitions
     /// kept in process, invalidated by their primaries. Default `None`: no near cache.
     pub near_cache: Option<NearCacheConfig>,

@@ -140,6 +140,19 @@ pub(crate) struct Node {
 /// the loader's member is declared down).
 pub(crate) const LOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Whether a read at `now_ms` of an entry expiring at `expires_at_ms` should reload it early:
+/// never before the last `window` of its life, then with a probability that grows linearly from
+/// 0 to 1 across the window (so under steady reads one of the first reads in the window does).
+fn refresh_early(now_ms: u64, expires_at_ms: u64, window: std::time::Duration) -> bool {
+    use rand::RngExt;
+    let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    if expires_at_ms == 0 || window == 0 || now_ms >= expires_at_ms {
+        return false;
+    }
+    let remaining = expires_at_ms - now_ms;
+    remaining < window && rand::rng().random_range(0..window) >= remaining
+}
+
 /// A load in flight on the key's primary.
 pub(crate) struct LoadState {
     member: MemberId,
@@ -347,7 +360,20 @@ impl Node {
                 .execute_local(partition, map, key.clone(), &MapOp::Get)
                 .await?
             {
-                Outcome::Done(found) if found.found => return Ok(Outcome::Done(found)),
+                Outcome::Done(mut found) if found.found => {
+                    // Early refresh: shortly before the entry expires, one caller at a time
+                    // (the first to draw it) reloads it while the others keep its value.
+                    let window = self.config.map_config(map).early_refresh;
+                    if let Some(window) = window
+                        && refresh_early(crate::store::now_ms(), found.expires_at_ms, window)
+                        && let dashmap::Entry::Vacant(vacant) =
+                            self.loads.entry((Arc::<str>::from(map), key.clone()))
+                    {
+                        vacant.insert(LoadState::new(member, claim));
+                        found.applied = true;
+                    }
+                    return Ok(Outcome::Done(found));
+                }
                 Outcome::Done(_) => {}
                 other => return Ok(other),
             }
@@ -1329,6 +1355,25 @@ mod tests {
             }
         }
         n
+    }
+
+    #[test]
+    fn early_refresh_only_in_the_window_and_more_likely_near_the_end() {
+        let window = std::time::Duration::from_millis(1000);
+        let share = |remaining: u64| {
+            (0..10_000)
+                .filter(|_| super::refresh_early(1_000_000, 1_000_000 + remaining, window))
+                .count()
+        };
+        assert_eq!(share(1_000), 0, "not before the window");
+        assert_eq!(share(5_000), 0);
+        assert!(share(500) > 4_000 && share(500) < 6_000);
+        assert!(share(1) > 9_900);
+        assert!(!super::refresh_early(5, 0, window), "no expiry: never");
+        assert!(
+            !super::refresh_early(5, 5, window),
+            "expired: loaded the usual way"
+        );
     }
 
     #[test]

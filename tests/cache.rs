@@ -431,6 +431,65 @@ async fn a_thousand_concurrent_get_or_loads_on_three_members_run_the_loader_once
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refresh_reloads_a_hot_key_before_it_expires() {
+    let ttl = Duration::from_millis(1000);
+    let cluster = with_map(
+        3,
+        "fresh",
+        MapConfig {
+            ttl: Some(ttl),
+            early_refresh: Some(Duration::from_millis(800)),
+            ..MapConfig::default()
+        },
+    )
+    .await;
+    cluster.wait_table_settled().await;
+    let loads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Callers on every member read the key steadily for several lifetimes of the entry; every
+    // reload returns the next number.
+    let readers: Vec<_> = (0..3)
+        .map(|i| {
+            let map: Map<String, u64> = cluster.grid(i).map("fresh");
+            let loads = loads.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let mut calls = 0u64;
+                let mut last = 0;
+                while started.elapsed() < ttl * 4 {
+                    let loads = loads.clone();
+                    let value = map
+                        .get_or_load("hot", || async move {
+                            Ok::<_, std::io::Error>(
+                                loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+                            )
+                        })
+                        .await
+                        .unwrap();
+                    assert!(value >= last, "values go back: {last} then {value}");
+                    last = value;
+                    calls += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                calls
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    for reader in readers {
+        calls += reader.await.unwrap();
+    }
+    let loads = loads.load(std::sync::atomic::Ordering::SeqCst);
+    let expirations: u64 = cluster
+        .live()
+        .map(|g| g.map::<String, u64>("fresh").local_stats().expirations)
+        .sum();
+    // Refreshed several times, one load per refresh, and never expired under steady reads.
+    assert!(loads >= 4, "{loads} loads in {calls} calls");
+    assert!(loads * 10 < calls, "{loads} loads in {calls} calls");
+    assert_eq!(expirations, 0, "the hot key expired ({loads} loads)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_load_reaches_every_waiter_and_is_not_cached() {
     let cluster = Cluster::start(3).await;
     cluster.wait_table_settled().await;

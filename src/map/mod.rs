@@ -279,6 +279,11 @@ where
     /// its caller and to every waiter, and nothing is stored: the next call loads again. A loader
     /// whose member is declared down, or that holds the key longer than a 30 s lease, loses it to
     /// the next caller. If the key's primary fails over mid-load, the load may run once more.
+    ///
+    /// With [`crate::MapConfig::early_refresh`], a caller may be chosen to reload a live entry
+    /// shortly before it expires; it gets the new value (or the current one if its loader
+    /// fails), and everyone else keeps getting the current value meanwhile. A hit in this
+    /// member's near cache answers without asking the primary (and so never refreshes).
     pub async fn get_or_load<Q, F, Fut, E>(&self, key: &Q, loader: F) -> Result<V>
     where
         K: Borrow<Q>,
@@ -305,6 +310,17 @@ where
                 .node
                 .route(partition, &self.name, key.clone(), begin.clone())
                 .await?;
+            if answer.found && answer.applied {
+                // Chosen for an early refresh: reload, and fall back to the current value.
+                let current = answer.value.clone();
+                return match self.finish_load(partition, key, claim, loader).await {
+                    Ok(value) => Ok(value),
+                    Err(Error::LoadFailed { .. }) if current.is_some() => {
+                        codec::decode(current.as_deref().unwrap_or_default())
+                    }
+                    Err(e) => Err(e),
+                };
+            }
             if answer.found {
                 return match answer.value {
                     Some(bytes) => codec::decode(&bytes),
@@ -323,6 +339,22 @@ where
             }
             // Another caller's load is still running: ask again.
         }
+        self.finish_load(partition, key, claim, loader).await
+    }
+
+    /// Runs a load this caller was granted and hands its outcome to the key's primary.
+    async fn finish_load<F, Fut, E>(
+        &self,
+        partition: u32,
+        key: Bytes,
+        claim: u64,
+        loader: F,
+    ) -> Result<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<V, E>>,
+        E: std::fmt::Display,
+    {
         let (outcome, result) = match loader().await {
             Ok(value) => match self.value(&value) {
                 Ok(bytes) => (ops::LoadOutcome::Loaded(bytes), Ok(value)),
