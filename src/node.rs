@@ -255,6 +255,16 @@ impl Node {
         )
     }
 
+    /// Forgets `get_or_load` loads whose lease ran out or whose loader's member is gone, so keys
+    /// nobody asks for again do not keep them (waiters see the load dropped and ask again).
+    pub(crate) fn drop_abandoned_loads(&self) {
+        let now = tokio::time::Instant::now();
+        self.loads.retain(|_, load| {
+            load.lease_until > now
+                && (load.member == self.me || self.membership.peer(load.member).is_some())
+        });
+    }
+
     /// `map`'s statistics on this member: its counters, and what it holds now.
     pub(crate) fn map_stats(&self, map: &str) -> crate::map::stats::MapStats {
         let mut stats = self.counters(map).read();

@@ -29,6 +29,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             _ = tick.tick() => {}
         }
         next = pass(&node, next, SWEEP_BUDGET).0;
+        node.drop_abandoned_loads();
     }
 }
 
