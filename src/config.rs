@@ -230,7 +230,7 @@ pub struct EvictionConfig {
     /// Most entries one member leads for this map. `None`: no limit.
     pub max_entries_per_member: Option<u64>,
     /// Most estimated memory of the entries one member leads for this map, in bytes: each entry
-    /// counts its key and value bytes plus a fixed estimate of its overhead (96 bytes, measured
+    /// counts its key and value bytes plus a fixed estimate of its overhead (77 bytes, measured
     /// by the memory benchmark). `None`: no limit.
     pub max_bytes_per_member: Option<u64>,
 }

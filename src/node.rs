@@ -48,20 +48,12 @@ fn pick_victim(entries: &Entries, keep: &Bytes, policy: EvictionPolicy) -> Optio
         return None;
     }
     let skip = rand::rng().random_range(0..len);
-    let rank = |r: &Record| match policy {
-        EvictionPolicy::Lfu => (u64::from(r.hits), r.last_access_ms),
-        _ => (r.last_access_ms, 0),
+    let rank = |s: &crate::store::entries::Stored| match policy {
+        EvictionPolicy::Lfu => (u64::from(s.hits()), s.last_access_ms()),
+        _ => (s.last_access_ms(), 0),
     };
-    let sampled = |skip: usize, take: usize| -> Vec<(Bytes, (u64, u64))> {
-        // One iterator at a time: its shard read guards are gone before the next starts.
-        entries
-            .iter()
-            .skip(skip)
-            .filter(|e| e.key() != keep)
-            .take(take)
-            .map(|e| (e.key().clone(), rank(e.value())))
-            .collect()
-    };
+    // One pass at a time: its read lock is gone before the next starts.
+    let sampled = |skip: usize, take: usize| entries.sample(skip, take, keep, rank);
     let mut sample = sampled(skip, EVICTION_SAMPLE);
     if sample.len() < EVICTION_SAMPLE {
         sample.extend(sampled(0, EVICTION_SAMPLE - sample.len()));
@@ -277,10 +269,12 @@ impl Node {
             };
             if table.primary(p) == Some(self.me) {
                 stats.owned_memory_bytes += entries.bytes();
-                for e in entries.iter().filter(|e| !e.value().is_dead(now, max_idle)) {
-                    stats.owned_entries += 1;
-                    stats.owned_bytes += (e.key().len() + e.value().value.len()) as u64;
-                }
+                entries.for_each(|e| {
+                    if !e.is_dead(now, max_idle) {
+                        stats.owned_entries += 1;
+                        stats.owned_bytes += (e.key().len() + e.value().len()) as u64;
+                    }
+                });
             } else if table.replicas(p).contains(&self.me) {
                 stats.backup_entries += entries.len() as u64;
             }
@@ -496,15 +490,9 @@ impl Node {
                 if tracks_access {
                     // LRU and LFU need the entry's last access and read count (local to this
                     // member; a short shard write lock).
-                    entries.get_mut(&key).map(|mut r| {
-                        if !r.is_dead(now, max_idle) {
-                            r.last_access_ms = now;
-                            r.hits = r.hits.saturating_add(1);
-                        }
-                        r.clone()
-                    })
+                    entries.get_tracked(&key, now, max_idle)
                 } else {
-                    entries.get(&key).map(|r| r.clone())
+                    entries.get(&key)
                 }
             });
             // An expired entry is removed through the write path below, so its expiry is
@@ -531,7 +519,7 @@ impl Node {
             return Ok((Outcome::Pending, acks));
         }
         let entries = data.entries_or_create(map);
-        let stored = entries.get(&key).map(|r| r.clone());
+        let stored = entries.get(&key);
         // The primary decides expiry: an expired entry is absent to every operation, and is
         // removed (and the removal replicated) when an operation finds it.
         let expired = stored.as_ref().is_some_and(|r| r.is_dead(now, max_idle));
@@ -576,7 +564,7 @@ impl Node {
                     hits: 0,
                 };
                 let wire = proto::Record::from(&record);
-                entries.insert(key.clone(), record);
+                entries.insert(&key, &record);
                 Some(proto::mutation::Change::Upsert(wire))
             }
             Change::Remove => {
@@ -622,7 +610,7 @@ impl Node {
                 let Some(victim) = pick_victim(&entries, &key, map_config.eviction.policy) else {
                     break;
                 };
-                let evicted = entries.remove(&victim).map(|(_, r)| r.value);
+                let evicted = entries.remove(&victim).map(|r| r.value);
                 MapCounters::bump(&counters.evictions);
                 *seq += 1;
                 self.emit(
@@ -1070,7 +1058,11 @@ impl Node {
                         let bytes = staged
                             .maps
                             .values()
-                            .flat_map(|m| m.iter().map(|e| e.key().len() + e.value().value.len()))
+                            .map(|m| {
+                                let mut bytes = 0;
+                                m.for_each(|e| bytes += e.key().len() + e.value().len());
+                                bytes
+                            })
                             .sum::<usize>() as u64;
                         let (seq, entries) = (staged.header.seq, staged.header.entries);
                         tracing::debug!(member = %self.me, partition, %source, seq, entries, "pulled a whole partition");
@@ -1394,9 +1386,10 @@ mod tests {
         for (key, last_access_ms, hits) in [("a", 30, 1), ("b", 10, 9), ("c", 20, 0), ("new", 0, 0)]
         {
             entries.insert(
-                bytes::Bytes::from_static(key.as_bytes()),
-                Record {
-                    last_access_ms,
+                key.as_bytes(),
+                &Record {
+                    // Stored access times start in 2020.
+                    last_access_ms: 1_700_000_000_000 + last_access_ms,
                     hits,
                     ..Record::default()
                 },
@@ -1415,7 +1408,7 @@ mod tests {
             );
         }
         let single = Entries::new();
-        single.insert(keep.clone(), Record::default());
+        single.insert(&keep, &Record::default());
         assert_eq!(
             super::pick_victim(&single, &keep, EvictionPolicy::Lru),
             None
@@ -1452,8 +1445,8 @@ mod tests {
             .unwrap()
             .entries_or_create("m")
             .insert(
-                bytes::Bytes::from_static(b"intruder"),
-                crate::store::Record {
+                b"intruder",
+                &crate::store::Record {
                     value: bytes::Bytes::from_static(b"x"),
                     version: 1,
                     ..Default::default()

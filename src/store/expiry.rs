@@ -61,12 +61,13 @@ pub(crate) fn pass(node: &Arc<Node>, start: u32, budget: usize) -> (u32, usize) 
         for (map, entries) in data.maps() {
             let max_idle = node.config.map_config(&map).max_idle_ms();
             // Keys are collected first: no map guard is held while an entry is removed.
-            let due: Vec<bytes::Bytes> = entries
-                .iter()
-                .inspect(|_| looked += 1)
-                .filter(|e| e.value().is_dead(now, max_idle))
-                .map(|e| e.key().clone())
-                .collect();
+            let mut due: Vec<bytes::Bytes> = Vec::new();
+            entries.for_each(|e| {
+                looked += 1;
+                if e.is_dead(now, max_idle) {
+                    due.push(bytes::Bytes::copy_from_slice(e.key()));
+                }
+            });
             for key in due {
                 // Removed through the write path, which replicates the removal; nobody waits for
                 // the backups' acknowledgements.

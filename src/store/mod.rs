@@ -12,11 +12,12 @@
 //!   kind of partition state moves between members.
 
 pub(crate) mod anti_entropy;
+pub(crate) mod entries;
 pub(crate) mod expiry;
 pub(crate) mod replication;
 pub(crate) mod snapshot;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -84,72 +85,7 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Estimated memory of one entry beyond its key and value bytes: the table slot, the record's
-/// fields and the allocations' headers (measured by `examples/memory.rs`).
-pub(crate) const ENTRY_OVERHEAD: u64 = 96;
-
-/// The estimated memory of an entry with this key and value.
-pub(crate) fn entry_size(key: &[u8], value: &[u8]) -> u64 {
-    (key.len() + value.len()) as u64 + ENTRY_OVERHEAD
-}
-
-/// One map's entries in one partition, with their estimated memory kept up to date by every
-/// insertion and removal (reads and in-place access updates go to the map through `Deref`).
-#[derive(Default)]
-pub(crate) struct Entries {
-    map: DashMap<Bytes, Record>,
-    bytes: AtomicU64,
-}
-
-impl std::ops::Deref for Entries {
-    type Target = DashMap<Bytes, Record>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.map
-    }
-}
-
-impl Entries {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-
-    /// Stores `record` under `key`; returns the record it replaced.
-    pub(crate) fn insert(&self, key: Bytes, record: Record) -> Option<Record> {
-        let added = entry_size(&key, &record.value);
-        let old = self.map.insert(key.clone(), record);
-        let removed = old.as_ref().map_or(0, |r| entry_size(&key, &r.value));
-        self.adjust(added, removed);
-        old
-    }
-
-    /// Removes `key`; returns its entry.
-    pub(crate) fn remove(&self, key: &[u8]) -> Option<(Bytes, Record)> {
-        let old = self.map.remove(key);
-        if let Some((key, record)) = &old {
-            self.adjust(0, entry_size(key, &record.value));
-        }
-        old
-    }
-
-    fn adjust(&self, added: u64, removed: u64) {
-        if added >= removed {
-            self.bytes.fetch_add(added - removed, Ordering::Relaxed);
-        } else {
-            let less = removed - added;
-            let _ = self
-                .bytes
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                    Some(b.saturating_sub(less))
-                });
-        }
-    }
-
-    /// The estimated memory of the entries: key and value bytes plus [`ENTRY_OVERHEAD`] each.
-    pub(crate) fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-}
+pub(crate) use entries::Entries;
 
 /// One partition's data on this member.
 pub(crate) struct PartitionData {
@@ -216,7 +152,7 @@ impl PartitionData {
         match &mutation.change {
             Some(Change::Upsert(record)) => {
                 self.entries_or_create(&mutation.map)
-                    .insert(mutation.key.clone(), Record::from(record));
+                    .insert(&mutation.key, &Record::from(record));
             }
             Some(Change::Remove(_)) => {
                 if let Some(entries) = self.entries(&mutation.map) {
@@ -239,9 +175,9 @@ impl PartitionData {
     /// Number of entries of `map` that are not dead at `now_ms` (see [`Record::is_dead`]).
     pub(crate) fn live_len(&self, map: &str, now_ms: u64, max_idle_ms: u64) -> usize {
         self.entries(map).map_or(0, |e| {
-            e.iter()
-                .filter(|r| !r.value().is_dead(now_ms, max_idle_ms))
-                .count()
+            let mut live = 0;
+            e.for_each(|r| live += usize::from(!r.is_dead(now_ms, max_idle_ms)));
+            live
         })
     }
 
@@ -297,13 +233,9 @@ impl PartitionData {
         let mut entries = 0u64;
         for map in self.maps.iter() {
             entries += map.value().len() as u64;
-            for entry in map.value().iter() {
-                digest = digest.wrapping_add(snapshot::entry_digest(
-                    map.key(),
-                    entry.key(),
-                    entry.value(),
-                ));
-            }
+            map.value().for_each(|entry| {
+                digest = digest.wrapping_add(snapshot::stored_digest(map.key(), entry));
+            });
         }
         (*seq, entries, digest)
     }

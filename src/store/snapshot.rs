@@ -43,14 +43,35 @@ pub(crate) enum SnapshotError {
 /// The digest contribution of one entry; a partition's digest is the wrapping sum over its
 /// entries, so it does not depend on iteration order.
 pub(crate) fn entry_digest(map: &str, key: &[u8], record: &Record) -> u64 {
-    let mut bytes = Vec::with_capacity(map.len() + key.len() + record.value.len() + 18);
+    digest_of(
+        map,
+        key,
+        &record.value,
+        record.version,
+        record.expires_at_ms,
+    )
+}
+
+/// [`entry_digest`] of a stored entry.
+pub(crate) fn stored_digest(map: &str, entry: &super::entries::Stored) -> u64 {
+    digest_of(
+        map,
+        entry.key(),
+        entry.value(),
+        entry.version(),
+        entry.expires_at_ms(),
+    )
+}
+
+fn digest_of(map: &str, key: &[u8], value: &[u8], version: u64, expires_at_ms: u64) -> u64 {
+    let mut bytes = Vec::with_capacity(map.len() + key.len() + value.len() + 18);
     bytes.extend_from_slice(map.as_bytes());
     bytes.push(0);
     bytes.extend_from_slice(key);
     bytes.push(0);
-    bytes.extend_from_slice(&record.value);
-    bytes.extend_from_slice(&record.version.to_be_bytes());
-    bytes.extend_from_slice(&record.expires_at_ms.to_be_bytes());
+    bytes.extend_from_slice(value);
+    bytes.extend_from_slice(&version.to_be_bytes());
+    bytes.extend_from_slice(&expires_at_ms.to_be_bytes());
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
@@ -83,15 +104,12 @@ impl Snapshot {
             .iter()
             .map(|m| {
                 let name = m.key().clone();
-                let copied: Vec<(Bytes, Record)> = m
-                    .value()
-                    .iter()
-                    .map(|e| {
-                        digest = digest.wrapping_add(entry_digest(&name, e.key(), e.value()));
-                        bytes += (e.key().len() + e.value().value.len()) as u64;
-                        (e.key().clone(), e.value().clone())
-                    })
-                    .collect();
+                let mut copied: Vec<(Bytes, Record)> = Vec::with_capacity(m.value().len());
+                m.value().for_each(|e| {
+                    digest = digest.wrapping_add(stored_digest(&name, e));
+                    bytes += (e.key().len() + e.value().len()) as u64;
+                    copied.push((Bytes::copy_from_slice(e.key()), e.record()));
+                });
                 entries += copied.len() as u64;
                 (name, copied)
             })
@@ -221,7 +239,7 @@ impl Staging {
                 self.digest = self.digest.wrapping_add(digest);
                 let entries = self.maps.entry(map.name).or_default();
                 for (key, record) in records {
-                    entries.insert(key, record);
+                    entries.insert(&key, &record);
                 }
             }
             None => return Err(SnapshotError::OutOfOrder("empty chunk")),
@@ -258,8 +276,8 @@ mod tests {
             let map = Entries::new();
             for i in 0..entries {
                 map.insert(
-                    Bytes::from(format!("k{i}")),
-                    Record {
+                    format!("k{i}").as_bytes(),
+                    &Record {
                         value: Bytes::from(vec![i as u8; 100]),
                         version: i as u64 + 1,
                         ..Record::default()
