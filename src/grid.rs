@@ -2,7 +2,7 @@
 //! them in order; dropping the last handle stops them at once, which peers see as a crash.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, UdpSocket};
@@ -134,6 +134,7 @@ impl Grid {
             loads: Default::default(),
             entry_events: tokio::sync::broadcast::channel(8192).0,
             near_caches: Default::default(),
+            led_cache: AtomicU64::new(0),
         });
         let server_task = server::spawn(
             tcp,

@@ -39,6 +39,9 @@ pub(crate) enum Outcome<T> {
 /// Entries an eviction compares.
 const EVICTION_SAMPLE: usize = 16;
 
+/// Most entries one write evicts.
+const MAX_EVICTIONS_PER_WRITE: usize = 64;
+
 /// The entry to evict from `entries` under `policy`, among a sample that starts at a random
 /// place in the map, never `keep` (the entry being written).
 fn pick_victim(entries: &Entries, keep: &Bytes, policy: EvictionPolicy) -> Option<Bytes> {
@@ -124,6 +127,9 @@ pub(crate) struct Node {
     pub(crate) loads: dashmap::DashMap<(Arc<str>, Bytes), LoadState>,
     /// Changes this member applied as primary, for entry listeners and near caches.
     pub(crate) entry_events: tokio::sync::broadcast::Sender<Arc<RawEntryEvent>>,
+    /// The partitions this member leads, for the table version it was counted in (see
+    /// `partitions_led`).
+    pub(crate) led_cache: AtomicU64,
     /// This member's near caches, by map name (created with the map's first handle).
     pub(crate) near_caches: dashmap::DashMap<Arc<str>, Arc<crate::map::near::NearCache>>,
 }
@@ -151,6 +157,8 @@ pub(crate) struct LoadState {
     claim: u64,
     lease_until: tokio::time::Instant,
     done: tokio::sync::watch::Sender<Option<LoadOutcome>>,
+    /// For an early refresh: the version of the entry it replaces (stored only if unchanged).
+    refresh_of: Option<u64>,
 }
 
 impl LoadState {
@@ -160,6 +168,17 @@ impl LoadState {
             claim,
             lease_until: tokio::time::Instant::now() + LOAD_LEASE,
             done: tokio::sync::watch::channel(None).0,
+            refresh_of: None,
+        }
+    }
+
+    /// An early refresh of the entry at `version`, leased no longer than the entry lives: if its
+    /// caller gives up, a load after the expiry does not wait for it.
+    fn refresh(member: MemberId, claim: u64, version: u64, lives_for: std::time::Duration) -> Self {
+        LoadState {
+            lease_until: tokio::time::Instant::now() + LOAD_LEASE.min(lives_for),
+            refresh_of: Some(version),
+            ..LoadState::new(member, claim)
         }
     }
 }
@@ -245,6 +264,15 @@ impl Node {
                 .value()
                 .clone(),
         )
+    }
+
+    /// Every partition's near-cache invalidation number of `map` on this member (zeros for a map
+    /// it never changed; no counters are created for a name a peer sends).
+    pub(crate) fn invalidation_state(&self, map: &str) -> Vec<u64> {
+        match self.map_counters.get(map) {
+            Some(counters) => counters.invalidation_state(),
+            None => vec![0; self.config.partition_count as usize],
+        }
     }
 
     /// Forgets `get_or_load` loads whose lease ran out or whose loader's member is gone, so keys
@@ -373,7 +401,10 @@ impl Node {
                         && let dashmap::Entry::Vacant(vacant) =
                             self.loads.entry((Arc::<str>::from(map), key.clone()))
                     {
-                        vacant.insert(LoadState::new(member, claim));
+                        let lives_for = std::time::Duration::from_millis(
+                            found.expires_at_ms.saturating_sub(crate::store::now_ms()),
+                        );
+                        vacant.insert(LoadState::refresh(member, claim, found.version, lives_for));
                         found.applied = true;
                     }
                     return Ok(Outcome::Done(found));
@@ -416,6 +447,7 @@ impl Node {
                         value: Some(value),
                         applied: false,
                         expires_at_ms: 0,
+                        version: 0,
                     }));
                 }
                 Some(LoadOutcome::Failed(message)) => {
@@ -441,8 +473,20 @@ impl Node {
         outcome: LoadOutcome,
     ) -> Result<Outcome<OpResult>> {
         if let LoadOutcome::Loaded(value) = &outcome {
+            let refresh_of = self
+                .loads
+                .get(&(Arc::<str>::from(map), key.clone()))
+                .filter(|load| load.claim == claim)
+                .and_then(|load| load.refresh_of);
+            let store = match refresh_of {
+                Some(version) => MapOp::RefreshTo {
+                    value: value.clone(),
+                    version,
+                },
+                None => MapOp::Set(value.clone()),
+            };
             match self
-                .execute_local(partition, map, key.clone(), &MapOp::Set(value.clone()))
+                .execute_local(partition, map, key.clone(), &store)
                 .await?
             {
                 Outcome::Done(_) => {}
@@ -505,7 +549,17 @@ impl Node {
                 } else {
                     &counters.misses
                 });
-                return Ok((Outcome::Done(op.decide(current.as_ref()).0), Vec::new()));
+                let mut result = op.decide(current.as_ref()).0;
+                if max_idle != 0 && current.is_some() {
+                    // A near cache keeps the answer no longer than the entry may idle here: its
+                    // hits do not count as reads on this member.
+                    let idle_deadline = now.saturating_add(max_idle);
+                    result.expires_at_ms = match result.expires_at_ms {
+                        0 => idle_deadline,
+                        at => at.min(idle_deadline),
+                    };
+                }
+                return Ok((Outcome::Done(result), Vec::new()));
             }
         }
         let mut acks = Vec::new();
@@ -605,8 +659,14 @@ impl Node {
         }
         if upserts && let Some((limit, byte_limit)) = self.partition_limit(&map_config, &table) {
             // Evictions are removals like any other: sequenced, replicated, and waited for with
-            // the write that caused them.
-            while entries.len() > limit || entries.bytes() > byte_limit {
+            // the write that caused them. At most MAX_EVICTIONS_PER_WRITE per write, so a limit
+            // that shrank (fewer partitions led) is reached over several writes rather than in
+            // one long one.
+            let mut evicted_here = 0;
+            while (entries.len() > limit || entries.bytes() > byte_limit)
+                && evicted_here < MAX_EVICTIONS_PER_WRITE
+            {
+                evicted_here += 1;
                 let Some(victim) = pick_victim(&entries, &key, map_config.eviction.policy) else {
                     break;
                 };
@@ -649,10 +709,7 @@ impl Node {
         {
             return None;
         }
-        let led = (0..table.partition_count())
-            .filter(|&p| table.primary(p) == Some(self.me))
-            .count()
-            .max(1) as u64;
+        let led = self.partitions_led(table);
         let entries = eviction.max_entries_per_member.map_or(usize::MAX, |limit| {
             usize::try_from((limit / led).max(1)).unwrap_or(usize::MAX)
         });
@@ -660,6 +717,23 @@ impl Node {
             .max_bytes_per_member
             .map_or(u64::MAX, |limit| limit / led);
         Some((entries, bytes))
+    }
+
+    /// How many partitions this member leads in `table` (at least 1), remembered per table
+    /// version: every bounded write asks.
+    fn partitions_led(&self, table: &PartitionTable) -> u64 {
+        // (version << 17) | count: partition counts stay below 2^17.
+        let cached = self.led_cache.load(Ordering::Relaxed);
+        if cached != 0 && cached >> 17 == table.version {
+            return cached & ((1 << 17) - 1);
+        }
+        let led = (0..table.partition_count())
+            .filter(|&p| table.primary(p) == Some(self.me))
+            .count()
+            .max(1) as u64;
+        self.led_cache
+            .store((table.version << 17) | led, Ordering::Relaxed);
+        led
     }
 
     /// Queues `mutation` for the partition's backups (the caller holds the write lock).
@@ -840,6 +914,18 @@ impl Node {
         }
         let new_version = table.version;
         let publisher = table.publisher;
+        // Near caches drop what they hold of partitions that change primary before the table is
+        // visible: an entry is served only while its source leads the key, and a source that
+        // leads it again may have missed the writes of the primaries between.
+        let moved: std::collections::HashSet<u32> = (0..table.partition_count())
+            .filter(|&p| table.primary(p) != before.primary(p))
+            .collect();
+        if !moved.is_empty() {
+            let nears: Vec<_> = self.near_caches.iter().map(|n| n.value().clone()).collect();
+            for near in nears {
+                near.drop_partitions(&moved);
+            }
+        }
         let previous = self
             .table
             .apply(table)

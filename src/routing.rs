@@ -146,6 +146,7 @@ impl Node {
                 value: r.found.then_some(r.value),
                 applied: r.applied,
                 expires_at_ms: r.expires_at_ms,
+                version: 0,
             }),
             Some(proto::map_response::Outcome::NotOwner(n)) => Outcome::NotOwner {
                 version: n.version,
@@ -169,7 +170,9 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
         MapOp::Get | MapOp::RemoveIfExpired => (proto::MapOp::Get, none.clone(), none),
         MapOp::ContainsKey => (proto::MapOp::ContainsKey, none.clone(), none),
         MapOp::Put(v) | MapOp::PutWithTtl(v, _) => (proto::MapOp::Put, v.clone(), none),
-        MapOp::Set(v) | MapOp::SetWithTtl(v, _) => (proto::MapOp::Set, v.clone(), none),
+        MapOp::Set(v) | MapOp::SetWithTtl(v, _) | MapOp::RefreshTo { value: v, .. } => {
+            (proto::MapOp::Set, v.clone(), none)
+        }
         MapOp::Expire(_) => (proto::MapOp::Expire, none.clone(), none),
         MapOp::LoadBegin { .. } => (proto::MapOp::LoadBegin, none.clone(), none),
         MapOp::LoadEnd { outcome, .. } => (

@@ -292,3 +292,27 @@ async fn the_near_cache_keeps_its_size_limit() {
     }
     assert!(reader.local_stats().near_cache_evictions >= 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_never_outlives_the_entrys_idle_limit_on_its_primary() {
+    let cluster = Cluster::start_with(2, |c| {
+        let mut map = near_map(1000);
+        map.max_idle = Some(Duration::from_millis(800));
+        c.maps = vec![("idle".to_string(), map)];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let reader: Map<String, String> = cluster.grid(1).map("idle");
+    let keys = remote_keys(&reader, id(cluster.grid(1)), 5);
+    for k in &keys {
+        reader.set(k, &"v".to_string()).await.unwrap();
+    }
+    warm(&reader, &keys, |_| "v".to_string()).await;
+    // Near-cache hits are not reads on the primary: the entries idle out there, and the near
+    // cache stops serving them by then.
+    wait_sees("the idle entries to go", DEADLINE, &reader, &keys, |_| None).await;
+    let other: Map<String, String> = cluster.grid(0).map("idle");
+    for k in &keys {
+        assert_eq!(other.get(k).await.unwrap(), None, "{k} is gone everywhere");
+    }
+}

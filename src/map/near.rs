@@ -38,6 +38,7 @@
 //! if the primary does not answer) after the write. This member's own writes invalidate its near
 //! cache at once, before and after the write, so it reads its own writes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -57,9 +58,6 @@ use crate::store::now_ms;
 
 /// Most invalidations in one batch.
 const MAX_BATCH: usize = 1024;
-
-/// Entries an eviction compares.
-const EVICTION_SAMPLE: usize = 16;
 
 /// How often the near cache checks for members to open a stream to, or whose stream ended.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
@@ -127,6 +125,8 @@ pub(crate) struct NearCache {
     /// Open invalidation streams, by member.
     streams: DashMap<MemberId, Arc<StreamState>>,
     next_id: AtomicU64,
+    /// Bumped whenever partitions are dropped: a read in flight across a drop is not cached.
+    epoch: AtomicU64,
     counters: Counters,
 }
 
@@ -140,6 +140,7 @@ pub(crate) struct Ticket {
     from: MemberId,
     generation: u64,
     table_version: u64,
+    epoch: u64,
 }
 
 impl Drop for Ticket {
@@ -193,6 +194,7 @@ impl NearCache {
             entries: DashMap::new(),
             streams: DashMap::new(),
             next_id: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -251,6 +253,7 @@ impl NearCache {
             return None;
         }
         let id = self.next_id();
+        let epoch = self.epoch.load(Ordering::Acquire);
         self.entries.insert(
             key.clone(),
             Slot::Reserved {
@@ -267,6 +270,7 @@ impl NearCache {
             from: primary,
             generation,
             table_version,
+            epoch,
         })
     }
 
@@ -280,7 +284,10 @@ impl NearCache {
             .streams
             .get(&ticket.from)
             .is_some_and(|s| s.generation == ticket.generation);
-        if !same_stream || table_version != ticket.table_version {
+        if !same_stream
+            || table_version != ticket.table_version
+            || self.epoch.load(Ordering::Acquire) != ticket.epoch
+        {
             return;
         }
         let now = now_ms();
@@ -318,77 +325,75 @@ impl NearCache {
         self.entries.clear();
     }
 
-    /// Drops the entries (and reads in flight) of `partition`.
-    fn drop_partition(&self, partition: u32) {
+    /// Drops the entries (and reads in flight) of `partitions`, in one pass.
+    pub(crate) fn drop_partitions(&self, partitions: &HashSet<u32>) {
+        if partitions.is_empty() {
+            return;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.counters
             .partitions_dropped
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(partitions.len() as u64, Ordering::Relaxed);
         self.entries
-            .retain(|_, slot| slot.partition_and_source().0 != partition);
+            .retain(|_, slot| !partitions.contains(&slot.partition_and_source().0));
     }
 
     /// Drops the entries (and reads in flight) that came from `member`.
     fn drop_member(&self, member: MemberId) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries
             .retain(|_, slot| slot.partition_and_source().1 != member);
     }
 
-    /// Evicts entries while the cache is over its size limit.
+    /// Evicts entries once the cache is over its size limit: in one pass, the lowest-ranked
+    /// entries down to 99% of the limit (at least one), so the pass costs O(entries) once per
+    /// 1% of the limit of insertions rather than on each one.
     fn evict_to_limit(&self) {
-        while self.entries.len() > self.config.max_entries {
-            let Some(victim) = self.pick_victim() else {
-                return;
-            };
-            if self.entries.remove(&victim).is_some() {
+        let max = self.config.max_entries;
+        let len = self.entries.len();
+        if len <= max {
+            return;
+        }
+        let target = max - max / 100;
+        let lfu = self.config.eviction == EvictionPolicy::Lfu;
+        let mut ranked: Vec<((u64, u64), Bytes)> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e.value() {
+                Slot::Cached(c) => {
+                    let access = c.last_access_ms.load(Ordering::Relaxed);
+                    let rank = if lfu {
+                        (u64::from(c.hits.load(Ordering::Relaxed)), access)
+                    } else {
+                        (access, 0)
+                    };
+                    Some((rank, e.key().clone()))
+                }
+                Slot::Reserved { .. } => None,
+            })
+            .collect();
+        let excess = len.saturating_sub(target).min(ranked.len());
+        if excess == 0 {
+            return;
+        }
+        if excess < ranked.len() {
+            ranked.select_nth_unstable_by_key(excess - 1, |(rank, _)| *rank);
+        }
+        for (_, key) in ranked.into_iter().take(excess) {
+            if self
+                .entries
+                .remove_if(&key, |_, slot| matches!(slot, Slot::Cached(_)))
+                .is_some()
+            {
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
-    /// The cached entry the policy would evict, among a sample from a random place.
-    fn pick_victim(&self) -> Option<Bytes> {
-        use rand::RngExt;
-        let len = self.entries.len();
-        if len == 0 {
-            return None;
-        }
-        let lfu = self.config.eviction == EvictionPolicy::Lfu;
-        let skip = rand::rng().random_range(0..len);
-        let sample = |skip: usize| -> Vec<(Bytes, (u64, u64))> {
-            self.entries
-                .iter()
-                .skip(skip)
-                .filter_map(|e| match e.value() {
-                    Slot::Cached(c) => {
-                        let access = c.last_access_ms.load(Ordering::Relaxed);
-                        let rank = if lfu {
-                            (u64::from(c.hits.load(Ordering::Relaxed)), access)
-                        } else {
-                            (access, 0)
-                        };
-                        Some((e.key().clone(), rank))
-                    }
-                    Slot::Reserved { .. } => None,
-                })
-                .take(EVICTION_SAMPLE)
-                .collect()
-        };
-        let mut candidates = sample(skip);
-        if candidates.len() < EVICTION_SAMPLE {
-            candidates.extend(
-                sample(0)
-                    .into_iter()
-                    .take(EVICTION_SAMPLE - candidates.len()),
-            );
-        }
-        candidates
-            .into_iter()
-            .min_by_key(|(_, rank)| *rank)
-            .map(|(key, _)| key)
-    }
-
-    /// Applies one batch from `from`'s stream.
+    /// Applies one batch from a stream: keys are dropped one by one, partitions (gaps and
+    /// clears) together at the end.
     fn apply_batch(&self, stream: &StreamState, batch: proto::InvalidationBatch) {
+        let mut dropped = HashSet::new();
         for item in batch.items {
             let Some(last) = stream.last.get(item.partition as usize) else {
                 continue;
@@ -397,31 +402,36 @@ impl NearCache {
                 let before = last.load(Ordering::Acquire);
                 if item.seq > before.saturating_add(1) {
                     // A gap: invalidations of this partition were lost.
-                    self.drop_partition(item.partition);
+                    dropped.insert(item.partition);
                 }
                 last.fetch_max(item.seq, Ordering::AcqRel);
             }
             if item.clear {
-                self.drop_partition(item.partition);
+                dropped.insert(item.partition);
             } else {
                 self.invalidate(&item.key);
             }
         }
+        self.drop_partitions(&dropped);
     }
 
     /// Compares `member`'s reported numbers with what its stream delivered; drops the partitions
     /// that lost an invalidation.
     fn reconcile(&self, stream: &StreamState, reported: Vec<u64>) {
-        let mut previous = stream.reported.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(previous) = previous.as_ref() {
-            for (p, (&was, last)) in previous.iter().zip(stream.last.iter()).enumerate() {
-                if last.load(Ordering::Acquire) < was {
-                    self.drop_partition(p as u32);
-                    last.fetch_max(was, Ordering::AcqRel);
+        let mut dropped = HashSet::new();
+        {
+            let mut previous = stream.reported.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(previous) = previous.as_ref() {
+                for (p, (&was, last)) in previous.iter().zip(stream.last.iter()).enumerate() {
+                    if last.load(Ordering::Acquire) < was {
+                        dropped.insert(p as u32);
+                        last.fetch_max(was, Ordering::AcqRel);
+                    }
                 }
             }
+            *previous = Some(reported);
         }
-        *previous = Some(reported);
+        self.drop_partitions(&dropped);
     }
 
     /// This near cache's figures.
@@ -552,13 +562,33 @@ async fn follow(node: Arc<Node>, near: Arc<NearCache>, peer: Identity) {
         last: handshake.seqs.into_iter().map(AtomicU64::new).collect(),
         reported: std::sync::Mutex::new(None),
     });
+    // Closes the stream when this task ends in any way, aborted included.
+    let _open = OpenStream {
+        near: near.clone(),
+        member: peer.id,
+        generation: state.generation,
+    };
     near.streams.insert(peer.id, state.clone());
     while let Ok(Some(batch)) = stream.message().await {
         near.apply_batch(&state, batch);
     }
-    near.streams
-        .remove_if(&peer.id, |_, s| s.generation == state.generation);
-    near.drop_member(peer.id);
+}
+
+/// A registered stream: when it ends (or its task is aborted), it is unregistered and the entries
+/// read from its member are dropped.
+struct OpenStream {
+    near: Arc<NearCache>,
+    member: MemberId,
+    generation: u64,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.near
+            .streams
+            .remove_if(&self.member, |_, s| s.generation == self.generation);
+        self.near.drop_member(self.member);
+    }
 }
 
 /// The owner side of an `Invalidations` stream: a handshake with this member's numbers for
@@ -573,7 +603,7 @@ pub(crate) fn serve_invalidations(
     let (tx, rx) = mpsc::channel(4);
     // Subscribed before the numbers are read: nothing numbered after them is missed.
     let mut events = node.entry_events.subscribe();
-    let seqs = node.counters(&map).invalidation_state();
+    let seqs = node.invalidation_state(&map);
     let node = node.clone();
     tokio::spawn(async move {
         let handshake = proto::InvalidationBatch {
@@ -717,6 +747,14 @@ mod tests {
         near.fill(ticket, &found("old"), 8);
         assert_eq!(near.lookup(b"k", A), None, "the table changed");
         let ticket = near.reserve(&key("k"), 0, A, 7).unwrap();
+        near.drop_partitions(&HashSet::from([3]));
+        near.fill(ticket, &found("old"), 7);
+        assert_eq!(
+            near.lookup(b"k", A),
+            None,
+            "partitions were dropped meanwhile"
+        );
+        let ticket = near.reserve(&key("k"), 0, A, 7).unwrap();
         drop(ticket);
         assert!(near.entries.is_empty(), "an abandoned read frees its slot");
     }
@@ -807,6 +845,17 @@ mod tests {
             assert!(near.entries.len() <= 10);
         }
         assert!(near.stats().evictions >= 190);
+        // A stream that ends takes its member's entries with it, whoever ends it.
+        let generation = near.streams.get(&A).unwrap().generation;
+        drop(OpenStream {
+            near: near.clone(),
+            member: B,
+            generation,
+        });
+        assert!(
+            near.streams.contains_key(&A),
+            "another member's stream stays"
+        );
         let member_gone = near.stats().entries;
         near.drop_member(A);
         assert!(member_gone > 0 && near.stats().entries == 0);

@@ -29,6 +29,13 @@ pub(crate) enum MapOp {
         member: crate::MemberId,
         claim: u64,
     },
+    /// The end of an early refresh: stores the loaded value only if the entry still has the
+    /// version the refresh was granted on (a write or removal meanwhile wins). Executed on the
+    /// primary itself, never sent over the wire.
+    RefreshTo {
+        value: Bytes,
+        version: u64,
+    },
     /// `get_or_load`, last step (handled by [`crate::node::Node::execute`], not `decide`).
     LoadEnd {
         claim: u64,
@@ -56,6 +63,8 @@ pub(crate) struct OpResult {
     /// For `Get`: when the entry expires, in milliseconds since the Unix epoch (0: never); what
     /// a near cache keeps it until at most.
     pub(crate) expires_at_ms: u64,
+    /// For `Get`: the entry's version (local to the primary's answer; not sent over the wire).
+    pub(crate) version: u64,
 }
 
 /// What a loader produced.
@@ -116,6 +125,7 @@ impl MapOp {
                     value: previous(),
                     applied: false,
                     expires_at_ms: current.map_or(0, |r| r.expires_at_ms),
+                    version: current.map_or(0, |r| r.version),
                 },
                 Change::None,
             ),
@@ -132,6 +142,7 @@ impl MapOp {
                     value: previous(),
                     applied: true,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -141,6 +152,7 @@ impl MapOp {
                     value: previous(),
                     applied: true,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -150,6 +162,7 @@ impl MapOp {
                     value: None,
                     applied: true,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -159,10 +172,26 @@ impl MapOp {
                     value: None,
                     applied: true,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
             // The expired case is handled by the caller, which sees the record's deadline.
+            MapOp::RefreshTo { value, version } => {
+                let same = current.is_some_and(|r| r.version == *version);
+                (
+                    OpResult {
+                        found,
+                        applied: same,
+                        ..OpResult::default()
+                    },
+                    if same {
+                        Change::Upsert(value.clone(), default)
+                    } else {
+                        Change::None
+                    },
+                )
+            }
             MapOp::RemoveIfExpired | MapOp::LoadBegin { .. } | MapOp::LoadEnd { .. } => {
                 (OpResult::default(), Change::None)
             }
@@ -172,6 +201,7 @@ impl MapOp {
                     value: None,
                     applied: found,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 match current {
                     Some(r) => Change::Upsert(r.value.clone(), Expiry::After(*ttl)),
@@ -188,6 +218,7 @@ impl MapOp {
                     },
                     applied: found,
                     expires_at_ms: 0,
+                    version: 0,
                 };
                 (result, if found { Change::Remove } else { Change::None })
             }
@@ -197,6 +228,7 @@ impl MapOp {
                     value: previous(),
                     applied: !found,
                     expires_at_ms: 0,
+                    version: 0,
                 };
                 (
                     result,
@@ -213,6 +245,7 @@ impl MapOp {
                     value: previous(),
                     applied: found,
                     expires_at_ms: 0,
+                    version: 0,
                 };
                 (
                     result,
@@ -230,6 +263,7 @@ impl MapOp {
                     value: None,
                     applied: equal,
                     expires_at_ms: 0,
+                    version: 0,
                 };
                 (
                     result,
@@ -273,6 +307,7 @@ mod tests {
                     value: Some(b("a")),
                     applied: true,
                     expires_at_ms: 0,
+                    version: 0,
                 },
                 Change::Upsert(b("x"), Expiry::MapDefault)
             )
@@ -327,6 +362,18 @@ mod tests {
             MapOp::SetWithTtl(b("x"), ttl).is_repeatable() && MapOp::Set(b("x")).is_repeatable()
         );
         assert!(!MapOp::Put(b("x")).is_repeatable() && !MapOp::Expire(ttl).is_repeatable());
+        // An early refresh lands only on the version it replaces.
+        let refresh = |version| MapOp::RefreshTo {
+            value: b("new"),
+            version,
+        };
+        assert_eq!(
+            refresh(1).decide(Some(&a)).1,
+            Change::Upsert(b("new"), Expiry::MapDefault)
+        );
+        assert_eq!(refresh(2).decide(Some(&a)).1, Change::None);
+        assert_eq!(refresh(1).decide(None).1, Change::None);
+        assert_eq!(MapOp::Get.decide(Some(&a)).0.version, 1);
         // Expiry itself is judged against the record's deadline.
         let expiring = Record {
             expires_at_ms: 1_000,

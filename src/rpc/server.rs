@@ -449,7 +449,7 @@ impl PeerGrid for PeerGridService {
         self.admit(&request, "invalidation_state")?;
         let map = request.into_inner().map;
         Ok(Response::new(proto::InvalidationStateResponse {
-            seqs: self.node.counters(&map).invalidation_state(),
+            seqs: self.node.invalidation_state(&map),
         }))
     }
 

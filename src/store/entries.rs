@@ -45,7 +45,14 @@ struct Layout {
 
 impl Stored {
     fn new(key: &[u8], record: &Record) -> Self {
-        let mut data = Vec::with_capacity(FIXED + 16 + key.len() + record.value.len());
+        use prost::encoding::encoded_len_varint;
+        let len = FIXED
+            + encoded_len_varint(key.len() as u64)
+            + encoded_len_varint(record.version)
+            + encoded_len_varint(record.expires_at_ms)
+            + key.len()
+            + record.value.len();
+        let mut data = Vec::with_capacity(len);
         let access = record
             .last_access_ms
             .saturating_sub(ACCESS_EPOCH_MS)
@@ -136,8 +143,11 @@ impl Stored {
     }
 }
 
+/// The index's hash: seeded per process, so keys that collide cannot be computed in advance (the
+/// index never leaves the process; partitions use the fixed key hash).
 fn hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(key)
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, *SEED.get_or_init(rand::random))
 }
 
 /// The entries and their index: the hash table holds 4-byte positions into `slots` (a slot of 5
