@@ -75,6 +75,8 @@ impl Node {
                     self.await_table_change(table.version).await;
                     e
                 }
+                // Reads, and asking for a load (idempotent per claim), may simply be sent again.
+                Err(e @ Error::Timeout { .. }) if op.is_resendable() => e,
                 // A timeout may or may not have been applied; the caller decides.
                 Err(e) => return Err(e),
             };

@@ -107,6 +107,12 @@ impl MapOp {
         )
     }
 
+    /// Whether the operation may be sent again after a timeout: it changes nothing (reads), or
+    /// sending it twice is the same as once (asking for a load under the same claim).
+    pub(crate) fn is_resendable(&self) -> bool {
+        self.is_read() || matches!(self, MapOp::LoadBegin { .. })
+    }
+
     /// Whether the operation only reads.
     pub(crate) fn is_read(&self) -> bool {
         matches!(self, MapOp::Get | MapOp::ContainsKey)
@@ -337,6 +343,7 @@ mod tests {
         assert_eq!(cas("z").decide(Some(&a)).1, Change::None);
         assert_eq!(cas("a").decide(None).1, Change::None);
         assert!(MapOp::Get.is_read() && !MapOp::Set(b("v")).is_read());
+        assert!(MapOp::Get.is_resendable() && !MapOp::Put(b("v")).is_resendable());
     }
 
     #[test]
