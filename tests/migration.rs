@@ -172,6 +172,22 @@ async fn a_member_rejoining_with_a_new_generation_mid_migration_gets_only_the_cu
         },
     )
     .await;
+    // And the coordinator to promote its backups: a member that rejoined before that would still
+    // be in the table, and there would be no newer table to get.
+    common::wait_for(
+        "the coordinator to publish a table without the cut member",
+        common::DEADLINE,
+        || {
+            let promoted = !cluster
+                .grid(0)
+                .partition_table()
+                .replicas
+                .iter()
+                .any(|r| r.contains(&old.id));
+            async move { promoted.then_some(()) }
+        },
+    )
+    .await;
     // Heal while the coordinator is still restoring backups: the member rejoins under a new
     // generation, with a table the others have long replaced.
     let stale_version = isolated.partition_table().version;

@@ -274,6 +274,12 @@ impl Driver {
         if header.message != foca::Message::TurnUndead {
             return false;
         }
+        // A verdict on the identity this member had before it renewed is old news, which foca
+        // drops (it is not addressed to this identity). Answered with the renewed identity, which
+        // the sender already trusts, it would make a healthy sender renew in turn.
+        if header.dst != *self.foca.identity() {
+            return false;
+        }
         let has_peers = self.foca.iter_members().next().is_some();
         let sender_active = self.foca.iter_members().any(|m| *m.id() == header.src);
         if !has_peers || sender_active {

@@ -139,6 +139,21 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
         publish(node).await;
         return true;
     }
+    // A table of another publisher (this member just became the oldest) is republished under
+    // this member's name at once, with the same replica sets, settled or not: members refuse a
+    // table whose publisher is live but not the coordinator in their view (a former coordinator
+    // that was declared down and rejoined younger), so one that missed it would never take it
+    // and the table would never settle.
+    if current.version > 0 && current.publisher != node.me {
+        tracing::info!(
+            version = current.version + 1,
+            publisher = %current.publisher,
+            "coordinating now: republishing the current table"
+        );
+        node.apply_table(current.successor(node.me, current.replicas.clone()));
+        publish(node).await;
+        return true;
+    }
     if current.replicas == target && current.publisher == node.me {
         return false;
     }
