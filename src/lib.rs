@@ -26,7 +26,9 @@
 //!   typed handles. `config` holds [`GridConfig`], [`MapConfig`] and [`SwimConfig`].
 //! - `map`: [`Map`], the typed handle (keys and values encoded at the edge by `codec`: strings and
 //!   bytes raw, everything else postcard), and `map::ops`, the owner-side operations, each a
-//!   value decided purely from the entry's current record.
+//!   value decided purely from the entry's current record. `map::near` is the near cache (L1)
+//!   with its invalidation streams and repair round, `map::listen` the entry listeners, and
+//!   `map::stats` the per-map counters.
 //! - `routing`: key to partition to primary from the current table; the local fast path or a
 //!   gRPC call; `NotOwner` refresh and bounded retry.
 //! - `partition`: `partition::key` (XXH3-64 of the key's bytes with Redis-style hash tags),
@@ -39,7 +41,9 @@
 //!   [`PartitionStats`].
 //! - `node`: the owner side of the data path: ownership checks, sequencing, replication hand-off,
 //!   and the takeover of partitions when the table changes.
-//! - `store`: per-partition record stores (reads take no partition lock);
+//! - `store`: per-partition record stores (reads take no partition lock), each map's entries in
+//!   `store::entries` (one allocation per entry in a dense slab behind a hash index);
+//!   `store::expiry`, the bounded sweep of expired entries;
 //!   `store::replication`, the ordered primary-to-backup stream with gap resync;
 //!   `store::snapshot`, consistent partition copies streamed in chunks and staged before they
 //!   replace anything (the one path every kind of partition state migrates by); and
