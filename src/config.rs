@@ -135,6 +135,21 @@ pub struct GridConfig {
     /// Per-map settings, by map name or a pattern with one `*` (`"session*"`); the first match
     /// wins, then a `"*"` entry, then [`MapConfig::default`]. Default empty.
     pub maps: Vec<(String, MapConfig)>,
+
+    /// Per-queue settings, by queue name or a pattern with one `*`, matched like
+    /// [`GridConfig::maps`]. Default empty.
+    pub queues: Vec<(String, QueueConfig)>,
+}
+
+/// Settings of one queue (or of the queues a pattern matches), in [`GridConfig::queues`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Most items the queue holds; `offer` fails (returns `false`) and `put` waits beyond it.
+    /// 0: unbounded. Default 0.
+    pub capacity: u64,
+    /// How many backups an operation waits for: at most [`GridConfig::backup_count`]. Default
+    /// `None`: all of them.
+    pub backup_count: Option<u8>,
 }
 
 /// Settings of one map (or of the maps a pattern matches), in [`GridConfig::maps`].
@@ -373,6 +388,14 @@ impl GridConfig {
                 reason: "must be 1 byte to 1 MiB",
             });
         }
+        for (_, queue) in &self.queues {
+            if queue.backup_count.is_some_and(|n| n > self.backup_count) {
+                return Err(ConfigError::Range {
+                    field: "queues.backup_count",
+                    reason: "must not exceed the grid's backup_count",
+                });
+            }
+        }
         for (_, map) in &self.maps {
             if map.backup_count.is_some_and(|n| n > self.backup_count) {
                 return Err(ConfigError::Range {
@@ -398,9 +421,27 @@ impl GridConfig {
         self.swim.validate()
     }
 
-    /// The settings of map `name`: the first entry of [`Self::maps`] whose name or pattern
+    /// The settings of queue `name`: the first entry of [`Self::queues`] whose name or pattern
     /// matches, else the `"*"` entry, else the defaults.
+    pub fn queue_config(&self, name: &str) -> QueueConfig {
+        self.queues
+            .iter()
+            .find(|(pattern, _)| pattern != "*" && matches_pattern(pattern, name))
+            .or_else(|| self.queues.iter().find(|(pattern, _)| pattern == "*"))
+            .map(|(_, config)| *config)
+            .unwrap_or_default()
+    }
+
+    /// The settings of map `name`: the first entry of [`Self::maps`] whose name or pattern
+    /// matches, else the `"*"` entry, else the defaults. A queue's internal map takes its
+    /// queue's backup count and nothing else (no time to live, no eviction, no near cache).
     pub fn map_config(&self, name: &str) -> MapConfig {
+        if let Some(queue) = crate::queue::queue_of(name) {
+            return MapConfig {
+                backup_count: self.queue_config(queue).backup_count,
+                ..MapConfig::default()
+            };
+        }
         self.maps
             .iter()
             .find(|(pattern, _)| pattern != "*" && matches_pattern(pattern, name))
@@ -526,6 +567,7 @@ impl Default for GridConfig {
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,
             maps: Vec::new(),
+            queues: Vec::new(),
         }
     }
 }

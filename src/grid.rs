@@ -134,6 +134,8 @@ impl Grid {
             loads: Default::default(),
             entry_events: tokio::sync::broadcast::channel(8192).0,
             near_caches: Default::default(),
+            queue_indexes: Default::default(),
+            queue_signals: Default::default(),
             led_cache: AtomicU64::new(0),
         });
         let server_task = server::spawn(
@@ -261,6 +263,15 @@ impl Grid {
         V: serde::Serialize + serde::de::DeserializeOwned,
     {
         Map::new(self.inner.node.clone(), name)
+    }
+
+    /// A handle to the distributed queue `name`. Cheap: no call is made until the first
+    /// operation. Handles with the same name on any member reach the same queue.
+    pub fn queue<T>(&self, name: &str) -> crate::Queue<T>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        crate::Queue::new(self.inner.node.clone(), name)
     }
 
     /// The partition table this member currently routes by.

@@ -72,13 +72,14 @@ mod map;
 mod membership;
 mod node;
 mod partition;
+mod queue;
 mod routing;
 mod rpc;
 mod store;
 
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, MapConfig, NearCacheConfig,
-    SwimConfig,
+    QueueConfig, SwimConfig,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;
@@ -89,6 +90,7 @@ pub use map::listen::{EntryEvent, EntryEventKind};
 pub use map::stats::MapStats;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
 pub use partition::{PartitionEvent, PartitionStats};
+pub use queue::Queue;
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.
 #[cfg(doctest)]

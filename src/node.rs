@@ -130,6 +130,11 @@ pub(crate) struct Node {
     /// The partitions this member leads, for the table version it was counted in (see
     /// `partitions_led`).
     pub(crate) led_cache: AtomicU64,
+    /// The index of each queue this member leads, by internal map name (see `queue::owner`).
+    pub(crate) queue_indexes:
+        dashmap::DashMap<Arc<str>, Arc<std::sync::Mutex<crate::queue::owner::QueueIndex>>>,
+    /// Woken when a queue this member leads gains or loses an item, by internal map name.
+    pub(crate) queue_signals: dashmap::DashMap<Arc<str>, Arc<tokio::sync::Notify>>,
     /// This member's near caches, by map name (created with the map's first handle).
     pub(crate) near_caches: dashmap::DashMap<Arc<str>, Arc<crate::map::near::NearCache>>,
 }
@@ -210,7 +215,7 @@ impl Node {
     /// partition's events go out in sequence order). `kind` `None`: the map's partition was
     /// cleared.
     #[allow(clippy::too_many_arguments)]
-    fn emit(
+    pub(crate) fn emit(
         &self,
         counters: &MapCounters,
         map: &str,
@@ -310,7 +315,7 @@ impl Node {
         stats
     }
 
-    fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
+    pub(crate) fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
         Outcome::NotOwner {
             version: table.version,
             owner: table.primary(partition),
@@ -318,7 +323,7 @@ impl Node {
     }
 
     /// Waits until the partition may be served: pulled if this member just became its primary.
-    async fn partition_ready(&self, partition: u32) -> Result<()> {
+    pub(crate) async fn partition_ready(&self, partition: u32) -> Result<()> {
         let data = self
             .store
             .partition(partition)
@@ -350,6 +355,11 @@ impl Node {
             MapOp::LoadEnd { claim, outcome } => {
                 self.load_end(partition, map, key, claim, outcome).await
             }
+            op @ (MapOp::QueueOffer { .. }
+            | MapOp::QueuePoll { .. }
+            | MapOp::QueuePeek
+            | MapOp::QueueLen
+            | MapOp::QueueClear) => self.queue_execute(partition, map, op).await,
             op => self.execute_local(partition, map, key, &op).await,
         }
     }
@@ -448,6 +458,8 @@ impl Node {
                         applied: false,
                         expires_at_ms: 0,
                         version: 0,
+                        items: Vec::new(),
+                        count: 0,
                     }));
                 }
                 Some(LoadOutcome::Failed(message)) => {
@@ -737,7 +749,7 @@ impl Node {
     }
 
     /// Queues `mutation` for the partition's backups (the caller holds the write lock).
-    fn replicate(
+    pub(crate) fn replicate(
         &self,
         partition: u32,
         table: &PartitionTable,

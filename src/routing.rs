@@ -75,12 +75,22 @@ impl Node {
                     self.await_table_change(table.version).await;
                     e
                 }
-                // Reads, and asking for a load (idempotent per claim), may simply be sent again.
-                Err(e @ Error::Timeout { .. }) if op.is_resendable() => e,
+                // Reads, and operations made idempotent by their token or claim (queue offers
+                // and polls, asking for a load), may simply be sent again when the outcome is
+                // unknown: after the table moved on, to the new primary.
+                Err(e @ (Error::Timeout { .. } | Error::Remote { .. } | Error::Shutdown))
+                    if op.is_resendable() =>
+                {
+                    self.await_table_change(table.version).await;
+                    e
+                }
                 // A timeout may or may not have been applied; the caller decides.
                 Err(e) => return Err(e),
             };
-            if attempts >= MAX_ATTEMPTS || Instant::now() >= deadline {
+            // Idempotent operations keep trying until the deadline, which outlasts failure
+            // detection: giving up earlier would hand the caller an unknown outcome to retry
+            // without the token.
+            if (attempts >= MAX_ATTEMPTS && !op.is_resendable()) || Instant::now() >= deadline {
                 return Err(Error::RetriesExhausted {
                     partition,
                     attempts,
@@ -134,6 +144,24 @@ impl Node {
                     ..
                 }
             ),
+            token: match op {
+                MapOp::QueueOffer { token, .. } | MapOp::QueuePoll { token, .. } => *token,
+                _ => 0,
+            },
+            capacity: match op {
+                MapOp::QueueOffer { capacity, .. } => *capacity,
+                _ => 0,
+            },
+            max: match op {
+                MapOp::QueuePoll { max, .. } => *max,
+                _ => 0,
+            },
+            wait_ms: match op {
+                MapOp::QueueOffer { wait, .. } | MapOp::QueuePoll { wait, .. } => {
+                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+                }
+                _ => 0,
+            },
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -149,6 +177,8 @@ impl Node {
                 applied: r.applied,
                 expires_at_ms: r.expires_at_ms,
                 version: 0,
+                items: r.items,
+                count: r.count,
             }),
             Some(proto::map_response::Outcome::NotOwner(n)) => Outcome::NotOwner {
                 version: n.version,
@@ -185,6 +215,11 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
             },
             none,
         ),
+        MapOp::QueueOffer { item, .. } => (proto::MapOp::QueueOffer, item.clone(), none),
+        MapOp::QueuePoll { .. } => (proto::MapOp::QueuePoll, none.clone(), none),
+        MapOp::QueuePeek => (proto::MapOp::QueuePeek, none.clone(), none),
+        MapOp::QueueLen => (proto::MapOp::QueueLen, none.clone(), none),
+        MapOp::QueueClear => (proto::MapOp::QueueClear, none.clone(), none),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
         MapOp::Delete => (proto::MapOp::Delete, none.clone(), none),
         MapOp::PutIfAbsent(v) => (proto::MapOp::PutIfAbsent, v.clone(), none),
@@ -235,6 +270,20 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
                 crate::map::ops::LoadOutcome::Loaded(value)
             },
         },
+        proto::MapOp::QueueOffer => MapOp::QueueOffer {
+            item: value,
+            token: request.token,
+            capacity: request.capacity,
+            wait: std::time::Duration::from_millis(request.wait_ms),
+        },
+        proto::MapOp::QueuePoll => MapOp::QueuePoll {
+            token: request.token,
+            max: request.max.max(1),
+            wait: std::time::Duration::from_millis(request.wait_ms),
+        },
+        proto::MapOp::QueuePeek => MapOp::QueuePeek,
+        proto::MapOp::QueueLen => MapOp::QueueLen,
+        proto::MapOp::QueueClear => MapOp::QueueClear,
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,
         proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),

@@ -41,6 +41,21 @@ pub(crate) enum MapOp {
         claim: u64,
         outcome: LoadOutcome,
     },
+    /// Queue operations (handled by `queue::owner`, not `decide`); see `proto::MapOp`.
+    QueueOffer {
+        item: Bytes,
+        token: u64,
+        capacity: u64,
+        wait: Duration,
+    },
+    QueuePoll {
+        token: u64,
+        max: u32,
+        wait: Duration,
+    },
+    QueuePeek,
+    QueueLen,
+    QueueClear,
     Remove,
     Delete,
     PutIfAbsent(Bytes),
@@ -65,6 +80,10 @@ pub(crate) struct OpResult {
     pub(crate) expires_at_ms: u64,
     /// For `Get`: the entry's version (local to the primary's answer; not sent over the wire).
     pub(crate) version: u64,
+    /// Queue poll and peek: the items, in queue order.
+    pub(crate) items: Vec<Bytes>,
+    /// Queue length.
+    pub(crate) count: u64,
 }
 
 /// What a loader produced.
@@ -100,6 +119,9 @@ impl MapOp {
             self,
             MapOp::Set(_)
                 | MapOp::SetWithTtl(..)
+                | MapOp::QueueOffer { .. }
+                | MapOp::QueuePoll { .. }
+                | MapOp::QueueClear
                 | MapOp::LoadEnd {
                     outcome: LoadOutcome::Loaded(_),
                     ..
@@ -110,7 +132,15 @@ impl MapOp {
     /// Whether the operation may be sent again after a timeout: it changes nothing (reads), or
     /// sending it twice is the same as once (asking for a load under the same claim).
     pub(crate) fn is_resendable(&self) -> bool {
-        self.is_read() || matches!(self, MapOp::LoadBegin { .. })
+        self.is_read()
+            || matches!(
+                self,
+                MapOp::LoadBegin { .. }
+                    | MapOp::QueueOffer { .. }
+                    | MapOp::QueuePoll { .. }
+                    | MapOp::QueuePeek
+                    | MapOp::QueueLen
+            )
     }
 
     /// Whether the operation only reads.
@@ -132,6 +162,8 @@ impl MapOp {
                     applied: false,
                     expires_at_ms: current.map_or(0, |r| r.expires_at_ms),
                     version: current.map_or(0, |r| r.version),
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::None,
             ),
@@ -149,6 +181,8 @@ impl MapOp {
                     applied: true,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -159,6 +193,8 @@ impl MapOp {
                     applied: true,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -169,6 +205,8 @@ impl MapOp {
                     applied: true,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -179,6 +217,8 @@ impl MapOp {
                     applied: true,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -198,9 +238,14 @@ impl MapOp {
                     },
                 )
             }
-            MapOp::RemoveIfExpired | MapOp::LoadBegin { .. } | MapOp::LoadEnd { .. } => {
-                (OpResult::default(), Change::None)
-            }
+            MapOp::RemoveIfExpired
+            | MapOp::LoadBegin { .. }
+            | MapOp::LoadEnd { .. }
+            | MapOp::QueueOffer { .. }
+            | MapOp::QueuePoll { .. }
+            | MapOp::QueuePeek
+            | MapOp::QueueLen
+            | MapOp::QueueClear => (OpResult::default(), Change::None),
             MapOp::Expire(ttl) => (
                 OpResult {
                     found,
@@ -208,6 +253,8 @@ impl MapOp {
                     applied: found,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 match current {
                     Some(r) => Change::Upsert(r.value.clone(), Expiry::After(*ttl)),
@@ -225,6 +272,8 @@ impl MapOp {
                     applied: found,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 };
                 (result, if found { Change::Remove } else { Change::None })
             }
@@ -235,6 +284,8 @@ impl MapOp {
                     applied: !found,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 };
                 (
                     result,
@@ -252,6 +303,8 @@ impl MapOp {
                     applied: found,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 };
                 (
                     result,
@@ -270,6 +323,8 @@ impl MapOp {
                     applied: equal,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 };
                 (
                     result,
@@ -314,6 +369,8 @@ mod tests {
                     applied: true,
                     expires_at_ms: 0,
                     version: 0,
+                    items: Vec::new(),
+                    count: 0,
                 },
                 Change::Upsert(b("x"), Expiry::MapDefault)
             )

@@ -186,6 +186,8 @@ impl PeerGrid for PeerGridService {
                     value: result.value.unwrap_or_default(),
                     applied: result.applied,
                     expires_at_ms: result.expires_at_ms,
+                    items: result.items,
+                    count: result.count,
                 }),
                 Outcome::NotOwner { version, owner } => {
                     proto::map_response::Outcome::NotOwner(proto::NotOwner {

@@ -97,6 +97,11 @@ pub(crate) struct PartitionData {
     /// replica); operations wait until there are none. A count, so an older takeover that ends
     /// cannot release a newer one.
     pending: AtomicU32,
+    /// Bumped whenever the contents change other than by this member's own operations as
+    /// primary (a snapshot installed, replicated mutations applied, the copy dropped, a takeover
+    /// started or ended): state derived from the contents (a queue's index) is rebuilt when it
+    /// was built under another epoch.
+    epoch: std::sync::atomic::AtomicU64,
     ready: Notify,
     /// Whether this member holds a copy of the partition: set when data arrives (a snapshot, or
     /// replicated mutations from sequence 1) or when it starts the partition as its first owner;
@@ -111,6 +116,7 @@ impl PartitionData {
             maps: DashMap::new(),
             seq: Mutex::new(0),
             pending: AtomicU32::new(0),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             ready: Notify::new(),
             has_copy: AtomicBool::new(false),
         }
@@ -197,12 +203,23 @@ impl PartitionData {
     }
 
     /// A takeover starts: operations wait until it ends.
+    /// See the field.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn begin_takeover(&self) {
+        self.bump_epoch();
         self.pending.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A takeover ends (pulled, or given up).
     pub(crate) fn end_takeover(&self) {
+        self.bump_epoch();
         let before = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -275,6 +292,7 @@ impl Store {
             return false;
         };
         let mut seq = data.lock();
+        data.bump_epoch();
         data.maps.clear();
         for (name, entries) in staged.maps {
             data.maps.insert(Arc::from(name), Arc::new(entries));
@@ -293,6 +311,7 @@ impl Store {
     ) -> Result<(), Gap> {
         let data = self.partition(partition).ok_or(Gap)?;
         let mut seq = data.lock();
+        data.bump_epoch();
         for mutation in mutations {
             if mutation.seq <= *seq {
                 continue;
@@ -322,6 +341,7 @@ impl Store {
     pub(crate) fn drop_partition(&self, partition: u32) {
         if let Some(data) = self.partition(partition) {
             let mut seq = data.lock();
+            data.bump_epoch();
             // Even an empty copy: served to a new primary, it would replace real data.
             data.has_copy.store(false, Ordering::Release);
             data.maps.clear();
