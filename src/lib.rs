@@ -90,7 +90,7 @@ pub use map::listen::{EntryEvent, EntryEventKind};
 pub use map::stats::MapStats;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
 pub use partition::{PartitionEvent, PartitionStats};
-pub use queue::Queue;
+pub use queue::{ItemEvent, Queue};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.
 #[cfg(doctest)]

@@ -265,3 +265,35 @@ async fn a_member_joining_mid_run_moves_the_queue_without_loss() {
     }
     cluster.wait_table_settled().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_listener_sees_offers_and_takes_in_order() {
+    use peergrid::ItemEvent::{Added, Removed};
+    let cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let mut events = cluster
+        .grid(1)
+        .queue::<String>("watched")
+        .listen(true)
+        .await;
+    let q: Queue<String> = cluster.grid(2).queue("watched");
+    q.offer(&"a".to_string()).await.unwrap();
+    q.offer(&"b".to_string()).await.unwrap();
+    assert_eq!(q.poll().await.unwrap().as_deref(), Some("a"));
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while seen.len() < 3 {
+            seen.push(events.recv().await.expect("stream open"));
+        }
+    })
+    .await
+    .expect("every event arrives");
+    assert_eq!(
+        seen,
+        vec![
+            Added(Some("a".to_string())),
+            Added(Some("b".to_string())),
+            Removed(Some("a".to_string()))
+        ]
+    );
+}

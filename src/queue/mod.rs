@@ -219,4 +219,63 @@ where
     pub async fn clear(&self) -> Result<()> {
         self.run(MapOp::QueueClear).await.map(|_| ())
     }
+
+    /// A stream of this queue's item events from now on: added (offered) and removed (taken),
+    /// with the item when `include_items`. From the queue's primary wherever it is, with the
+    /// delivery of entry listeners (at most once, in order, see [`crate::Map::listen`]); a
+    /// `clear` produces no per-item events.
+    pub async fn listen(&self, include_items: bool) -> crate::EventStream<ItemEvent<T>>
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        let mut raw =
+            crate::map::listen::subscribe(&self.node, self.map.clone(), include_items).await;
+        let (tx, rx) = tokio::sync::broadcast::channel(4096);
+        let cancel = self.node.cancel.clone();
+        tokio::spawn(async move {
+            let mut check = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let event = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = check.tick() => if tx.receiver_count() == 0 { return } else { continue },
+                    event = raw.recv() => match event {
+                        Some(event) => event,
+                        None => return,
+                    },
+                };
+                let added = match event.kind {
+                    crate::EntryEventKind::Added => true,
+                    crate::EntryEventKind::Removed => false,
+                    // Taken items expiring after the dedup window are not queue events.
+                    _ => continue,
+                };
+                let item = match event.value.as_ref().filter(|_| include_items) {
+                    Some(bytes) => match codec::decode::<T>(bytes) {
+                        Ok(item) => Some(item),
+                        Err(_) => continue,
+                    },
+                    None => None,
+                };
+                let event = if added {
+                    ItemEvent::Added(item)
+                } else {
+                    ItemEvent::Removed(item)
+                };
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        crate::EventStream::new(rx)
+    }
+}
+
+/// One change of a queue, from [`Queue::listen`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ItemEvent<T> {
+    /// An item was offered (with it, if the listener asked for items).
+    Added(Option<T>),
+    /// An item was taken by a poll (with it, if the listener asked for items).
+    Removed(Option<T>),
 }

@@ -308,7 +308,7 @@ impl Node {
         let counters = self.counters(map);
         for change in changes {
             *seq += 1;
-            let (key, change, kind) = match change {
+            let (key, change, kind, payload) = match change {
                 Change::Upsert(position, record) => {
                     let key = key_of(position);
                     let kind = if decode(&record.value).is_some_and(|i| i.taken) {
@@ -317,13 +317,20 @@ impl Node {
                         EntryEventKind::Added
                     };
                     entries.insert(&key, &record);
+                    let payload = record.value.slice(HEADER..);
                     (
                         key,
                         proto::mutation::Change::Upsert(proto::Record::from(&record)),
                         Some(kind),
+                        Some(payload),
                     )
                 }
-                Change::ClearAll => (Bytes::new(), proto::mutation::Change::Clear(true), None),
+                Change::ClearAll => (
+                    Bytes::new(),
+                    proto::mutation::Change::Clear(true),
+                    None,
+                    None,
+                ),
             };
             let mutation = proto::Mutation {
                 seq: *seq,
@@ -334,7 +341,7 @@ impl Node {
             if kind.is_none() {
                 data.apply_change(&mutation);
             }
-            self.emit(&counters, map, kind, &key, None, partition, *seq);
+            self.emit(&counters, map, kind, &key, payload, partition, *seq);
             self.replicate(partition, &table, mutation, &map_config, &mut acks);
         }
         // The index now matches the contents under this epoch (own changes do not bump it),
