@@ -78,9 +78,7 @@ impl Node {
                 // Reads, and operations made idempotent by their token or claim (queue offers
                 // and polls, asking for a load), may simply be sent again when the outcome is
                 // unknown: after the table moved on, to the new primary.
-                Err(e @ (Error::Timeout { .. } | Error::Remote { .. } | Error::Shutdown))
-                    if op.is_resendable() =>
-                {
+                Err(e) if op.is_resendable() && outcome_unknown(&e) => {
                     self.await_table_change(table.version).await;
                     e
                 }
@@ -192,6 +190,25 @@ impl Node {
                 });
             }
         })
+    }
+}
+
+/// Whether a failed call may or may not have been executed (and another attempt may succeed):
+/// it timed out, or the member stopped or lost the connection while answering. Not errors that
+/// would fail again (a refused request, a value too large to answer with).
+pub(crate) fn outcome_unknown(error: &Error) -> bool {
+    match error {
+        Error::Timeout { .. } => true,
+        Error::Remote { code, message, .. } => {
+            matches!(
+                code,
+                tonic::Code::Aborted
+                    | tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+            ) || (*code == tonic::Code::Internal && message.starts_with("h2 protocol error"))
+        }
+        _ => false,
     }
 }
 

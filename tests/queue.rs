@@ -297,3 +297,41 @@ async fn an_item_listener_sees_offers_and_takes_in_order() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_primary_leaving_mid_run_hands_it_over_without_loss() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_table_settled().await;
+    let primary = cluster
+        .grid(0)
+        .queue::<Item>("handed")
+        .owner()
+        .expect("a settled table");
+    let leaving = (0..3)
+        .find(|&i| cluster.grid(i).local_member().id == primary)
+        .unwrap();
+    let stayers: Vec<Grid> = (0..3)
+        .filter(|&i| i != leaving)
+        .map(|i| cluster.grid(i).clone())
+        .collect();
+    let offered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let leave = {
+        let (offered, grid) = (offered.clone(), cluster.grid(leaving).clone());
+        async move {
+            wait_for("items to flow", DEADLINE, || {
+                let n = offered.load(std::sync::atomic::Ordering::SeqCst);
+                async move { (n > 100).then_some(()) }
+            })
+            .await;
+            grid.leave().await.expect("a graceful leave");
+        }
+    };
+    let (taken, acked) =
+        run_producers_and_consumers(stayers.clone(), "handed", 300, offered, leave).await;
+    assert_eq!(acked.len(), 600);
+    check_exactly_once_in_order(&taken, &acked);
+    // The queue moved to a member that stayed.
+    let owner = stayers[0].queue::<Item>("handed").owner();
+    assert!(owner.is_some_and(|o| o != primary));
+    cluster.crash(leaving);
+}

@@ -121,7 +121,6 @@ impl MapOp {
                 | MapOp::SetWithTtl(..)
                 | MapOp::QueueOffer { .. }
                 | MapOp::QueuePoll { .. }
-                | MapOp::QueueClear
                 | MapOp::LoadEnd {
                     outcome: LoadOutcome::Loaded(_),
                     ..

@@ -40,6 +40,24 @@ pub(crate) fn queue_of(map: &str) -> Option<&str> {
     map.strip_prefix(PREFIX)
 }
 
+/// `timeout` from now, or far in the future.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+/// Whether a failed attempt may be made again with the same token before `deadline`: its
+/// outcome is unknown or no member could take it yet (a failover in progress).
+fn retry_within(error: &Error, deadline: Instant) -> bool {
+    Instant::now() < deadline
+        && (matches!(error, Error::RetriesExhausted { .. })
+            || crate::routing::outcome_unknown(error))
+}
+
+/// The pause before asking again after a failed attempt.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
 /// A distributed FIFO queue of `T`, from [`crate::Grid::queue`]. Cloning is cheap.
 pub struct Queue<T> {
     node: Arc<Node>,
@@ -139,7 +157,7 @@ where
         let item = self.encode(item)?;
         // One token for every attempt: the primary enqueues it once.
         let token: u64 = rand::random();
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
             let result = self
@@ -149,9 +167,15 @@ where
                     capacity: self.capacity,
                     wait,
                 })
-                .await?;
-            if result.applied || Instant::now() >= deadline {
-                return Ok(result.applied);
+                .await;
+            match result {
+                Ok(result) if result.applied || Instant::now() >= deadline => {
+                    return Ok(result.applied);
+                }
+                Ok(_) => {}
+                // Still within the caller's time: ask again with the same token.
+                Err(e) if retry_within(&e, deadline) => tokio::time::sleep(RETRY_PAUSE).await,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -187,12 +211,18 @@ where
     async fn take_within(&self, max: u32, timeout: Duration) -> Result<Vec<T>> {
         // One token for every attempt: a retry gets the items a lost answer carried.
         let token: u64 = rand::random();
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
-            let result = self.run(MapOp::QueuePoll { token, max, wait }).await?;
-            if !result.items.is_empty() || Instant::now() >= deadline {
-                return result.items.iter().map(|b| codec::decode(b)).collect();
+            match self.run(MapOp::QueuePoll { token, max, wait }).await {
+                Ok(result) if !result.items.is_empty() || Instant::now() >= deadline => {
+                    return result.items.iter().map(|b| codec::decode(b)).collect();
+                }
+                Ok(_) => {}
+                // Still within the caller's time: ask again with the same token, which gets
+                // the items a lost answer carried.
+                Err(e) if retry_within(&e, deadline) => tokio::time::sleep(RETRY_PAUSE).await,
+                Err(e) => return Err(e),
             }
         }
     }

@@ -64,6 +64,11 @@ fn decode(value: &[u8]) -> Option<Item> {
     })
 }
 
+/// The payload of an item entry (`None` for an entry too short to be one).
+fn payload(value: &Bytes) -> Option<Bytes> {
+    (value.len() >= HEADER).then(|| value.slice(HEADER..))
+}
+
 fn position_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
@@ -216,6 +221,22 @@ impl Node {
         let now = crate::store::now_ms();
         let mut result = OpResult::default();
         let mut changes = Vec::new();
+        // A retry whose first attempt is known writes this entry again, unchanged but numbered:
+        // the backups apply in order, so acknowledging it acknowledges the first attempt too
+        // (which may not be on the backups yet).
+        let touch = |position: u64, changes: &mut Vec<Change>| {
+            if let Some(record) = entries.get(&key_of(position)) {
+                changes.push(Change::Upsert(
+                    position,
+                    Record {
+                        version: record.version + 1,
+                        ..record
+                    },
+                ));
+            }
+        };
+        // Polls stop taking items once their answer would be this large.
+        let answer_budget = self.config.max_message_size() / 2;
         match op {
             MapOp::QueueOffer {
                 item,
@@ -223,8 +244,9 @@ impl Node {
                 capacity,
                 ..
             } => {
-                if index.offers.contains_key(token) {
+                if let Some(&position) = index.offers.get(token) {
                     result.applied = true;
+                    touch(position, &mut changes);
                 } else if *capacity == 0 || (index.waiting.len() as u64) < *capacity {
                     let position = index.next;
                     index.next += 1;
@@ -244,28 +266,38 @@ impl Node {
                 }
             }
             MapOp::QueuePoll { token, max, .. } => {
-                if let Some(taken) = index.polls.get(token) {
+                if let Some(taken) = index.polls.get(token).cloned() {
                     // A retry: the same items again (while they are remembered).
-                    for &position in taken {
-                        if let Some(record) = entries.get(&key_of(position)) {
-                            result.items.push(record.value.slice(HEADER..));
+                    for &position in &taken {
+                        if let Some(item) = entries
+                            .get(&key_of(position))
+                            .and_then(|record| payload(&record.value))
+                        {
+                            result.items.push(item);
                         }
+                    }
+                    if let Some(&first) = taken.first() {
+                        touch(first, &mut changes);
                     }
                 }
                 if result.items.is_empty() {
                     index.polls.remove(token);
                     let mut taken = Vec::new();
-                    while taken.len() < *max as usize {
+                    let mut bytes = 0;
+                    while taken.len() < *max as usize && (taken.is_empty() || bytes < answer_budget)
+                    {
                         let Some(position) = index.waiting.pop_front() else {
                             break;
                         };
                         let Some(record) = entries.get(&key_of(position)) else {
                             continue;
                         };
-                        let Some(item) = decode(&record.value) else {
+                        let (Some(item), Some(payload)) =
+                            (decode(&record.value), payload(&record.value))
+                        else {
                             continue;
                         };
-                        let payload = record.value.slice(HEADER..);
+                        bytes += payload.len();
                         result.items.push(payload.clone());
                         taken.push(position);
                         changes.push(Change::Upsert(
@@ -286,12 +318,13 @@ impl Node {
                 result.applied = !result.items.is_empty();
             }
             MapOp::QueuePeek => {
-                if let Some(record) = index
+                if let Some(item) = index
                     .waiting
                     .front()
                     .and_then(|&position| entries.get(&key_of(position)))
+                    .and_then(|record| payload(&record.value))
                 {
-                    result.items.push(record.value.slice(HEADER..));
+                    result.items.push(item);
                 }
             }
             MapOp::QueueLen => result.count = index.waiting.len() as u64,
@@ -317,7 +350,7 @@ impl Node {
                         EntryEventKind::Added
                     };
                     entries.insert(&key, &record);
-                    let payload = record.value.slice(HEADER..);
+                    let payload = payload(&record.value).unwrap_or_default();
                     (
                         key,
                         proto::mutation::Change::Upsert(proto::Record::from(&record)),
@@ -347,7 +380,7 @@ impl Node {
         // The index now matches the contents under this epoch (own changes do not bump it),
         // unless it remembers twice as many tokens as at its last rebuild: taken items expire,
         // and the next operation rebuilds it without them (amortized over the doubling).
-        index.epoch = Some(data.epoch());
+        index.epoch = Some(epoch);
         if index.offers.len() > 2 * index.tokens_at_rebuild + 4096 {
             index.epoch = None;
         }
