@@ -352,8 +352,13 @@ impl Node {
             MapOp::LoadBegin { member, claim } => {
                 self.load_begin(partition, map, key, member, claim).await
             }
-            MapOp::LoadEnd { claim, outcome } => {
-                self.load_end(partition, map, key, claim, outcome).await
+            MapOp::LoadEnd {
+                claim,
+                outcome,
+                refresh_of,
+            } => {
+                self.load_end(partition, map, key, claim, outcome, refresh_of)
+                    .await
             }
             op @ (MapOp::QueueOffer { .. }
             | MapOp::QueuePoll { .. }
@@ -483,13 +488,21 @@ impl Node {
         key: Bytes,
         claim: u64,
         outcome: LoadOutcome,
+        refresh_of: Option<u64>,
     ) -> Result<Outcome<OpResult>> {
+        let mut answer = OpResult {
+            applied: true,
+            ..OpResult::default()
+        };
         if let LoadOutcome::Loaded(value) = &outcome {
-            let refresh_of = self
-                .loads
-                .get(&(Arc::<str>::from(map), key.clone()))
-                .filter(|load| load.claim == claim)
-                .and_then(|load| load.refresh_of);
+            // The caller says whether its load was an early refresh: its load state may have
+            // been taken over meanwhile, and a refresh must never overwrite a newer value.
+            let refresh_of = refresh_of.or_else(|| {
+                self.loads
+                    .get(&(Arc::<str>::from(map), key.clone()))
+                    .filter(|load| load.claim == claim)
+                    .and_then(|load| load.refresh_of)
+            });
             let store = match refresh_of {
                 Some(version) => MapOp::RefreshTo {
                     value: value.clone(),
@@ -501,6 +514,8 @@ impl Node {
                 .execute_local(partition, map, key.clone(), &store)
                 .await?
             {
+                // A refresh that lost to a newer value answers with that value.
+                Outcome::Done(stored) if !stored.applied => answer = stored,
                 Outcome::Done(_) => {}
                 other => return Ok(other),
             }
@@ -509,10 +524,7 @@ impl Node {
         if let Some((_, load)) = self.loads.remove_if(&slot, |_, load| load.claim == claim) {
             load.done.send_replace(Some(outcome));
         }
-        Ok(Outcome::Done(OpResult {
-            applied: true,
-            ..OpResult::default()
-        }))
+        Ok(Outcome::Done(answer))
     }
 
     /// The synchronous part of an operation: ownership check, decision, change, sequencing and

@@ -154,6 +154,10 @@ impl Node {
                 MapOp::QueuePoll { max, .. } => *max,
                 _ => 0,
             },
+            refresh_version: match op {
+                MapOp::LoadEnd { refresh_of, .. } => *refresh_of,
+                _ => None,
+            },
             wait_ms: match op {
                 MapOp::QueueOffer { wait, .. } | MapOp::QueuePoll { wait, .. } => {
                     u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
@@ -174,7 +178,7 @@ impl Node {
                 value: r.found.then_some(r.value),
                 applied: r.applied,
                 expires_at_ms: r.expires_at_ms,
-                version: 0,
+                version: r.version,
                 items: r.items,
                 count: r.count,
             }),
@@ -281,6 +285,7 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
         },
         proto::MapOp::LoadEnd => MapOp::LoadEnd {
             claim: request.load_claim,
+            refresh_of: request.refresh_version,
             outcome: if request.load_failed {
                 crate::map::ops::LoadOutcome::Failed(String::from_utf8_lossy(&value).into_owned())
             } else {

@@ -313,7 +313,11 @@ where
             if answer.found && answer.applied {
                 // Chosen for an early refresh: reload, and fall back to the current value.
                 let current = answer.value.clone();
-                return match self.finish_load(partition, key, claim, loader).await {
+                let refresh_of = Some(answer.version);
+                return match self
+                    .finish_load(partition, key, claim, refresh_of, loader)
+                    .await
+                {
                     Ok(value) => Ok(value),
                     Err(Error::LoadFailed { .. }) if current.is_some() => {
                         codec::decode(current.as_deref().unwrap_or_default())
@@ -339,7 +343,7 @@ where
             }
             // Another caller's load is still running: ask again.
         }
-        self.finish_load(partition, key, claim, loader).await
+        self.finish_load(partition, key, claim, None, loader).await
     }
 
     /// Runs a load this caller was granted and hands its outcome to the key's primary.
@@ -348,6 +352,7 @@ where
         partition: u32,
         key: Bytes,
         claim: u64,
+        refresh_of: Option<u64>,
         loader: F,
     ) -> Result<V>
     where
@@ -368,16 +373,28 @@ where
                 )
             }
         };
-        self.node
+        let end = self
+            .node
             .route(
                 partition,
                 &self.name,
                 key.clone(),
-                MapOp::LoadEnd { claim, outcome },
+                MapOp::LoadEnd {
+                    claim,
+                    outcome,
+                    refresh_of,
+                },
             )
             .await?;
         if let Some(near) = &self.near {
             near.invalidate(&key);
+        }
+        // An early refresh that lost to a newer value (a write, or another refresh) returns it.
+        if !end.applied
+            && end.found
+            && let Some(newer) = end.value
+        {
+            return codec::decode(&newer);
         }
         result
     }

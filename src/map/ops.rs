@@ -40,6 +40,8 @@ pub(crate) enum MapOp {
     LoadEnd {
         claim: u64,
         outcome: LoadOutcome,
+        /// For an early refresh: the version of the entry it replaces.
+        refresh_of: Option<u64>,
     },
     /// Queue operations (handled by `queue::owner`, not `decide`); see `proto::MapOp`.
     QueueOffer {
@@ -228,6 +230,8 @@ impl MapOp {
                     OpResult {
                         found,
                         applied: same,
+                        // Not stored: the newer value wins, and is the answer.
+                        value: if same { None } else { previous() },
                         ..OpResult::default()
                     },
                     if same {

@@ -188,6 +188,7 @@ impl PeerGrid for PeerGridService {
                     expires_at_ms: result.expires_at_ms,
                     items: result.items,
                     count: result.count,
+                    version: result.version,
                 }),
                 Outcome::NotOwner { version, owner } => {
                     proto::map_response::Outcome::NotOwner(proto::NotOwner {
