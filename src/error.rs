@@ -173,6 +173,14 @@ pub enum Error {
     /// [`crate::Grid::join`].
     #[error("this member has left the cluster")]
     Shutdown,
+
+    /// The map name is reserved: names starting with a NUL byte belong to queues' internal
+    /// maps. Nothing was sent.
+    #[error("map name {name:?} is reserved (names starting with NUL belong to queues)")]
+    ReservedName {
+        /// The name.
+        name: String,
+    },
 }
 
 /// A configuration value that cannot work, found by [`crate::GridConfig::validate`] or while

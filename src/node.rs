@@ -981,6 +981,11 @@ impl Node {
             }
         }
         self.on_table_changed(&previous, &current, &takeovers);
+        // Queue waiters held here look again: a queue this member no longer leads sends them on
+        // to its new primary at once rather than when their wait ends.
+        for signal in self.queue_signals.iter() {
+            signal.value().notify_waiters();
+        }
         true
     }
 

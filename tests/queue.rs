@@ -42,6 +42,17 @@ async fn the_queue_api_capacity_and_timeouts() {
     assert_eq!(b.drain(10).await.unwrap(), vec!["item 4"]);
     assert!(a.drain(10).await.unwrap().is_empty());
     a.offer(&"x".to_string()).await.unwrap();
+    // The queue's entries are out of reach of map handles.
+    let sneaky: peergrid::Map<u64, String> = cluster.grid(0).map("\0queue:plain");
+    assert!(matches!(
+        sneaky.clear().await,
+        Err(peergrid::Error::ReservedName { .. })
+    ));
+    assert!(matches!(
+        sneaky.get(&1).await,
+        Err(peergrid::Error::ReservedName { .. })
+    ));
+    assert_eq!(b.len().await.unwrap(), 1);
     b.clear().await.unwrap();
     assert!(a.is_empty().await.unwrap());
 

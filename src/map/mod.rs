@@ -79,7 +79,17 @@ where
         &self.name
     }
 
+    fn check_name(&self) -> Result<()> {
+        if self.name.starts_with('\0') {
+            return Err(Error::ReservedName {
+                name: self.name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn key<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<(u32, Bytes)> {
+        self.check_name()?;
         let bytes = codec::encode(key)?;
         let max = self.node.config.max_key_size;
         if bytes.len() > max {
@@ -709,6 +719,7 @@ where
     /// Asks every member for its primaries' count; retries while the answers do not cover every
     /// partition exactly once (a table change was in flight).
     async fn scan(&self, clear: bool) -> Result<u64> {
+        self.check_name()?;
         let node = &self.node;
         let mut attempts = 0;
         loop {
