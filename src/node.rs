@@ -67,6 +67,23 @@ fn pick_victim(entries: &Entries, keep: &Bytes, policy: EvictionPolicy) -> Optio
         .map(|(key, _)| key)
 }
 
+/// The value of `key` in a per-name registry, made by `make` if missing (cloned out: no map
+/// guard is kept).
+pub(crate) fn get_or_make<V: Clone>(
+    registry: &dashmap::DashMap<Arc<str>, V>,
+    key: &str,
+    make: impl FnOnce() -> V,
+) -> V {
+    if let Some(value) = registry.get(key) {
+        return value.value().clone();
+    }
+    registry
+        .entry(Arc::from(key))
+        .or_insert_with(make)
+        .value()
+        .clone()
+}
+
 /// How a takeover's pull ended.
 #[derive(Debug)]
 enum Pulled {
@@ -243,14 +260,9 @@ impl Node {
 
     /// The operation counters of `map` (the handle is cloned out; no map guard is kept).
     pub(crate) fn counters(&self, map: &str) -> Arc<MapCounters> {
-        if let Some(c) = self.map_counters.get(map) {
-            return c.value().clone();
-        }
-        self.map_counters
-            .entry(Arc::from(map))
-            .or_insert_with(|| Arc::new(MapCounters::new(self.config.partition_count)))
-            .value()
-            .clone()
+        get_or_make(&self.map_counters, map, || {
+            Arc::new(MapCounters::new(self.config.partition_count))
+        })
     }
 
     /// The near cache of `map` on this member, started on first use, if the map has one.
@@ -262,13 +274,9 @@ impl Node {
             return Some(near.value().clone());
         }
         let config = self.config.map_config(map).near_cache?;
-        Some(
-            self.near_caches
-                .entry(Arc::from(map))
-                .or_insert_with(|| crate::map::near::NearCache::start(self, Arc::from(map), config))
-                .value()
-                .clone(),
-        )
+        Some(get_or_make(&self.near_caches, map, || {
+            crate::map::near::NearCache::start(self, Arc::from(map), config)
+        }))
     }
 
     /// Every partition's near-cache invalidation number of `map` on this member (zeros for a map
@@ -313,6 +321,23 @@ impl Node {
             }
         }
         stats
+    }
+
+    /// The current table if this member leads `partition` and is not taking it over (checked
+    /// under the partition's write lock by the writers); otherwise the answer to give.
+    pub(crate) fn leading<T>(
+        &self,
+        data: &crate::store::PartitionData,
+        partition: u32,
+    ) -> std::result::Result<Arc<PartitionTable>, Outcome<T>> {
+        let table = self.table.current();
+        if table.primary(partition) != Some(self.me) {
+            return Err(self.not_owner(&table, partition));
+        }
+        if data.is_pending() {
+            return Err(Outcome::Pending);
+        }
+        Ok(table)
     }
 
     pub(crate) fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
@@ -589,13 +614,10 @@ impl Node {
         let mut acks = Vec::new();
         let mut seq = data.lock();
         // Checked again under the write lock: a handover may have moved the partition away.
-        let table = self.table.current();
-        if table.primary(partition) != Some(self.me) {
-            return Ok((self.not_owner(&table, partition), acks));
-        }
-        if data.is_pending() {
-            return Ok((Outcome::Pending, acks));
-        }
+        let table = match self.leading(data, partition) {
+            Ok(table) => table,
+            Err(outcome) => return Ok((outcome, acks)),
+        };
         let entries = data.entries_or_create(map);
         let stored = entries.get(&key);
         // The primary decides expiry: an expired entry is absent to every operation, and is

@@ -214,32 +214,43 @@ async fn producers_and_consumers_on_three_members_get_every_item_once_in_order()
     check_exactly_once_in_order(&taken, &acked);
 }
 
+/// The index and id of the member leading `queue`, and every other running member.
+fn leader_and_others(cluster: &Cluster, queue: &str) -> (usize, peergrid::MemberId, Vec<Grid>) {
+    let primary = cluster
+        .grid(0)
+        .queue::<Item>(queue)
+        .owner()
+        .expect("a settled table");
+    let leader = (0..cluster.slots.len())
+        .find(|&i| cluster.grid(i).local_member().id == primary)
+        .expect("the leader is running");
+    let others = (0..cluster.slots.len())
+        .filter(|&i| i != leader)
+        .map(|i| cluster.grid(i).clone())
+        .collect();
+    (leader, primary, others)
+}
+
+/// Waits until the producers had more than 100 offers answered.
+async fn items_flowed(offered: &std::sync::atomic::AtomicU64) {
+    wait_for("items to flow", DEADLINE, || {
+        let n = offered.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n > 100).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queues_primary_crashing_mid_run_loses_and_duplicates_nothing() {
     let mut cluster = Cluster::start_with(4, |c| c.backup_count = 1).await;
     cluster.wait_table_settled().await;
-    let primary = cluster
-        .grid(0)
-        .queue::<Item>("crashy")
-        .owner()
-        .expect("a settled table");
-    let doomed = (0..4)
-        .find(|&i| cluster.grid(i).local_member().id == primary)
-        .unwrap();
-    let survivors: Vec<Grid> = (0..4)
-        .filter(|&i| i != doomed)
-        .map(|i| cluster.grid(i).clone())
-        .collect();
+    let (doomed, _, survivors) = leader_and_others(&cluster, "crashy");
     let offered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let crash = {
         let offered = offered.clone();
         async move {
             // Let items flow, then crash the primary.
-            wait_for("items to flow", DEADLINE, || {
-                let n = offered.load(std::sync::atomic::Ordering::SeqCst);
-                async move { (n > 100).then_some(()) }
-            })
-            .await;
+            items_flowed(&offered).await;
             cluster.crash(doomed);
         }
     };
@@ -260,11 +271,7 @@ async fn a_member_joining_mid_run_moves_the_queue_without_loss() {
     let join = {
         let (joined, offered) = (joined.clone(), offered.clone());
         async move {
-            wait_for("items to flow", DEADLINE, || {
-                let n = offered.load(std::sync::atomic::Ordering::SeqCst);
-                async move { (n > 100).then_some(()) }
-            })
-            .await;
+            items_flowed(&offered).await;
             *joined.lock().await = Some(Grid::join(config).await.expect("joins"));
         }
     };
@@ -313,27 +320,12 @@ async fn an_item_listener_sees_offers_and_takes_in_order() {
 async fn the_queues_primary_leaving_mid_run_hands_it_over_without_loss() {
     let mut cluster = Cluster::start(3).await;
     cluster.wait_table_settled().await;
-    let primary = cluster
-        .grid(0)
-        .queue::<Item>("handed")
-        .owner()
-        .expect("a settled table");
-    let leaving = (0..3)
-        .find(|&i| cluster.grid(i).local_member().id == primary)
-        .unwrap();
-    let stayers: Vec<Grid> = (0..3)
-        .filter(|&i| i != leaving)
-        .map(|i| cluster.grid(i).clone())
-        .collect();
+    let (leaving, primary, stayers) = leader_and_others(&cluster, "handed");
     let offered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let leave = {
         let (offered, grid) = (offered.clone(), cluster.grid(leaving).clone());
         async move {
-            wait_for("items to flow", DEADLINE, || {
-                let n = offered.load(std::sync::atomic::Ordering::SeqCst);
-                async move { (n > 100).then_some(()) }
-            })
-            .await;
+            items_flowed(&offered).await;
             grid.leave().await.expect("a graceful leave");
         }
     };

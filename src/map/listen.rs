@@ -204,3 +204,46 @@ async fn open_remote(
         }
     });
 }
+
+/// The typed stream of a listener: decodes `raw` events with `decode` (`None`: skip the event)
+/// on a task of their own, until the member stops, the sources end or every receiver is gone.
+pub(crate) fn forward<T: Clone + Send + 'static>(
+    node: &crate::node::Node,
+    mut raw: tokio::sync::mpsc::Receiver<Arc<RawEntryEvent>>,
+    decode: impl Fn(&RawEntryEvent) -> Option<T> + Send + 'static,
+) -> crate::EventStream<T> {
+    let (tx, rx) = tokio::sync::broadcast::channel(4096);
+    let cancel = node.cancel.clone();
+    tokio::spawn(async move {
+        let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = check.tick() => if tx.receiver_count() == 0 { return } else { continue },
+                event = raw.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+            };
+            if let Some(typed) = decode(&event)
+                && tx.send(typed).is_err()
+            {
+                return;
+            }
+        }
+    });
+    crate::EventStream::new(rx)
+}
+
+/// The value an event carries, decoded, when the listener asked for values: `Some(None)` when
+/// it did not, `None` (skip the event) when the bytes are not a `V`. (This member's own
+/// primaries publish values whatever the listener asked for.)
+pub(crate) fn decode_value<V: serde::de::DeserializeOwned>(
+    event: &RawEntryEvent,
+    include_values: bool,
+) -> Option<Option<V>> {
+    match event.value.as_ref().filter(|_| include_values) {
+        Some(bytes) => crate::codec::decode::<V>(bytes).ok().map(Some),
+        None => Some(None),
+    }
+}

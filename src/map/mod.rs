@@ -422,42 +422,14 @@ where
         K: DeserializeOwned + Clone + Send + Sync + 'static,
         V: Clone + Send + Sync + 'static,
     {
-        let mut raw = listen::subscribe(&self.node, self.name.clone(), include_values).await;
-        let (tx, rx) = tokio::sync::broadcast::channel(4096);
-        let cancel = self.node.cancel.clone();
-        tokio::spawn(async move {
-            let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                let event = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = check.tick() => if tx.receiver_count() == 0 { return } else { continue },
-                    event = raw.recv() => match event {
-                        Some(event) => event,
-                        None => return,
-                    },
-                };
-                let Ok(key) = codec::decode::<K>(&event.key) else {
-                    continue;
-                };
-                // This member's own primaries publish values whatever the listener asked for.
-                let value = match event.value.as_ref().filter(|_| include_values) {
-                    Some(bytes) => match codec::decode::<V>(bytes) {
-                        Ok(value) => Some(value),
-                        Err(_) => continue,
-                    },
-                    None => None,
-                };
-                let typed = listen::EntryEvent {
-                    kind: event.kind,
-                    key,
-                    value,
-                };
-                if tx.send(typed).is_err() {
-                    return;
-                }
-            }
-        });
-        crate::EventStream::new(rx)
+        let raw = listen::subscribe(&self.node, self.name.clone(), include_values).await;
+        listen::forward(&self.node, raw, move |event| {
+            Some(listen::EntryEvent {
+                kind: event.kind,
+                key: codec::decode::<K>(&event.key).ok()?,
+                value: listen::decode_value::<V>(event, include_values)?,
+            })
+        })
     }
 
     /// Removes `key` and returns its value.

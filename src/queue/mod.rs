@@ -258,45 +258,17 @@ where
     where
         T: Clone + Send + Sync + 'static,
     {
-        let mut raw =
-            crate::map::listen::subscribe(&self.node, self.map.clone(), include_items).await;
-        let (tx, rx) = tokio::sync::broadcast::channel(4096);
-        let cancel = self.node.cancel.clone();
-        tokio::spawn(async move {
-            let mut check = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                let event = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = check.tick() => if tx.receiver_count() == 0 { return } else { continue },
-                    event = raw.recv() => match event {
-                        Some(event) => event,
-                        None => return,
-                    },
-                };
-                let added = match event.kind {
-                    crate::EntryEventKind::Added => true,
-                    crate::EntryEventKind::Removed => false,
-                    // Taken items expiring after the dedup window are not queue events.
-                    _ => continue,
-                };
-                let item = match event.value.as_ref().filter(|_| include_items) {
-                    Some(bytes) => match codec::decode::<T>(bytes) {
-                        Ok(item) => Some(item),
-                        Err(_) => continue,
-                    },
-                    None => None,
-                };
-                let event = if added {
-                    ItemEvent::Added(item)
-                } else {
-                    ItemEvent::Removed(item)
-                };
-                if tx.send(event).is_err() {
-                    return;
-                }
+        use crate::map::listen;
+        let raw = listen::subscribe(&self.node, self.map.clone(), include_items).await;
+        listen::forward(&self.node, raw, move |event| {
+            let item = listen::decode_value::<T>(event, include_items)?;
+            match event.kind {
+                crate::EntryEventKind::Added => Some(ItemEvent::Added(item)),
+                crate::EntryEventKind::Removed => Some(ItemEvent::Removed(item)),
+                // Taken items expiring after the dedup window are not queue events.
+                _ => None,
             }
-        });
-        crate::EventStream::new(rx)
+        })
     }
 }
 

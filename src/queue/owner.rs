@@ -180,14 +180,7 @@ impl Node {
 
     /// The signal of `map`'s queue: notified whenever an item is added or taken.
     fn queue_signals(&self, map: &str) -> Arc<tokio::sync::Notify> {
-        if let Some(signals) = self.queue_signals.get(map) {
-            return signals.value().clone();
-        }
-        self.queue_signals
-            .entry(Arc::from(map))
-            .or_default()
-            .value()
-            .clone()
+        crate::node::get_or_make(&self.queue_signals, map, Default::default)
     }
 
     /// The synchronous part of a queue operation: ownership checks, the decision from the
@@ -204,13 +197,10 @@ impl Node {
             .ok_or(Error::NoOwner { partition })?;
         let mut acks = Vec::new();
         let mut seq = data.lock();
-        let table = self.table.current();
-        if table.primary(partition) != Some(self.me) {
-            return Ok((self.not_owner(&table, partition), acks));
-        }
-        if data.is_pending() {
-            return Ok((Outcome::Pending, acks));
-        }
+        let table = match self.leading(data, partition) {
+            Ok(table) => table,
+            Err(outcome) => return Ok((outcome, acks)),
+        };
         let entries = data.entries_or_create(map);
         let index = self.queue_index(map);
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
@@ -393,14 +383,7 @@ impl Node {
     }
 
     fn queue_index(&self, map: &str) -> Arc<std::sync::Mutex<QueueIndex>> {
-        if let Some(index) = self.queue_indexes.get(map) {
-            return index.value().clone();
-        }
-        self.queue_indexes
-            .entry(Arc::from(map))
-            .or_default()
-            .value()
-            .clone()
+        crate::node::get_or_make(&self.queue_indexes, map, Default::default)
     }
 }
 
