@@ -86,15 +86,16 @@ async fn an_expired_entry_stays_expired_on_a_promoted_backup() {
     cluster.wait_table_settled().await;
     let map: Map<String, u64> = cluster.grid(0).map("sessions");
     let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let ttl = Duration::from_millis(200);
     for (i, key) in keys.iter().enumerate() {
-        map.set_with_ttl(key, &(i as u64), Duration::from_millis(200))
-            .await
-            .unwrap();
+        map.set_with_ttl(key, &(i as u64), ttl).await.unwrap();
     }
+    // Every entry's deadline is at most `ttl` after the last write returned.
+    let all_expired = tokio::time::Instant::now() + ttl;
     map.set("kept", &1).await.unwrap();
     // The entries expire on every replica's clock; nobody reads them. Then the member leading
     // a third of them crashes: the backups that take over hold the expiry time with the entry.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep_until(all_expired).await;
     cluster.crash(2);
     cluster.wait_converged().await;
     cluster.wait_table_settled().await;
