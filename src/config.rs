@@ -139,6 +139,24 @@ pub struct GridConfig {
     /// Per-queue settings, by queue name or a pattern with one `*`, matched like
     /// [`GridConfig::maps`]. Default empty.
     pub queues: Vec<(String, QueueConfig)>,
+
+    /// Per-lock settings, by lock name or a pattern with one `*`, matched like
+    /// [`GridConfig::maps`]. Per-key map locks take the `"*"` entry. Default empty.
+    pub locks: Vec<(String, LockConfig)>,
+}
+
+/// Settings of one lock (or of the locks a pattern matches), in [`GridConfig::locks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockConfig {
+    /// How many times one holder may hold the lock at once (reentry); one more acquire fails
+    /// with [`crate::Error::ReentryLimit`]. At least 1. Default 64.
+    pub reentry_limit: u32,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig { reentry_limit: 64 }
+    }
 }
 
 /// Settings of one queue (or of the queues a pattern matches), in [`GridConfig::queues`].
@@ -418,6 +436,12 @@ impl GridConfig {
                 }
             }
         }
+        if self.locks.iter().any(|(_, lock)| lock.reentry_limit == 0) {
+            return Err(ConfigError::Range {
+                field: "locks.reentry_limit",
+                reason: "must be at least 1",
+            });
+        }
         self.swim.validate()
     }
 
@@ -428,6 +452,17 @@ impl GridConfig {
             .iter()
             .find(|(pattern, _)| pattern != "*" && matches_pattern(pattern, name))
             .or_else(|| self.queues.iter().find(|(pattern, _)| pattern == "*"))
+            .map(|(_, config)| *config)
+            .unwrap_or_default()
+    }
+
+    /// The settings of lock `name`: the first entry of [`Self::locks`] whose name or pattern
+    /// matches, else the `"*"` entry, else the defaults.
+    pub fn lock_config(&self, name: &str) -> LockConfig {
+        self.locks
+            .iter()
+            .find(|(pattern, _)| pattern != "*" && matches_pattern(pattern, name))
+            .or_else(|| self.locks.iter().find(|(pattern, _)| pattern == "*"))
             .map(|(_, config)| *config)
             .unwrap_or_default()
     }
@@ -568,6 +603,7 @@ impl Default for GridConfig {
             max_key_size: 64 << 10,
             maps: Vec::new(),
             queues: Vec::new(),
+            locks: Vec::new(),
         }
     }
 }

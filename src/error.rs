@@ -181,6 +181,71 @@ pub enum Error {
         /// The name.
         name: String,
     },
+
+    /// [`crate::Lock::try_lock`] (or a per-key [`crate::Map::try_lock`] with a zero timeout)
+    /// found the lock held by another holder. Nothing changed.
+    #[error("lock {name:?} is held by another holder")]
+    LockBusy {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+    },
+
+    /// A timed acquire waited its whole timeout without getting the lock; its place in the
+    /// queue was given up.
+    #[error("lock {name:?} was not acquired within {waited:?}")]
+    LockTimeout {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+
+    /// An unlock by a holder that does not hold the lock (and did not lose it to a lease or a
+    /// failure in the last minute).
+    #[error("lock {name:?} is not held by this holder")]
+    NotLockHolder {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+    },
+
+    /// The holding ended when its lease ran out, before this unlock; another holder may have
+    /// held the lock since. Anything done under it after the lease ended was unprotected; a
+    /// resource that checks fencing tokens refused it once a larger token reached it.
+    #[error("lock {name:?}: the lease of the holding with fence {fence} ran out before unlock")]
+    LeaseExpired {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+        /// The fence of the holding that ended.
+        fence: u64,
+    },
+
+    /// The holding ended without an unlock because the cluster declared the holder's member
+    /// down (or a waiter's grant went unclaimed); another holder may have held the lock since.
+    #[error("lock {name:?}: the holding with fence {fence} was released because its holder was declared gone")]
+    LockLost {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+        /// The fence of the holding that ended.
+        fence: u64,
+    },
+
+    /// The holder already holds the lock as many times as its
+    /// [`crate::LockConfig::reentry_limit`] allows. Nothing changed.
+    #[error("lock {name:?}: reentry limit of {limit} reached")]
+    ReentryLimit {
+        /// The lock's name (the map's name, for a per-key lock).
+        name: String,
+        /// The configured limit.
+        limit: u32,
+    },
+
+    /// A write waited for a key that another holder locked (see [`crate::Map::lock`]) and the
+    /// lock was not released within the operation's budget. The write was not applied.
+    #[error("key in map {map:?} is locked by another holder")]
+    KeyLocked {
+        /// The map.
+        map: String,
+    },
 }
 
 /// A configuration value that cannot work, found by [`crate::GridConfig::validate`] or while

@@ -137,6 +137,11 @@ impl Grid {
             queue_indexes: Default::default(),
             queue_signals: Default::default(),
             led_cache: AtomicU64::new(0),
+            lock_signals: (0..config.partition_count)
+                .map(|_| tokio::sync::Notify::new())
+                .collect(),
+            gone: Default::default(),
+            started: std::time::Instant::now(),
         });
         let server_task = server::spawn(
             tcp,
@@ -205,11 +210,12 @@ impl Grid {
         let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
         let anti_entropy_task = tokio::spawn(crate::store::anti_entropy::run(node.clone()));
         let expiry_task = tokio::spawn(crate::store::expiry::run(node.clone()));
+        let lock_task = tokio::spawn(crate::lock::owner::run(node.clone()));
         grid.inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([coordinator_task, anti_entropy_task, expiry_task]);
+            .extend([coordinator_task, anti_entropy_task, expiry_task, lock_task]);
         Ok(grid)
     }
 
@@ -272,6 +278,13 @@ impl Grid {
         T: serde::Serialize + serde::de::DeserializeOwned,
     {
         crate::Queue::new(self.inner.node.clone(), name)
+    }
+
+    /// A handle to the distributed lock `name`: a new holder (see [`crate::Lock`]). Cheap: no
+    /// call is made until the first operation. Handles with the same name on any member reach
+    /// the same lock.
+    pub fn lock(&self, name: &str) -> crate::Lock {
+        crate::Lock::new(self.inner.node.clone(), name)
     }
 
     /// The partition table this member currently routes by.

@@ -68,6 +68,7 @@ mod error;
 mod events;
 mod fault;
 mod grid;
+mod lock;
 mod map;
 mod membership;
 mod node;
@@ -79,12 +80,13 @@ mod store;
 
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, MapConfig, NearCacheConfig,
-    QueueConfig, SwimConfig,
+    LockConfig, QueueConfig, SwimConfig,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;
 pub use fault::FaultSwitch;
 pub use grid::{Grid, PartitionTableView, ReplicaState};
+pub use lock::{Lock, LockGuard, LockHolder};
 pub use map::Map;
 pub use map::listen::{EntryEvent, EntryEventKind};
 pub use map::stats::MapStats;

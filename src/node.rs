@@ -13,6 +13,7 @@ use crate::config::GridConfig;
 use crate::error::{Error, Result};
 use crate::map::listen::{EntryEventKind, RawEntryEvent};
 use crate::map::ops::{Change, Expiry, LoadOutcome, MapOp, OpResult};
+use crate::lock::state::HolderId;
 use crate::map::stats::MapCounters;
 use crate::membership::{MemberId, MembershipState};
 use crate::partition::PartitionEvent;
@@ -34,6 +35,8 @@ pub(crate) enum Outcome<T> {
     /// This member is the primary but is still taking the partition over; try again once it is
     /// ready.
     Pending,
+    /// A write to a key that another holder has locked waited its time here; ask again.
+    Locked,
 }
 
 /// Entries an eviction compares.
@@ -154,6 +157,12 @@ pub(crate) struct Node {
     pub(crate) queue_signals: dashmap::DashMap<Arc<str>, Arc<tokio::sync::Notify>>,
     /// This member's near caches, by map name (created with the map's first handle).
     pub(crate) near_caches: dashmap::DashMap<Arc<str>, Arc<crate::map::near::NearCache>>,
+    /// Per partition: notified whenever one of its locks changes (see `lock::owner`).
+    pub(crate) lock_signals: Vec<tokio::sync::Notify>,
+    /// The highest generation of each member this member saw go down or leave.
+    pub(crate) gone: std::sync::Mutex<std::collections::HashMap<MemberId, u64>>,
+    /// When this member started (its membership view is complete an rpc timeout later).
+    pub(crate) started: std::time::Instant,
 }
 
 /// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
@@ -371,6 +380,7 @@ impl Node {
         key: Bytes,
         op: MapOp,
         caller_version: u64,
+        writer: Option<HolderId>,
     ) -> Result<Outcome<OpResult>> {
         self.catch_up(caller_version).await;
         match op {
@@ -390,7 +400,14 @@ impl Node {
             | MapOp::QueuePeek
             | MapOp::QueueLen
             | MapOp::QueueClear) => self.queue_execute(partition, map, op).await,
-            op => self.execute_local(partition, map, key, &op).await,
+            op @ (MapOp::LockAcquire { .. }
+            | MapOp::LockRelease { .. }
+            | MapOp::LockInfo
+            | MapOp::LockSweep) => self.lock_execute(partition, map, key, op).await,
+            op => {
+                self.execute_local_as(partition, map, key, &op, writer.as_ref())
+                    .await
+            }
         }
     }
 
@@ -402,11 +419,37 @@ impl Node {
         key: Bytes,
         op: &MapOp,
     ) -> Result<Outcome<OpResult>> {
+        self.execute_local_as(partition, map, key, op, None).await
+    }
+
+    /// [`Node::execute_local`] for a write by `writer`, which passes a per-key lock it holds; a
+    /// write to a key another holder locked waits here up to half an rpc timeout for the unlock,
+    /// then answers [`Outcome::Locked`].
+    async fn execute_local_as(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: &MapOp,
+        writer: Option<&HolderId>,
+    ) -> Result<Outcome<OpResult>> {
+        let deadline = tokio::time::Instant::now() + self.config.rpc_timeout / 2;
         loop {
             self.partition_ready(partition).await?;
-            let (outcome, acks) = self.apply(partition, map, key.clone(), op)?;
-            if let Outcome::Pending = outcome {
-                continue;
+            let (outcome, acks) = self.apply(partition, map, key.clone(), op, writer)?;
+            match outcome {
+                Outcome::Pending => continue,
+                Outcome::Locked => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Ok(Outcome::Locked);
+                    }
+                    // The sweep ends expired leases; a change wakes this wait at once.
+                    self.lock_changed(partition, (deadline - now).min(crate::lock::owner::SWEEP_EVERY))
+                        .await;
+                    continue;
+                }
+                _ => {}
             }
             self.await_acks(acks).await?;
             return Ok(outcome);
@@ -490,6 +533,7 @@ impl Node {
                         version: 0,
                         items: Vec::new(),
                         count: 0,
+                        lock: None,
                     }));
                 }
                 Some(LoadOutcome::Failed(message)) => {
@@ -560,6 +604,7 @@ impl Node {
         map: &str,
         key: Bytes,
         op: &MapOp,
+        writer: Option<&HolderId>,
     ) -> Result<(Outcome<OpResult>, Acks)> {
         let data = self
             .store
@@ -618,6 +663,9 @@ impl Node {
             Ok(table) => table,
             Err(outcome) => return Ok((outcome, acks)),
         };
+        if op.is_keyed_write() && self.key_locked(data, map, &key, writer, now) {
+            return Ok((Outcome::Locked, acks));
+        }
         let entries = data.entries_or_create(map);
         let stored = entries.get(&key);
         // The primary decides expiry: an expired entry is absent to every operation, and is

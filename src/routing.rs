@@ -9,7 +9,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::map::ops::{MapOp, OpResult};
+use crate::lock::state::HolderId;
+use crate::map::ops::{LockAnswer, LockStatus, MapOp, OpResult};
 use crate::membership::MemberId;
 use crate::node::{Node, Outcome};
 use crate::rpc::proto;
@@ -26,6 +27,20 @@ impl Node {
         key: Bytes,
         op: MapOp,
     ) -> Result<OpResult> {
+        self.route_as(partition, map, key, op, None).await
+    }
+
+    /// [`Node::route`] for a write by `writer`, which passes the per-key locks it holds. A write
+    /// to a key another holder locked waits for the unlock until the routing deadline, then
+    /// fails with [`Error::KeyLocked`].
+    pub(crate) async fn route_as(
+        self: &Arc<Self>,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: MapOp,
+        writer: Option<HolderId>,
+    ) -> Result<OpResult> {
         let deadline = Instant::now() + self.config.rpc_timeout * 2;
         let mut attempts = 0;
         loop {
@@ -34,16 +49,33 @@ impl Node {
             let outcome = match table.primary(partition) {
                 None => Err(Error::NoOwner { partition }),
                 Some(owner) if owner == self.me => {
-                    self.execute(partition, map, key.clone(), op.clone(), table.version)
-                        .await
+                    self.execute(
+                        partition,
+                        map,
+                        key.clone(),
+                        op.clone(),
+                        table.version,
+                        writer,
+                    )
+                    .await
                 }
                 Some(owner) => {
-                    self.remote_call(owner, partition, map, &key, &op, table.version)
+                    self.remote_call(owner, partition, map, &key, &op, table.version, writer)
                         .await
                 }
             };
             let last = match outcome {
                 Ok(Outcome::Done(result)) => return Ok(result),
+                // Not applied: the primary waited for the key's lock; ask again until the
+                // deadline.
+                Ok(Outcome::Locked) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::KeyLocked {
+                            map: map.to_string(),
+                        });
+                    }
+                    continue;
+                }
                 Ok(Outcome::Pending) => {
                     self.await_table_change(table.version).await;
                     Error::NoOwner { partition }
@@ -108,6 +140,7 @@ impl Node {
         .await;
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn remote_call(
         &self,
         owner: MemberId,
@@ -116,6 +149,7 @@ impl Node {
         key: &Bytes,
         op: &MapOp,
         table_version: u64,
+        writer: Option<HolderId>,
     ) -> Result<Outcome<OpResult>> {
         let (kind, value, expected) = op_to_proto(op);
         let request = self.rpc.request(proto::MapRequest {
@@ -143,7 +177,10 @@ impl Node {
                 }
             ),
             token: match op {
-                MapOp::QueueOffer { token, .. } | MapOp::QueuePoll { token, .. } => *token,
+                MapOp::QueueOffer { token, .. }
+                | MapOp::QueuePoll { token, .. }
+                | MapOp::LockAcquire { token, .. }
+                | MapOp::LockRelease { token, .. } => *token,
                 _ => 0,
             },
             capacity: match op {
@@ -159,9 +196,23 @@ impl Node {
                 _ => None,
             },
             wait_ms: match op {
-                MapOp::QueueOffer { wait, .. } | MapOp::QueuePoll { wait, .. } => {
-                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+                MapOp::QueueOffer { wait, .. }
+                | MapOp::QueuePoll { wait, .. }
+                | MapOp::LockAcquire { wait, .. } => millis(*wait),
+                _ => 0,
+            },
+            holder: match op {
+                MapOp::LockAcquire { holder, .. } | MapOp::LockRelease { holder, .. } => {
+                    Some(holder_to_proto(holder))
                 }
+                _ => writer.as_ref().map(holder_to_proto),
+            },
+            lease_ms: match op {
+                MapOp::LockAcquire { lease, .. } => millis(*lease),
+                _ => 0,
+            },
+            queue_ms: match op {
+                MapOp::LockAcquire { queue_for, .. } => millis(*queue_for),
                 _ => 0,
             },
         });
@@ -181,7 +232,9 @@ impl Node {
                 version: r.version,
                 items: r.items,
                 count: r.count,
+                lock: r.lock.map(|l| lock_answer_from_proto(&l)),
             }),
+            Some(proto::map_response::Outcome::KeyLocked(_)) => Outcome::Locked,
             Some(proto::map_response::Outcome::NotOwner(n)) => Outcome::NotOwner {
                 version: n.version,
                 owner: n.owner.map(MemberId),
@@ -241,6 +294,10 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
         MapOp::QueuePeek => (proto::MapOp::QueuePeek, none.clone(), none),
         MapOp::QueueLen => (proto::MapOp::QueueLen, none.clone(), none),
         MapOp::QueueClear => (proto::MapOp::QueueClear, none.clone(), none),
+        MapOp::LockAcquire { .. } => (proto::MapOp::LockAcquire, none.clone(), none),
+        MapOp::LockRelease { .. } => (proto::MapOp::LockRelease, none.clone(), none),
+        // The sweep never travels; as an info request it changes nothing.
+        MapOp::LockInfo | MapOp::LockSweep => (proto::MapOp::LockInfo, none.clone(), none),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
         MapOp::Delete => (proto::MapOp::Delete, none.clone(), none),
         MapOp::PutIfAbsent(v) => (proto::MapOp::PutIfAbsent, v.clone(), none),
@@ -306,6 +363,18 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
         proto::MapOp::QueuePeek => MapOp::QueuePeek,
         proto::MapOp::QueueLen => MapOp::QueueLen,
         proto::MapOp::QueueClear => MapOp::QueueClear,
+        proto::MapOp::LockAcquire => MapOp::LockAcquire {
+            holder: holder_from_proto(request.holder.as_ref()?),
+            token: request.token,
+            lease: std::time::Duration::from_millis(request.lease_ms),
+            wait: std::time::Duration::from_millis(request.wait_ms),
+            queue_for: std::time::Duration::from_millis(request.queue_ms),
+        },
+        proto::MapOp::LockRelease => MapOp::LockRelease {
+            holder: holder_from_proto(request.holder.as_ref()?),
+            token: request.token,
+        },
+        proto::MapOp::LockInfo => MapOp::LockInfo,
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,
         proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),
@@ -315,4 +384,74 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             value,
         },
     })
+}
+
+/// A duration in whole milliseconds, saturating.
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn holder_to_proto(holder: &HolderId) -> proto::LockHolder {
+    proto::LockHolder {
+        member: holder.member,
+        generation: holder.generation,
+        id: holder.id,
+    }
+}
+
+pub(crate) fn holder_from_proto(holder: &proto::LockHolder) -> HolderId {
+    HolderId {
+        member: holder.member,
+        generation: holder.generation,
+        id: holder.id,
+    }
+}
+
+pub(crate) fn lock_answer_to_proto(answer: &LockAnswer) -> proto::LockAnswer {
+    let status = match answer.status {
+        LockStatus::None => proto::LockStatus::None,
+        LockStatus::Granted => proto::LockStatus::Granted,
+        LockStatus::Queued => proto::LockStatus::Queued,
+        LockStatus::Busy => proto::LockStatus::Busy,
+        LockStatus::ReentryLimit => proto::LockStatus::ReentryLimit,
+        LockStatus::Released => proto::LockStatus::Released,
+        LockStatus::Withdrawn => proto::LockStatus::Withdrawn,
+        LockStatus::NotHolder => proto::LockStatus::NotHolder,
+        LockStatus::LeaseExpired => proto::LockStatus::LeaseExpired,
+        LockStatus::Lost => proto::LockStatus::Lost,
+        LockStatus::Info => proto::LockStatus::Info,
+    };
+    proto::LockAnswer {
+        status: status as i32,
+        fence: answer.fence,
+        count: answer.count,
+        holder: answer.holder.as_ref().map(holder_to_proto),
+        lease_until_ms: answer.lease_until_ms,
+        waiters: answer.waiters,
+    }
+}
+
+/// A lock answer from the wire (an unknown status reads as none, which callers refuse).
+pub(crate) fn lock_answer_from_proto(answer: &proto::LockAnswer) -> LockAnswer {
+    let status = match proto::LockStatus::try_from(answer.status) {
+        Ok(proto::LockStatus::Granted) => LockStatus::Granted,
+        Ok(proto::LockStatus::Queued) => LockStatus::Queued,
+        Ok(proto::LockStatus::Busy) => LockStatus::Busy,
+        Ok(proto::LockStatus::ReentryLimit) => LockStatus::ReentryLimit,
+        Ok(proto::LockStatus::Released) => LockStatus::Released,
+        Ok(proto::LockStatus::Withdrawn) => LockStatus::Withdrawn,
+        Ok(proto::LockStatus::NotHolder) => LockStatus::NotHolder,
+        Ok(proto::LockStatus::LeaseExpired) => LockStatus::LeaseExpired,
+        Ok(proto::LockStatus::Lost) => LockStatus::Lost,
+        Ok(proto::LockStatus::Info) => LockStatus::Info,
+        Ok(proto::LockStatus::None) | Err(_) => LockStatus::None,
+    };
+    LockAnswer {
+        status,
+        fence: answer.fence,
+        count: answer.count,
+        holder: answer.holder.as_ref().map(holder_from_proto),
+        lease_until_ms: answer.lease_until_ms,
+        waiters: answer.waiters,
+    }
 }

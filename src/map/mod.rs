@@ -21,6 +21,8 @@ use serde::de::DeserializeOwned;
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::lock::state::HolderId;
+use crate::lock::{LockTarget, Patience};
 use crate::membership::MemberId;
 use crate::node::{Node, Outcome};
 use crate::partition::key::partition_of;
@@ -36,19 +38,32 @@ use ops::MapOp;
 ///
 /// Keys and values are encoded with serde: strings and byte buffers raw, everything else with
 /// postcard. Methods take keys by `Borrow`, so a `Map<String, V>` accepts `&str`.
+///
+/// # Per-key locks
+///
+/// [`Map::lock`] locks one key, as Hazelcast's `IMap.lock` does: writes to the key through any
+/// other handle wait until it is unlocked (reads do not). The holder is the handle value: each
+/// [`crate::Grid::map`] call and each clone is a holder of its own, so tasks sharing a map
+/// through clones exclude each other, and a task writes a key it locked through the handle that
+/// locked it. The locks are reentrant, fenced, leased, FIFO and survive failover like
+/// [`crate::Lock`]; their state lives in the key's partition.
 pub struct Map<K, V> {
     node: Arc<Node>,
     name: Arc<str>,
     near: Option<Arc<near::NearCache>>,
+    /// This handle's holder id for per-key locks.
+    holder: u64,
     _types: PhantomData<fn(K) -> V>,
 }
 
 impl<K, V> Clone for Map<K, V> {
+    /// Another handle to the same map: a new holder for per-key locks.
     fn clone(&self) -> Self {
         Map {
             node: self.node.clone(),
             name: self.name.clone(),
             near: self.near.clone(),
+            holder: crate::lock::new_holder_id(),
             _types: PhantomData,
         }
     }
@@ -70,8 +85,14 @@ where
             near: node.near_cache(name),
             node,
             name: Arc::from(name),
+            holder: crate::lock::new_holder_id(),
             _types: PhantomData,
         }
+    }
+
+    /// This handle as a per-key lock holder, right now.
+    fn writer(&self) -> HolderId {
+        crate::lock::holder_of(&self.node, self.holder)
     }
 
     /// The map's name.
@@ -123,14 +144,18 @@ where
         if op.is_read() {
             return self.read(partition, key, op).await;
         }
+        let writer = Some(self.writer());
         let Some(near) = &self.near else {
-            return self.node.route(partition, &self.name, key, op).await;
+            return self
+                .node
+                .route_as(partition, &self.name, key, op, writer)
+                .await;
         };
         // Before, and after: a read that raced with the write must not keep the old value.
         near.invalidate(&key);
         let result = self
             .node
-            .route(partition, &self.name, key.clone(), op)
+            .route_as(partition, &self.name, key.clone(), op, writer)
             .await;
         near.invalidate(&key);
         result
@@ -590,9 +615,10 @@ where
             } else {
                 MapOp::Get
             };
+            let writer = put.then(|| self.writer());
             let result = self
                 .node
-                .route(*partition, &self.name, key.clone(), op)
+                .route_as(*partition, &self.name, key.clone(), op, writer)
                 .await?;
             results[i] = if result.found { result.value } else { None };
         }
@@ -620,12 +646,12 @@ where
                 answers.push(None);
                 continue;
             }
-            match self.node.apply(*partition, &self.name, key.clone(), &op)? {
+            match self.node.apply(*partition, &self.name, key.clone(), &op, Some(&self.writer()))? {
                 (Outcome::Done(result), mut new_acks) => {
                     acks.append(&mut new_acks);
                     answers.push(Some(if result.found { result.value } else { None }));
                 }
-                (Outcome::NotOwner { .. } | Outcome::Pending, _) => answers.push(None),
+                (Outcome::NotOwner { .. } | Outcome::Pending | Outcome::Locked, _) => answers.push(None),
             }
         }
         self.node.await_acks(acks).await?;
@@ -672,6 +698,77 @@ where
             .into_iter()
             .map(|r| (!r.not_owner).then(|| r.found.then_some(r.value)))
             .collect())
+    }
+
+    fn key_lock<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<LockTarget> {
+        let (partition, key) = self.key(key)?;
+        Ok(LockTarget::keyed(
+            self.node.clone(),
+            &self.name,
+            partition,
+            &key,
+        ))
+    }
+
+    /// Locks `key` for this handle, waiting as long as it takes; returns the holding's fencing
+    /// token. Writes to the key through other handles wait until [`Map::unlock`]. Reentrant: a
+    /// second lock by this handle needs a second unlock and returns the same fence.
+    pub async fn lock<Q>(&self, key: &Q) -> Result<u64>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let target = self.key_lock(key)?;
+        Ok(target.acquire(self.writer(), None, Patience::Forever).await?.0)
+    }
+
+    /// [`Map::lock`] with a lease: the key is unlocked by itself `lease` after the grant.
+    pub async fn lock_with_lease<Q>(&self, key: &Q, lease: std::time::Duration) -> Result<u64>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let target = self.key_lock(key)?;
+        Ok(target
+            .acquire(self.writer(), Some(lease), Patience::Forever)
+            .await?
+            .0)
+    }
+
+    /// Locks `key` if it can within `timeout` (zero: only if it is free now); returns the
+    /// fencing token, or [`Error::LockTimeout`] ([`Error::LockBusy`] for a zero timeout).
+    pub async fn try_lock<Q>(&self, key: &Q, timeout: std::time::Duration) -> Result<u64>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let target = self.key_lock(key)?;
+        let patience = if timeout.is_zero() {
+            Patience::Try
+        } else {
+            Patience::For(timeout)
+        };
+        Ok(target.acquire(self.writer(), None, patience).await?.0)
+    }
+
+    /// Releases this handle's latest hold of `key`'s lock: [`Error::NotLockHolder`] if it holds
+    /// none, [`Error::LeaseExpired`] or [`Error::LockLost`] if it lost it.
+    pub async fn unlock<Q>(&self, key: &Q) -> Result<()>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        let target = self.key_lock(key)?;
+        target.release(self.writer(), 0).await.map(|_| ())
+    }
+
+    /// Whether any handle holds `key`'s lock.
+    pub async fn is_locked<Q>(&self, key: &Q) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        Ok(self.key_lock(key)?.holder().await?.0.is_some())
     }
 
     /// The number of entries in the whole cluster (each partition counted once, on its primary).

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::lock::state::HolderId;
 use crate::store::Record;
 
 /// A single-key map operation as the primary executes it.
@@ -58,6 +59,23 @@ pub(crate) enum MapOp {
     QueuePeek,
     QueueLen,
     QueueClear,
+    /// Lock operations (handled by `lock::owner`, not `decide`); see `proto::MapOp`.
+    LockAcquire {
+        holder: HolderId,
+        token: u64,
+        lease: Duration,
+        wait: Duration,
+        /// How much longer the caller keeps waiting in all (zero: it does not wait).
+        queue_for: Duration,
+    },
+    LockRelease {
+        holder: HolderId,
+        token: u64,
+    },
+    LockInfo,
+    /// Applies time and membership to a lock's state (the lock sweep; never sent over the
+    /// wire).
+    LockSweep,
     Remove,
     Delete,
     PutIfAbsent(Bytes),
@@ -86,6 +104,37 @@ pub(crate) struct OpResult {
     pub(crate) items: Vec<Bytes>,
     /// Queue length.
     pub(crate) count: u64,
+    /// Lock operations: the answer.
+    pub(crate) lock: Option<LockAnswer>,
+}
+
+/// What a lock operation answers (see `proto::LockStatus`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum LockStatus {
+    #[default]
+    None,
+    Granted,
+    Queued,
+    Busy,
+    ReentryLimit,
+    Released,
+    Withdrawn,
+    NotHolder,
+    LeaseExpired,
+    Lost,
+    Info,
+}
+
+/// A lock operation's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LockAnswer {
+    pub(crate) status: LockStatus,
+    pub(crate) fence: u64,
+    /// Granted, Info: the holds; Queued: the position; Released: the holds left.
+    pub(crate) count: u32,
+    pub(crate) holder: Option<HolderId>,
+    pub(crate) lease_until_ms: u64,
+    pub(crate) waiters: u32,
 }
 
 /// What a loader produced.
@@ -123,10 +172,30 @@ impl MapOp {
                 | MapOp::SetWithTtl(..)
                 | MapOp::QueueOffer { .. }
                 | MapOp::QueuePoll { .. }
+                | MapOp::LockAcquire { .. }
+                | MapOp::LockInfo
                 | MapOp::LoadEnd {
                     outcome: LoadOutcome::Loaded(_),
                     ..
                 }
+        ) || matches!(self, MapOp::LockRelease { token, .. } if *token != 0)
+    }
+
+    /// Whether the operation is a user's write to a key, which a per-key lock held by another
+    /// holder makes wait.
+    pub(crate) fn is_keyed_write(&self) -> bool {
+        matches!(
+            self,
+            MapOp::Put(_)
+                | MapOp::Set(_)
+                | MapOp::PutWithTtl(..)
+                | MapOp::SetWithTtl(..)
+                | MapOp::Expire(_)
+                | MapOp::Remove
+                | MapOp::Delete
+                | MapOp::PutIfAbsent(_)
+                | MapOp::Replace(_)
+                | MapOp::ReplaceIfEqual { .. }
         )
     }
 
@@ -141,7 +210,10 @@ impl MapOp {
                     | MapOp::QueuePoll { .. }
                     | MapOp::QueuePeek
                     | MapOp::QueueLen
+                    | MapOp::LockAcquire { .. }
+                    | MapOp::LockInfo
             )
+            || matches!(self, MapOp::LockRelease { token, .. } if *token != 0)
     }
 
     /// Whether the operation only reads.
@@ -165,6 +237,7 @@ impl MapOp {
                     version: current.map_or(0, |r| r.version),
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::None,
             ),
@@ -184,6 +257,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -196,6 +270,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -208,6 +283,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::Upsert(v.clone(), default),
             ),
@@ -220,6 +296,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::Upsert(v.clone(), Expiry::After(*ttl)),
             ),
@@ -248,7 +325,11 @@ impl MapOp {
             | MapOp::QueuePoll { .. }
             | MapOp::QueuePeek
             | MapOp::QueueLen
-            | MapOp::QueueClear => (OpResult::default(), Change::None),
+            | MapOp::QueueClear
+            | MapOp::LockAcquire { .. }
+            | MapOp::LockRelease { .. }
+            | MapOp::LockInfo
+            | MapOp::LockSweep => (OpResult::default(), Change::None),
             MapOp::Expire(ttl) => (
                 OpResult {
                     found,
@@ -258,6 +339,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 match current {
                     Some(r) => Change::Upsert(r.value.clone(), Expiry::After(*ttl)),
@@ -277,6 +359,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 };
                 (result, if found { Change::Remove } else { Change::None })
             }
@@ -289,6 +372,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 };
                 (
                     result,
@@ -308,6 +392,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 };
                 (
                     result,
@@ -328,6 +413,7 @@ impl MapOp {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 };
                 (
                     result,
@@ -374,6 +460,7 @@ mod tests {
                     version: 0,
                     items: Vec::new(),
                     count: 0,
+                    lock: None,
                 },
                 Change::Upsert(b("x"), Expiry::MapDefault)
             )

@@ -175,6 +175,10 @@ impl PeerGrid for PeerGridService {
                 request.key,
                 op,
                 request.table_version,
+                request
+                    .holder
+                    .as_ref()
+                    .map(crate::routing::holder_from_proto),
             )
             .await
             .map_err(to_status)?;
@@ -189,7 +193,14 @@ impl PeerGrid for PeerGridService {
                     items: result.items,
                     count: result.count,
                     version: result.version,
+                    lock: result
+                        .lock
+                        .as_ref()
+                        .map(crate::routing::lock_answer_to_proto),
                 }),
+                Outcome::Locked => {
+                    proto::map_response::Outcome::KeyLocked(proto::KeyLocked {})
+                }
                 Outcome::NotOwner { version, owner } => {
                     proto::map_response::Outcome::NotOwner(proto::NotOwner {
                         version,
@@ -231,14 +242,14 @@ impl PeerGrid for PeerGridService {
             } else {
                 match self
                     .node
-                    .apply(entry.partition, &request.map, entry.key, &op)
+                    .apply(entry.partition, &request.map, entry.key, &op, None)
                     .map_err(to_status)?
                 {
                     (Outcome::Done(result), mut new_acks) => {
                         acks.append(&mut new_acks);
                         Some(result)
                     }
-                    (Outcome::NotOwner { .. } | Outcome::Pending, _) => None,
+                    (Outcome::NotOwner { .. } | Outcome::Pending | Outcome::Locked, _) => None,
                 }
             };
             results.push(match outcome {

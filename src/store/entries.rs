@@ -195,7 +195,6 @@ impl Entries {
     }
 
     /// Whether there are none.
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }

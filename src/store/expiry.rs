@@ -72,7 +72,7 @@ pub(crate) fn pass(node: &Arc<Node>, start: u32, budget: usize) -> (u32, usize) 
                 // Removed through the write path, which replicates the removal; nobody waits for
                 // the backups' acknowledgements.
                 if node
-                    .apply(partition, &map, key, &MapOp::RemoveIfExpired)
+                    .apply(partition, &map, key, &MapOp::RemoveIfExpired, None)
                     .is_ok()
                 {
                     expired += 1;
