@@ -221,7 +221,9 @@ pub enum Error {
 
     /// The holding ended without an unlock because the cluster declared the holder's member
     /// down (or a waiter's grant went unclaimed); another holder may have held the lock since.
-    #[error("lock {name:?}: the holding with fence {fence} was released because its holder was declared gone")]
+    #[error(
+        "lock {name:?}: the holding with fence {fence} was released because its holder was declared gone"
+    )]
     LockLost {
         /// The lock's name (the map's name, for a per-key lock).
         name: String,

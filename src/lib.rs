@@ -79,8 +79,8 @@ mod rpc;
 mod store;
 
 pub use config::{
-    DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, MapConfig, NearCacheConfig,
-    LockConfig, QueueConfig, SwimConfig,
+    DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, LockConfig, MapConfig,
+    NearCacheConfig, QueueConfig, SwimConfig,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EvictionPolicy;
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
+use crate::lock::state::HolderId;
 use crate::map::listen::{EntryEventKind, RawEntryEvent};
 use crate::map::ops::{Change, Expiry, LoadOutcome, MapOp, OpResult};
-use crate::lock::state::HolderId;
 use crate::map::stats::MapCounters;
 use crate::membership::{MemberId, MembershipState};
 use crate::partition::PartitionEvent;
@@ -445,8 +445,11 @@ impl Node {
                         return Ok(Outcome::Locked);
                     }
                     // The sweep ends expired leases; a change wakes this wait at once.
-                    self.lock_changed(partition, (deadline - now).min(crate::lock::owner::SWEEP_EVERY))
-                        .await;
+                    self.lock_changed(
+                        partition,
+                        (deadline - now).min(crate::lock::owner::SWEEP_EVERY),
+                    )
+                    .await;
                     continue;
                 }
                 _ => {}

@@ -12,7 +12,11 @@ use peergrid::{Error, Grid, Lock, LockConfig, Map};
 
 /// The index of the member that leads lock `name`, and every other running index.
 fn owner_and_others(cluster: &Cluster, name: &str) -> (usize, Vec<usize>) {
-    let owner = cluster.grid(0).lock(name).owner().expect("the lock has an owner");
+    let owner = cluster
+        .grid(0)
+        .lock(name)
+        .owner()
+        .expect("the lock has an owner");
     let running: Vec<usize> = (0..cluster.slots.len())
         .filter(|&i| cluster.slots[i].grid.is_some())
         .collect();
@@ -20,7 +24,10 @@ fn owner_and_others(cluster: &Cluster, name: &str) -> (usize, Vec<usize>) {
         .iter()
         .find(|&&i| cluster.grid(i).local_member().id == owner)
         .expect("the owner is running");
-    (leader, running.into_iter().filter(|&i| i != leader).collect())
+    (
+        leader,
+        running.into_iter().filter(|&i| i != leader).collect(),
+    )
 }
 
 async fn wait_unlocked(lock: &Lock) {
@@ -109,7 +116,10 @@ async fn reentry_limits_and_unlocks_by_non_holders() {
     assert!(matches!(b.try_lock().await, Err(Error::LockBusy { .. })));
     assert!(matches!(b.unlock().await, Err(Error::NotLockHolder { .. })));
     let clone = a.clone();
-    assert!(matches!(clone.try_lock().await, Err(Error::LockBusy { .. })));
+    assert!(matches!(
+        clone.try_lock().await,
+        Err(Error::LockBusy { .. })
+    ));
     assert!(matches!(
         clone.unlock().await,
         Err(Error::NotLockHolder { .. })
@@ -275,7 +285,9 @@ async fn the_lock_survives_its_primary_crashing_while_held() {
     assert_eq!(info.member, cluster.grid(holding).local_member().id);
     assert_eq!(info.fence, fence);
     assert_ne!(holder.owner(), None);
-    held.unlock().await.expect("the holder's unlock works after the failover");
+    held.unlock()
+        .await
+        .expect("the holder's unlock works after the failover");
     let (next, guard) = tokio::time::timeout(DEADLINE, waiting)
         .await
         .expect("the waiter is granted")
@@ -302,10 +314,7 @@ async fn held_locks_move_with_their_partitions_when_a_member_joins() {
     cluster.wait_converged().await;
     cluster.wait_table_settled().await;
     let newcomer = cluster.grid(joined).local_member().id;
-    let moved = locks
-        .iter()
-        .filter(|l| l.owner() == Some(newcomer))
-        .count();
+    let moved = locks.iter().filter(|l| l.owner() == Some(newcomer)).count();
     assert!(moved > 0, "some lock moved to the new member");
     let me = cluster.grid(1).local_member().id;
     for (lock, guard) in locks.iter().zip(&guards) {

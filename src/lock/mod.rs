@@ -233,11 +233,7 @@ impl LockTarget {
             fence: answer.fence,
             holds: answer.count,
             lease_remaining: (answer.lease_until_ms != 0).then(|| {
-                Duration::from_millis(
-                    answer
-                        .lease_until_ms
-                        .saturating_sub(crate::store::now_ms()),
-                )
+                Duration::from_millis(answer.lease_until_ms.saturating_sub(crate::store::now_ms()))
             }),
         });
         Ok((holder, answer.waiters))

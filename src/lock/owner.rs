@@ -232,18 +232,15 @@ impl Node {
                 };
             }
             MapOp::LockRelease { holder, token } => {
-                let (status, fence, count) =
-                    match state.release(*holder, *token, now, floor, &alive) {
-                        ReleaseOutcome::Released { remaining } => {
-                            (LockStatus::Released, 0, remaining)
-                        }
-                        ReleaseOutcome::Withdrawn => (LockStatus::Withdrawn, 0, 0),
-                        ReleaseOutcome::NotHolder => (LockStatus::NotHolder, 0, 0),
-                        ReleaseOutcome::LeaseExpired { fence } => {
-                            (LockStatus::LeaseExpired, fence, 0)
-                        }
-                        ReleaseOutcome::Lost { fence } => (LockStatus::Lost, fence, 0),
-                    };
+                let (status, fence, count) = match state
+                    .release(*holder, *token, now, floor, &alive)
+                {
+                    ReleaseOutcome::Released { remaining } => (LockStatus::Released, 0, remaining),
+                    ReleaseOutcome::Withdrawn => (LockStatus::Withdrawn, 0, 0),
+                    ReleaseOutcome::NotHolder => (LockStatus::NotHolder, 0, 0),
+                    ReleaseOutcome::LeaseExpired { fence } => (LockStatus::LeaseExpired, fence, 0),
+                    ReleaseOutcome::Lost { fence } => (LockStatus::Lost, fence, 0),
+                };
                 answer = LockAnswer {
                     status,
                     fence,

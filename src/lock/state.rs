@@ -32,6 +32,18 @@ pub(crate) const RECENT_FOR_MS: u64 = 60_000;
 /// Releases remembered at most.
 const RECENT_MAX: usize = 8;
 
+/// A waiter's place is extended only once its deadline moves by this much: every change is a
+/// replicated write that wakes the partition's other waiters, so an ask that changes nothing
+/// must write nothing.
+pub(crate) const EXTEND_STEP_MS: u64 = 1_000;
+
+/// Extends a waiter's place to `until`, if that moves it by at least [`EXTEND_STEP_MS`].
+fn extend(waiter: &mut Waiter, until: u64) {
+    if until >= waiter.expires_ms.saturating_add(EXTEND_STEP_MS) {
+        waiter.expires_ms = until;
+    }
+}
+
 /// Who holds or waits for a lock: a member incarnation and a holder on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct HolderId {
@@ -190,7 +202,7 @@ impl LockState {
             }
             let position = match self.waiters.iter().position(|w| w.token == token) {
                 Some(at) => {
-                    self.waiters[at].expires_ms = queue_until_ms;
+                    extend(&mut self.waiters[at], queue_until_ms);
                     at
                 }
                 None => {
@@ -212,7 +224,7 @@ impl LockState {
         if let Some(at) = self.waiters.iter().position(|w| w.token == token)
             && at > 0
         {
-            self.waiters[at].expires_ms = self.waiters[at].expires_ms.max(queue_until_ms);
+            extend(&mut self.waiters[at], queue_until_ms);
             return Acquired::Queued {
                 position: at as u32,
             };
@@ -273,7 +285,9 @@ impl LockState {
         floor: u64,
         alive: &dyn Fn(&HolderId) -> bool,
     ) -> ReleaseOutcome {
-        if token != 0 && let Some(at) = self.waiters.iter().position(|w| w.token == token) {
+        if token != 0
+            && let Some(at) = self.waiters.iter().position(|w| w.token == token)
+        {
             self.waiters.remove(at);
             return ReleaseOutcome::Withdrawn;
         }
@@ -484,6 +498,17 @@ mod tests {
             s.acquire(h(2), 20, 0, 1_500, LIMIT, 110, 9),
             Acquired::Queued { position: 0 }
         );
+        let before = s.clone();
+        assert_eq!(
+            s.acquire(h(2), 20, 0, 1_900, LIMIT, 110, 9),
+            Acquired::Queued { position: 0 }
+        );
+        assert_eq!(
+            s, before,
+            "an ask that barely moves the deadline writes nothing"
+        );
+        s.acquire(h(2), 20, 0, 2_000, LIMIT, 110, 9);
+        assert_eq!(s.waiters[0].expires_ms, 2_000);
         // Unlocking the holds one by one; a retried unlock changes nothing.
         assert_eq!(
             s.release(h(1), 12, 120, 9, &all_alive),
@@ -509,7 +534,7 @@ mod tests {
         // The first waiter got it, with a larger fence, to be claimed by its expiry.
         let holding = s.holding.clone().unwrap();
         assert_eq!((holding.holder, holding.fence), (h(2), 40));
-        assert_eq!(holding.claim_by_ms, 1_500);
+        assert_eq!(holding.claim_by_ms, 2_000);
         assert!(s.blocks(Some(&h(3)), 140) && !s.blocks(Some(&h(2)), 140));
         assert_eq!(
             s.acquire(h(2), 20, 0, 2_000, LIMIT, 140, 50),
@@ -561,7 +586,10 @@ mod tests {
         // Holder 3 never claims its grant before its expiry: released, nobody waits.
         assert!(s.sweep(10_000, 11, &all_alive));
         assert!(s.holding.is_none());
-        assert!(s.sweep(200_000, 11, &all_alive), "old releases are forgotten");
+        assert!(
+            s.sweep(200_000, 11, &all_alive),
+            "old releases are forgotten"
+        );
         assert!(s.is_idle());
         // The fence never goes back, even from an idle state.
         assert_eq!(

@@ -646,12 +646,20 @@ where
                 answers.push(None);
                 continue;
             }
-            match self.node.apply(*partition, &self.name, key.clone(), &op, Some(&self.writer()))? {
+            match self.node.apply(
+                *partition,
+                &self.name,
+                key.clone(),
+                &op,
+                Some(&self.writer()),
+            )? {
                 (Outcome::Done(result), mut new_acks) => {
                     acks.append(&mut new_acks);
                     answers.push(Some(if result.found { result.value } else { None }));
                 }
-                (Outcome::NotOwner { .. } | Outcome::Pending | Outcome::Locked, _) => answers.push(None),
+                (Outcome::NotOwner { .. } | Outcome::Pending | Outcome::Locked, _) => {
+                    answers.push(None)
+                }
             }
         }
         self.node.await_acks(acks).await?;
@@ -719,7 +727,10 @@ where
         Q: Serialize + ?Sized,
     {
         let target = self.key_lock(key)?;
-        Ok(target.acquire(self.writer(), None, Patience::Forever).await?.0)
+        Ok(target
+            .acquire(self.writer(), None, Patience::Forever)
+            .await?
+            .0)
     }
 
     /// [`Map::lock`] with a lease: the key is unlocked by itself `lease` after the grant.

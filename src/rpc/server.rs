@@ -198,9 +198,7 @@ impl PeerGrid for PeerGridService {
                         .as_ref()
                         .map(crate::routing::lock_answer_to_proto),
                 }),
-                Outcome::Locked => {
-                    proto::map_response::Outcome::KeyLocked(proto::KeyLocked {})
-                }
+                Outcome::Locked => proto::map_response::Outcome::KeyLocked(proto::KeyLocked {}),
                 Outcome::NotOwner { version, owner } => {
                     proto::map_response::Outcome::NotOwner(proto::NotOwner {
                         version,
