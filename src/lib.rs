@@ -29,6 +29,10 @@
 //!   value decided purely from the entry's current record. `map::near` is the near cache (L1)
 //!   with its invalidation streams and repair round, `map::listen` the entry listeners, and
 //!   `map::stats` the per-map counters.
+//! - `lock`: [`Lock`] and [`LockGuard`], the fenced lock, and the per-key locks of
+//!   [`Map::lock`]: `lock::state`, the pure state machine (holds, fence, lease, FIFO waiters), and
+//!   `lock::owner`, the primary's side, which keeps each lock's state as an entry of an internal
+//!   map (replicated and migrated like any entry) and sweeps leases and gone holders.
 //! - `routing`: key to partition to primary from the current table; the local fast path or a
 //!   gRPC call; `NotOwner` refresh and bounded retry.
 //! - `partition`: `partition::key` (XXH3-64 of the key's bytes with Redis-style hash tags),

@@ -1,42 +1,7 @@
 //! The distributed fenced lock: [`Lock`], its [`LockGuard`], and the per-key map locks of
 //! [`crate::Map::lock`], over one state machine (`state`) kept by the lock's primary (`owner`).
 //!
-//! # Holders
-//!
-//! A holder is one handle value: each [`crate::Grid::lock`] call, and each clone of a [`Lock`],
-//! is a holder of its own, so tasks that share a lock through clones exclude each other. The
-//! same handle acquiring again while it holds the lock reenters it (up to
-//! [`crate::LockConfig::reentry_limit`]) and gets the same fence; each acquire is one hold and
-//! needs one unlock.
-//!
-//! # What the fence guarantees
-//!
-//! Every grant to a new holder gets a fencing token larger than any token the lock handed out
-//! before, for the life of the lock, across the crash of its primary and migrations: the state
-//! (with its token counter) is on the backups before a grant is acknowledged, and a promoted
-//! backup continues from it. A resource that remembers the largest token it has seen and refuses
-//! smaller ones is therefore safe from a stale holder: one whose lease ran out, whose member was
-//! declared down (paused, cut off, or slow) while it still believed it held the lock, or whose
-//! message was delayed in the network. The fence does **not** protect a resource that does not
-//! check it, and it does not make the lock itself exclusive in time: after a lease expiry or a
-//! member declared down, the old holder may still be running when the next holder is granted.
-//! If the lock's partition loses every replica at once (more crashes than backups), its state
-//! is gone and the lock starts afresh.
-//!
-//! # Failure handling
-//!
-//! - A holder whose member is declared down by the lock's primary loses the lock once the
-//!   primary sees it go (after failure detection); its late unlock fails with
-//!   [`Error::LockLost`].
-//! - A lease that runs out releases the lock; the late unlock fails with
-//!   [`Error::LeaseExpired`].
-//! - Waiters are served in the order they queued, across members. A waiter keeps its place
-//!   while its acquire keeps asking (it asks again at least every half rpc timeout); one that
-//!   stops (its future was dropped: the place is withdrawn at once; its process died: after
-//!   failure detection; it hung: after one rpc timeout) loses its place, and a grant it does
-//!   not claim in that time goes to the next waiter.
-//! - Lease deadlines are wall-clock times on the primary, so a failover to a member whose clock
-//!   differs shifts them by the difference.
+//! The guarantees are documented on [`Lock`].
 
 pub(crate) mod owner;
 pub(crate) mod state;
@@ -303,11 +268,44 @@ pub struct LockHolder {
     pub lease_remaining: Option<Duration>,
 }
 
-/// A distributed, reentrant, fenced lock, from [`crate::Grid::lock`]. See the [module
-/// docs](self) for holders, the fence guarantee and failure handling.
+/// A distributed, reentrant, fenced lock, from [`crate::Grid::lock`].
 ///
-/// Each handle value is one holder; a clone is a new holder (so tasks sharing a lock through
-/// clones exclude each other).
+/// # Holders
+///
+/// A holder is one handle value: each [`crate::Grid::lock`] call, and each clone of a [`Lock`],
+/// is a holder of its own, so tasks that share a lock through clones exclude each other. The
+/// same handle acquiring again while it holds the lock reenters it (up to
+/// [`crate::LockConfig::reentry_limit`]) and gets the same fence; each acquire is one hold and
+/// needs one unlock.
+///
+/// # What the fence guarantees
+///
+/// Every grant to a new holder gets a fencing token larger than any token the lock handed out
+/// before, for the life of the lock, across the crash of its primary and migrations: the state
+/// (with its token counter) is on the backups before a grant is acknowledged, and a promoted
+/// backup continues from it. A resource that remembers the largest token it has seen and refuses
+/// smaller ones is therefore safe from a stale holder: one whose lease ran out, whose member was
+/// declared down (paused, cut off, or slow) while it still believed it held the lock, or whose
+/// message was delayed in the network. The fence does **not** protect a resource that does not
+/// check it, and it does not make the lock itself exclusive in time: after a lease expiry or a
+/// member declared down, the old holder may still be running when the next holder is granted.
+/// If the lock's partition loses every replica at once (more crashes than backups), its state
+/// is gone and the lock starts afresh.
+///
+/// # Failure handling
+///
+/// - A holder whose member is declared down by the lock's primary loses the lock once the
+///   primary sees it go (after failure detection); its late unlock fails with
+///   [`Error::LockLost`].
+/// - A lease that runs out releases the lock; the late unlock fails with
+///   [`Error::LeaseExpired`].
+/// - Waiters are served in the order they queued, across members. A waiter keeps its place
+///   while its acquire keeps asking (it asks again at least every half rpc timeout); one that
+///   stops (its future was dropped: the place is withdrawn at once; its process died: after
+///   failure detection; it hung: after one rpc timeout) loses its place, and a grant it does
+///   not claim in that time goes to the next waiter.
+/// - Lease deadlines are wall-clock times on the primary, so a failover to a member whose clock
+///   differs shifts them by the difference.
 pub struct Lock {
     target: LockTarget,
     id: u64,
