@@ -471,6 +471,11 @@ impl GridConfig {
     /// matches, else the `"*"` entry, else the defaults. A queue's internal map takes its
     /// queue's backup count and nothing else (no time to live, no eviction, no near cache).
     pub fn map_config(&self, name: &str) -> MapConfig {
+        if name == crate::lock::owner::NAMED || name == crate::lock::owner::KEYED {
+            // Lock states: every backup waited for (a fence must never be handed out twice),
+            // and never expired or evicted, whatever the "*" entry says.
+            return MapConfig::default();
+        }
         if let Some(queue) = crate::queue::queue_of(name) {
             return MapConfig {
                 backup_count: self.queue_config(queue).backup_count,

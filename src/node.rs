@@ -392,8 +392,16 @@ impl Node {
                 outcome,
                 refresh_of,
             } => {
-                self.load_end(partition, map, key, claim, outcome, refresh_of)
-                    .await
+                self.load_end(
+                    partition,
+                    map,
+                    key,
+                    claim,
+                    outcome,
+                    refresh_of,
+                    writer.as_ref(),
+                )
+                .await
             }
             op @ (MapOp::QueueOffer { .. }
             | MapOp::QueuePoll { .. }
@@ -435,6 +443,10 @@ impl Node {
     ) -> Result<Outcome<OpResult>> {
         let deadline = tokio::time::Instant::now() + self.config.rpc_timeout / 2;
         loop {
+            // Registered before the attempt: an unlock right after it still wakes the wait.
+            let unlocked = self.lock_changed(partition);
+            tokio::pin!(unlocked);
+            unlocked.as_mut().enable();
             self.partition_ready(partition).await?;
             let (outcome, acks) = self.apply(partition, map, key.clone(), op, writer)?;
             match outcome {
@@ -444,12 +456,8 @@ impl Node {
                     if now >= deadline {
                         return Ok(Outcome::Locked);
                     }
-                    // The sweep ends expired leases; a change wakes this wait at once.
-                    self.lock_changed(
-                        partition,
-                        (deadline - now).min(crate::lock::owner::SWEEP_EVERY),
-                    )
-                    .await;
+                    // A lease that ran out ends at the next sweep, which wakes this wait too.
+                    let _ = tokio::time::timeout(deadline - now, unlocked).await;
                     continue;
                 }
                 _ => {}
@@ -552,7 +560,9 @@ impl Node {
     }
 
     /// `get_or_load`, last step, on the key's primary: stores a loaded value (replicated like a
-    /// `set`; a failure is stored nowhere), then hands the outcome to every waiter.
+    /// `set`, as a write by `writer`; a failure is stored nowhere), then hands the outcome to
+    /// every waiter.
+    #[allow(clippy::too_many_arguments)]
     async fn load_end(
         &self,
         partition: u32,
@@ -561,6 +571,7 @@ impl Node {
         claim: u64,
         outcome: LoadOutcome,
         refresh_of: Option<u64>,
+        writer: Option<&HolderId>,
     ) -> Result<Outcome<OpResult>> {
         let mut answer = OpResult {
             applied: true,
@@ -583,7 +594,7 @@ impl Node {
                 None => MapOp::Set(value.clone()),
             };
             match self
-                .execute_local(partition, map, key.clone(), &store)
+                .execute_local_as(partition, map, key.clone(), &store, writer)
                 .await?
             {
                 // A refresh that lost to a newer value answers with that value.

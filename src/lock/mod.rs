@@ -129,8 +129,15 @@ impl LockTarget {
                     }
                     LockStatus::Busy => {
                         withdraw.target = None;
-                        return Err(Error::LockBusy {
-                            name: self.name.to_string(),
+                        return Err(match patience {
+                            // Under a millisecond was left: the primary took it as a try.
+                            Patience::For(_) => Error::LockTimeout {
+                                name: self.name.to_string(),
+                                waited: start.elapsed(),
+                            },
+                            _ => Error::LockBusy {
+                                name: self.name.to_string(),
+                            },
                         });
                     }
                     LockStatus::ReentryLimit => {
@@ -442,11 +449,11 @@ impl LockGuard {
     /// Releases this hold. Fails with [`Error::LeaseExpired`] or [`Error::LockLost`] if the
     /// holding ended before (the work done under it since is unprotected but for the fence).
     pub async fn unlock(mut self) -> Result<()> {
+        // Marked done only once the release answered: if this future is dropped first, the
+        // guard's drop releases the same hold again (a retried release changes nothing).
+        let released = self.target.release(self.holder, self.token).await;
         self.done = true;
-        self.target
-            .release(self.holder, self.token)
-            .await
-            .map(|_| ())
+        released.map(|_| ())
     }
 }
 

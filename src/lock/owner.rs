@@ -261,11 +261,24 @@ impl Node {
             _ => {}
         }
         let changed = state != before;
-        if changed {
+        // An answer that repeats an earlier change (a retried acquire or unlock) writes the
+        // state again, numbered: the backups apply in order, so their acknowledgement of this
+        // write covers the earlier one, which they may not have yet.
+        let repeats = !changed
+            && matches!(
+                answer.status,
+                LockStatus::Granted
+                    | LockStatus::Released
+                    | LockStatus::Withdrawn
+                    | LockStatus::LeaseExpired
+                    | LockStatus::Lost
+            );
+        if changed || repeats {
             *seq += 1;
             let version = stored.as_ref().map_or(1, |r| r.version + 1);
-            // An idle per-key lock is deleted; a named lock keeps its fence counter.
-            let change = if map == KEYED && state.is_idle() {
+            // An idle per-key lock is deleted (a named lock keeps its fence counter), once the
+            // sequence has passed its last fence: later grants start above the sequence.
+            let change = if map == KEYED && state.is_idle() && state.fence <= *seq {
                 if let Some(entries) = &entries {
                     entries.remove(key);
                 }
@@ -340,11 +353,9 @@ impl Node {
             .is_some_and(|state| state.blocks(writer, now_ms))
     }
 
-    /// Waits until a lock of `partition` changes, or `within` passes.
-    pub(crate) async fn lock_changed(&self, partition: u32, within: Duration) {
-        if let Some(signal) = self.lock_signal(partition) {
-            let _ = tokio::time::timeout(within, signal.notified()).await;
-        }
+    /// Notified when a lock of `partition` changes.
+    pub(crate) fn lock_changed(&self, partition: u32) -> tokio::sync::futures::Notified<'_> {
+        self.lock_signals[partition as usize % self.lock_signals.len()].notified()
     }
 
     /// One sweep of the locks this member leads: leases that ran out, holders whose member is

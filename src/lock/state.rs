@@ -30,16 +30,16 @@ use serde::{Deserialize, Serialize};
 pub(crate) const RECENT_FOR_MS: u64 = 60_000;
 
 /// Releases remembered at most.
-const RECENT_MAX: usize = 8;
+const RECENT_MAX: usize = 16;
 
-/// A waiter's place is extended only once its deadline moves by this much: every change is a
-/// replicated write that wakes the partition's other waiters, so an ask that changes nothing
-/// must write nothing.
-pub(crate) const EXTEND_STEP_MS: u64 = 1_000;
-
-/// Extends a waiter's place to `until`, if that moves it by at least [`EXTEND_STEP_MS`].
-fn extend(waiter: &mut Waiter, until: u64) {
-    if until >= waiter.expires_ms.saturating_add(EXTEND_STEP_MS) {
+/// Extends a waiter's place to `until`, but only once less than half of what it would get is
+/// left: every change is a replicated write that wakes the partition's other waiters, so most
+/// asks must write nothing, and the place must never lapse between asks (which come at least
+/// twice per keep time).
+fn extend(waiter: &mut Waiter, until: u64, now_ms: u64) {
+    let left = waiter.expires_ms.saturating_sub(now_ms);
+    let offered = until.saturating_sub(now_ms);
+    if until > waiter.expires_ms && left < offered / 2 {
         waiter.expires_ms = until;
     }
 }
@@ -83,6 +83,8 @@ pub(crate) enum Reason {
     LeaseExpired,
     MemberDown,
     Abandoned,
+    /// A waiting acquire withdrawn by its caller (a late copy of it must not be granted).
+    Withdrawn,
 }
 
 /// A release, remembered for the holder's late unlock.
@@ -91,8 +93,8 @@ pub(crate) struct Released {
     pub(crate) holder: HolderId,
     pub(crate) fence: u64,
     pub(crate) reason: Reason,
-    /// The token of the unlock that released it (for `Unlocked`).
-    pub(crate) token: u64,
+    /// The holds (or the waiting acquire) it ended.
+    pub(crate) tokens: Vec<u64>,
     pub(crate) at_ms: u64,
 }
 
@@ -173,6 +175,14 @@ impl LockState {
         now_ms: u64,
         floor: u64,
     ) -> Acquired {
+        if self
+            .recent
+            .iter()
+            .any(|r| r.reason == Reason::Withdrawn && r.tokens.contains(&token))
+        {
+            // A late copy of an acquire its caller gave up: nobody waits for the answer.
+            return Acquired::Busy;
+        }
         if let Some(holding) = &mut self.holding {
             if holding.holder == holder && holding.tokens.contains(&token) {
                 // The same hold asked again: a retry, or a waiter claiming its grant.
@@ -186,6 +196,9 @@ impl LockState {
                 if holding.tokens.len() >= limit.max(1) as usize {
                     return Acquired::ReentryLimit;
                 }
+                // The holder may have queued this acquire before it got the lock through
+                // another one (tasks sharing a handle): it is a hold now, not a waiter.
+                self.waiters.retain(|w| w.token != token);
                 holding.tokens.push(token);
                 holding.claim_by_ms = 0;
                 if lease_ms != 0 {
@@ -202,7 +215,7 @@ impl LockState {
             }
             let position = match self.waiters.iter().position(|w| w.token == token) {
                 Some(at) => {
-                    extend(&mut self.waiters[at], queue_until_ms);
+                    extend(&mut self.waiters[at], queue_until_ms, now_ms);
                     at
                 }
                 None => {
@@ -224,7 +237,7 @@ impl LockState {
         if let Some(at) = self.waiters.iter().position(|w| w.token == token)
             && at > 0
         {
-            extend(&mut self.waiters[at], queue_until_ms);
+            extend(&mut self.waiters[at], queue_until_ms, now_ms);
             return Acquired::Queued {
                 position: at as u32,
             };
@@ -271,8 +284,19 @@ impl LockState {
     }
 
     fn next_fence(&mut self, floor: u64) -> u64 {
-        self.fence = (self.fence + 1).max(floor);
+        self.fence = self.fence.saturating_add(1).max(floor);
         self.fence
+    }
+
+    /// Remembers a release for the holder's late unlock.
+    fn remember(&mut self, released: Released) {
+        let now_ms = released.at_ms;
+        self.recent
+            .retain(|r| now_ms < r.at_ms.saturating_add(RECENT_FOR_MS));
+        self.recent.push_back(released);
+        while self.recent.len() > RECENT_MAX {
+            self.recent.pop_front();
+        }
     }
 
     /// An unlock by `holder` of the hold named `token` (0: its latest hold), or the withdrawal
@@ -285,33 +309,28 @@ impl LockState {
         floor: u64,
         alive: &dyn Fn(&HolderId) -> bool,
     ) -> ReleaseOutcome {
-        if token != 0
-            && let Some(at) = self.waiters.iter().position(|w| w.token == token)
-        {
-            self.waiters.remove(at);
-            return ReleaseOutcome::Withdrawn;
-        }
+        // One of the current holds.
         if let Some(holding) = &mut self.holding
             && holding.holder == holder
+            && (token == 0 || holding.tokens.contains(&token))
         {
-            if token != 0 && !holding.tokens.contains(&token) {
-                // That hold was released already: a retried unlock.
-                return ReleaseOutcome::Released {
-                    remaining: holding.tokens.len() as u32,
-                };
-            }
             let unclaimed = holding.claim_by_ms != 0;
-            match holding.tokens.iter().position(|t| *t == token) {
-                Some(at) => {
-                    holding.tokens.remove(at);
-                }
-                None => {
-                    holding.tokens.pop();
-                }
-            }
+            let released = match holding.tokens.iter().position(|t| *t == token) {
+                Some(at) => holding.tokens.remove(at),
+                None => holding.tokens.pop().unwrap_or(token),
+            };
             let remaining = holding.tokens.len() as u32;
+            let fence = holding.fence;
             if remaining == 0 {
-                self.end_holding(Reason::Unlocked, token, now_ms, floor, alive);
+                self.end_holding(Reason::Unlocked, vec![released], now_ms, floor, alive);
+            } else {
+                self.remember(Released {
+                    holder,
+                    fence,
+                    reason: Reason::Unlocked,
+                    tokens: vec![released],
+                    at_ms: now_ms,
+                });
             }
             return if unclaimed {
                 ReleaseOutcome::Withdrawn
@@ -319,22 +338,46 @@ impl LockState {
                 ReleaseOutcome::Released { remaining }
             };
         }
-        let ended = self
-            .recent
-            .iter()
-            .rev()
-            .find(|r| r.holder == holder && now_ms < r.at_ms.saturating_add(RECENT_FOR_MS));
-        match ended {
-            Some(r) if r.reason == Reason::Unlocked && token != 0 && r.token == token => {
-                ReleaseOutcome::Released { remaining: 0 }
-            }
-            Some(r) if r.reason == Reason::LeaseExpired => {
-                ReleaseOutcome::LeaseExpired { fence: r.fence }
-            }
-            Some(r) if matches!(r.reason, Reason::MemberDown | Reason::Abandoned) => {
-                ReleaseOutcome::Lost { fence: r.fence }
-            }
-            _ => ReleaseOutcome::NotHolder,
+        // A waiting acquire.
+        if token != 0
+            && let Some(at) = self
+                .waiters
+                .iter()
+                .position(|w| w.token == token && w.holder == holder)
+        {
+            self.waiters.remove(at);
+            self.remember(Released {
+                holder,
+                fence: 0,
+                reason: Reason::Withdrawn,
+                tokens: vec![token],
+                at_ms: now_ms,
+            });
+            return ReleaseOutcome::Withdrawn;
+        }
+        // A holding that already ended: by this very unlock (a retry), or otherwise.
+        let holds_now = self
+            .holding
+            .as_ref()
+            .filter(|h| h.holder == holder)
+            .map_or(0, |h| h.tokens.len() as u32);
+        let ended = self.recent.iter().rev().find(|r| {
+            r.holder == holder
+                && now_ms < r.at_ms.saturating_add(RECENT_FOR_MS)
+                && if token == 0 {
+                    !matches!(r.reason, Reason::Unlocked | Reason::Withdrawn)
+                } else {
+                    r.tokens.contains(&token)
+                }
+        });
+        match ended.map(|r| (r.reason, r.fence)) {
+            Some((Reason::Unlocked, _)) => ReleaseOutcome::Released {
+                remaining: holds_now,
+            },
+            Some((Reason::Withdrawn, _)) => ReleaseOutcome::Withdrawn,
+            Some((Reason::LeaseExpired, fence)) => ReleaseOutcome::LeaseExpired { fence },
+            Some((Reason::MemberDown | Reason::Abandoned, fence)) => ReleaseOutcome::Lost { fence },
+            None => ReleaseOutcome::NotHolder,
         }
     }
 
@@ -342,7 +385,7 @@ impl LockState {
     fn end_holding(
         &mut self,
         reason: Reason,
-        token: u64,
+        unlocked: Vec<u64>,
         now_ms: u64,
         floor: u64,
         alive: &dyn Fn(&HolderId) -> bool,
@@ -350,18 +393,15 @@ impl LockState {
         let Some(ended) = self.holding.take() else {
             return;
         };
-        self.recent
-            .retain(|r| now_ms < r.at_ms.saturating_add(RECENT_FOR_MS));
-        self.recent.push_back(Released {
+        let mut tokens = ended.tokens;
+        tokens.extend(unlocked);
+        self.remember(Released {
             holder: ended.holder,
             fence: ended.fence,
             reason,
-            token,
+            tokens,
             at_ms: now_ms,
         });
-        while self.recent.len() > RECENT_MAX {
-            self.recent.pop_front();
-        }
         self.grant_next(now_ms, floor, alive);
     }
 
@@ -411,7 +451,7 @@ impl LockState {
                 None
             };
             if let Some(reason) = reason {
-                self.end_holding(reason, 0, now_ms, floor, alive);
+                self.end_holding(reason, Vec::new(), now_ms, floor, alive);
             }
         }
         self.waiters
@@ -494,20 +534,16 @@ mod tests {
             s.acquire(h(3), 30, 0, 1_000, LIMIT, 100, 9),
             Acquired::Queued { position: 1 }
         );
+        let before = s.clone();
         assert_eq!(
             s.acquire(h(2), 20, 0, 1_500, LIMIT, 110, 9),
             Acquired::Queued { position: 0 }
         );
-        let before = s.clone();
-        assert_eq!(
-            s.acquire(h(2), 20, 0, 1_900, LIMIT, 110, 9),
-            Acquired::Queued { position: 0 }
-        );
         assert_eq!(
             s, before,
-            "an ask that barely moves the deadline writes nothing"
+            "an ask while half its place is left writes nothing"
         );
-        s.acquire(h(2), 20, 0, 2_000, LIMIT, 110, 9);
+        s.acquire(h(2), 20, 0, 2_000, LIMIT, 600, 9);
         assert_eq!(s.waiters[0].expires_ms, 2_000);
         // Unlocking the holds one by one; a retried unlock changes nothing.
         assert_eq!(
@@ -599,6 +635,71 @@ mod tests {
                 count: 1
             }
         );
+    }
+
+    #[test]
+    fn one_holder_with_two_acquires_in_flight_keeps_holds_and_queue_apart() {
+        // Two tasks sharing one handle are one holder: both queue behind holder 1.
+        let mut s = LockState::default();
+        s.acquire(h(1), 10, 0, 0, LIMIT, 100, 1);
+        s.acquire(h(2), 20, 0, 10_000, LIMIT, 100, 1);
+        s.acquire(h(2), 21, 0, 10_000, LIMIT, 100, 1);
+        s.release(h(1), 10, 110, 2, &all_alive);
+        assert_eq!(s.holding.as_ref().unwrap().tokens, vec![20]);
+        // The second acquire is a reentry now, and leaves the queue.
+        assert_eq!(
+            s.acquire(h(2), 21, 0, 10_000, LIMIT, 120, 3),
+            Acquired::Granted { fence: 2, count: 2 }
+        );
+        assert!(s.waiters.is_empty());
+        assert_eq!(
+            s.release(h(2), 21, 130, 4, &all_alive),
+            ReleaseOutcome::Released { remaining: 1 }
+        );
+        assert_eq!(
+            s.release(h(2), 21, 131, 4, &all_alive),
+            ReleaseOutcome::Released { remaining: 1 },
+            "a retried partial unlock"
+        );
+        assert_eq!(
+            s.release(h(2), 20, 140, 5, &all_alive),
+            ReleaseOutcome::Released { remaining: 0 },
+        );
+        assert!(s.holding.is_none());
+    }
+
+    #[test]
+    fn a_late_unlock_is_answered_by_its_own_token() {
+        let mut s = LockState::default();
+        s.acquire(h(1), 10, 50, 0, LIMIT, 100, 1);
+        assert!(s.sweep(150, 2, &all_alive));
+        // The same holder holds it again with another hold.
+        s.acquire(h(1), 11, 0, 0, LIMIT, 160, 3);
+        assert_eq!(
+            s.release(h(1), 10, 170, 4, &all_alive),
+            ReleaseOutcome::LeaseExpired { fence: 1 }
+        );
+        assert_eq!(
+            s.release(h(1), 11, 180, 4, &all_alive),
+            ReleaseOutcome::Released { remaining: 0 }
+        );
+        assert_eq!(
+            s.release(h(1), 10, 190, 5, &all_alive),
+            ReleaseOutcome::LeaseExpired { fence: 1 }
+        );
+        // A withdrawn acquire that arrives late is not granted.
+        s.acquire(h(2), 20, 0, 0, LIMIT, 200, 6);
+        s.acquire(h(3), 30, 0, 10_000, LIMIT, 200, 6);
+        assert_eq!(
+            s.release(h(3), 30, 210, 7, &all_alive),
+            ReleaseOutcome::Withdrawn
+        );
+        s.release(h(2), 20, 220, 8, &all_alive);
+        assert_eq!(
+            s.acquire(h(3), 30, 0, 10_000, LIMIT, 230, 9),
+            Acquired::Busy
+        );
+        assert!(s.holding.is_none());
     }
 
     #[test]

@@ -410,7 +410,7 @@ where
         };
         let end = self
             .node
-            .route(
+            .route_as(
                 partition,
                 &self.name,
                 key.clone(),
@@ -419,6 +419,7 @@ where
                     outcome,
                     refresh_of,
                 },
+                Some(self.writer()),
             )
             .await?;
         if let Some(near) = &self.near {

@@ -196,6 +196,7 @@ impl MapOp {
                 | MapOp::PutIfAbsent(_)
                 | MapOp::Replace(_)
                 | MapOp::ReplaceIfEqual { .. }
+                | MapOp::RefreshTo { .. }
         )
     }
 

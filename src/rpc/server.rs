@@ -478,7 +478,8 @@ impl PeerGrid for PeerGridService {
 fn to_status(error: Error) -> Status {
     match error {
         Error::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
-        Error::NoOwner { .. } => Status::unavailable(error.to_string()),
+        // Not processed: the caller may ask again.
+        Error::NoOwner { .. } | Error::UnknownMember(_) => Status::unavailable(error.to_string()),
         Error::Shutdown => Status::aborted(error.to_string()),
         Error::NotBackedUp { partition } => {
             Status::data_loss(format!("not backed up: {partition}"))
