@@ -7,6 +7,7 @@
 //! scripts/compare.sh                                   # installs and starts Redis, full run
 //! cargo run --release --example compare -- --redis 127.0.0.1:6390 --out BENCHMARKS.md
 //! cargo run --release --example compare -- quick      # a few seconds, peergrid only (CI)
+//! cargo run --release --example compare -- --only mixed --rounds 1 --millis 10000  # to profile
 //! ```
 //!
 //! Every workload runs every system in the same round, one after the other, for several rounds;
@@ -578,6 +579,8 @@ struct Options {
     run_for: Duration,
     keys: usize,
     out: Option<String>,
+    /// Run only this workload (for profiling).
+    only: Option<String>,
 }
 
 fn options() -> Result<Options, BoxError> {
@@ -603,6 +606,7 @@ fn options() -> Result<Options, BoxError> {
         }),
         keys: if quick { 10_000 } else { 100_000 },
         out: value_of("--out"),
+        only: value_of("--only"),
     })
 }
 
@@ -692,6 +696,13 @@ async fn driver_main() -> Result<(), BoxError> {
     for round in 0..options.rounds {
         eprintln!("round {} of {}", round + 1, options.rounds);
         for (workload, dist, systems) in &plan {
+            if options
+                .only
+                .as_deref()
+                .is_some_and(|only| only != *workload)
+            {
+                continue;
+            }
             // Near-cache reads are warmed first, so the run measures hits.
             if *workload == "near" {
                 peergrid_run(
