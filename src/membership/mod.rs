@@ -182,6 +182,8 @@ pub(crate) struct MembershipState {
     changes: watch::Sender<u64>,
     /// Whether this member sees at least one live peer.
     connected: watch::Sender<bool>,
+    /// Members this member saw declared down or leave (and not back since).
+    gone: RwLock<std::collections::BTreeSet<MemberId>>,
     pub(crate) counters: Counters,
 }
 
@@ -193,6 +195,7 @@ impl MembershipState {
             events: RwLock::new(Some(broadcast::channel(1024).0)),
             changes: watch::channel(0).0,
             connected: watch::channel(false).0,
+            gone: RwLock::new(Default::default()),
             counters: Counters::default(),
         }
     }
@@ -214,6 +217,13 @@ impl MembershipState {
                 .map(|p| Member::from_identity(p, false)),
         );
         all
+    }
+
+    /// Whether this member saw `id` declared down or leave, and it has not come back since (a
+    /// member merely missing from the view, such as one that joined but was not heard of yet,
+    /// is not gone).
+    pub(crate) fn is_gone(&self, id: MemberId) -> bool {
+        read(&self.gone).contains(&id)
     }
 
     pub(crate) fn peer(&self, id: MemberId) -> Option<Identity> {
@@ -265,6 +275,7 @@ impl MembershipState {
 
     /// A peer is alive. Replaces an older generation of the same member, which counts as down.
     pub(crate) fn peer_up(&self, identity: Identity) {
+        write(&self.gone).remove(&identity.id);
         let previous = {
             let mut peers = write(&self.peers);
             match peers.get(&identity.id) {
@@ -290,6 +301,7 @@ impl MembershipState {
                 _ => return,
             };
         }
+        write(&self.gone).insert(identity.id);
         let member = Member::from_identity(identity, false);
         self.emit(if left {
             MembershipEvent::Left(member)

@@ -121,6 +121,13 @@ impl Replication {
 
     /// Queues `item` for `backup`. Never blocks: callers hold a partition's write lock.
     pub(crate) fn send(&self, backup: MemberId, item: Item) {
+        if self.deps.membership.is_gone(backup) {
+            // Declared down here already (the table naming it is not replaced yet): the write
+            // is not backed up there, and its writer learns so now rather than after waiting
+            // out a member that will not answer.
+            resolve(&mut vec![item], &BTreeSet::new(), Ack::BackupGone);
+            return;
+        }
         let replicator = self.replicators.entry(backup).or_insert_with(|| {
             let (queue, rx) = mpsc::unbounded_channel();
             let stop = self.deps.cancel.child_token();
