@@ -100,17 +100,18 @@ impl Tally {
     }
 }
 
-/// Runs `tasks` copies of `op` (each loops until its deadline); sums the tallies.
+/// Runs `tasks` copies of `op`, each looping until the deadline it is given (`run_for` from
+/// now); sums the tallies.
 async fn drive<F, Fut>(tasks: usize, run_for: Duration, op: F) -> Tally
 where
-    F: Fn(usize, rand::rngs::SmallRng) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, rand::rngs::SmallRng, Instant) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Tally> + Send + 'static,
 {
-    let _ = run_for;
+    let end = Instant::now() + run_for;
     let handles: Vec<_> = (0..tasks)
         .map(|t| {
             let rng = rand::rngs::SmallRng::seed_from_u64(t as u64 * 7919 + 1);
-            tokio::spawn(op(t, rng))
+            tokio::spawn(op(t, rng, end))
         })
         .collect();
     let mut total = Tally::default();
@@ -120,11 +121,6 @@ where
         }
     }
     total
-}
-
-/// The deadline every task loop checks.
-fn until(run_for: Duration) -> Instant {
-    Instant::now() + run_for
 }
 
 // ------------------------------------------------------------------------------------------
@@ -236,8 +232,7 @@ async fn run_member_workload(
         .collect();
     let grid = grid.clone();
     let workload = workload.to_string();
-    let end = until(run_for);
-    drive(tasks, run_for, move |task, mut rng| {
+    drive(tasks, run_for, move |task, mut rng, end| {
         let (grid, data, value, local, remote, others, workload) = (
             grid.clone(),
             data.clone(),
@@ -446,11 +441,10 @@ async fn redis_run(
 ) -> Tally {
     let redis = redis.clone();
     let workload = workload.to_string();
-    let end = until(run_for);
     let unlock = Arc::new(redis::Script::new(
         "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
     ));
-    drive(TASKS, run_for, move |task, mut rng| {
+    drive(TASKS, run_for, move |task, mut rng, end| {
         let (mut redis, workload, unlock) = (redis.clone(), workload.clone(), unlock.clone());
         async move {
             let mut tally = Tally::default();
@@ -543,8 +537,7 @@ async fn dashmap_run(
     keys: usize,
 ) -> Tally {
     let map = map.clone();
-    let end = until(run_for);
-    drive(TASKS, run_for, move |_, mut rng| {
+    drive(TASKS, run_for, move |_, mut rng, end| {
         let map = map.clone();
         async move {
             let mut tally = Tally::default();
@@ -641,6 +634,27 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {memory} RAM, Linux {kernel}")
 }
 
+/// A workload's name in the report.
+fn label(workload: &str, dist: Dist) -> String {
+    match dist {
+        Dist::Zipf => format!("{workload} (zipf)"),
+        Dist::Uniform => workload.to_string(),
+    }
+}
+
+/// Partition-copy bytes the members have sent so far (migrations and new backups).
+fn bytes_sent(members: &mut [Member]) -> u64 {
+    members
+        .iter_mut()
+        .map(|m| {
+            m.ask("stats")
+                .ok()
+                .and_then(|a| a.strip_prefix("ok ").and_then(|n| n.parse::<u64>().ok()))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 async fn driver_main() -> Result<(), BoxError> {
     let options = options()?;
     let cluster = format!("compare-{}", std::process::id());
@@ -713,10 +727,7 @@ async fn driver_main() -> Result<(), BoxError> {
                     options.keys,
                 )?;
             }
-            let label = format!(
-                "{workload}{}",
-                if *dist == Dist::Zipf { " (zipf)" } else { "" }
-            );
+            let label = label(workload, *dist);
             for system in *systems {
                 let tally = match *system {
                     "peergrid" => {
@@ -739,15 +750,7 @@ async fn driver_main() -> Result<(), BoxError> {
     }
 
     // Rebalance: a fourth member joins; bytes copied over the time to a safe cluster.
-    let sent_before: u64 = members
-        .iter_mut()
-        .map(|m| {
-            m.ask("stats")
-                .ok()
-                .and_then(|a| a.strip_prefix("ok ").and_then(|n| n.parse::<u64>().ok()))
-                .unwrap_or(0)
-        })
-        .sum();
+    let sent_before = bytes_sent(&mut members);
     let joined_at = Instant::now();
     let (mut fourth, _) = Member::spawn(&cluster, Some(&seed))?;
     fourth.ask("wait 4")?;
@@ -756,15 +759,7 @@ async fn driver_main() -> Result<(), BoxError> {
     }
     let rebalance_secs = joined_at.elapsed().as_secs_f64();
     members.push(fourth);
-    let sent_after: u64 = members
-        .iter_mut()
-        .map(|m| {
-            m.ask("stats")
-                .ok()
-                .and_then(|a| a.strip_prefix("ok ").and_then(|n| n.parse::<u64>().ok()))
-                .unwrap_or(0)
-        })
-        .sum();
+    let sent_after = bytes_sent(&mut members);
     let copied_mb = sent_after.saturating_sub(sent_before) as f64 / 1e6;
 
     let mut report = String::new();
@@ -779,10 +774,7 @@ async fn driver_main() -> Result<(), BoxError> {
     report.push_str("|---|---|---:|---:|---:|---:|---:|\n");
     let mut medians: HashMap<(String, &str), (f64, f64, f64)> = HashMap::new();
     for (workload, dist, systems) in &plan {
-        let label = format!(
-            "{workload}{}",
-            if *dist == Dist::Zipf { " (zipf)" } else { "" }
-        );
+        let label = label(workload, *dist);
         for system in *systems {
             let Some(runs) = results.get(&(label.clone(), system)) else {
                 continue;

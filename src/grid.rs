@@ -140,7 +140,6 @@ impl Grid {
             lock_signals: (0..config.partition_count)
                 .map(|_| tokio::sync::Notify::new())
                 .collect(),
-            gone: Default::default(),
             started: std::time::Instant::now(),
         });
         let server_task = server::spawn(

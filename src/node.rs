@@ -159,8 +159,6 @@ pub(crate) struct Node {
     pub(crate) near_caches: dashmap::DashMap<Arc<str>, Arc<crate::map::near::NearCache>>,
     /// Per partition: notified whenever one of its locks changes (see `lock::owner`).
     pub(crate) lock_signals: Vec<tokio::sync::Notify>,
-    /// The highest generation of each member this member saw go down or leave.
-    pub(crate) gone: std::sync::Mutex<std::collections::HashMap<MemberId, u64>>,
     /// When this member started (its membership view is complete an rpc timeout later).
     pub(crate) started: std::time::Instant,
 }
@@ -416,6 +414,41 @@ impl Node {
                 self.execute_local_as(partition, map, key, &op, writer.as_ref())
                     .await
             }
+        }
+    }
+
+    /// Runs an owner-side operation that may wait for a change (a queue's poll or offer, a
+    /// queued lock acquire): applies it (waiting out a takeover) and waits for the backups;
+    /// while `settled` says its result is not final yet, waits for `signal` and applies it
+    /// again, for up to `wait` (at most half an rpc timeout; the caller asks again).
+    pub(crate) async fn apply_waiting(
+        &self,
+        partition: u32,
+        signal: &tokio::sync::Notify,
+        wait: std::time::Duration,
+        mut apply: impl FnMut() -> Result<(Outcome<OpResult>, Acks)>,
+        settled: impl Fn(&OpResult) -> bool,
+    ) -> Result<Outcome<OpResult>> {
+        let deadline = tokio::time::Instant::now() + wait.min(self.config.rpc_timeout / 2);
+        loop {
+            // Registered before the attempt: a change right after it still wakes this wait.
+            let changed = signal.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.partition_ready(partition).await?;
+            let (outcome, acks) = apply()?;
+            let Outcome::Done(result) = outcome else {
+                if matches!(outcome, Outcome::Pending) {
+                    continue;
+                }
+                return Ok(outcome);
+            };
+            self.await_acks(acks).await?;
+            let now = tokio::time::Instant::now();
+            if settled(&result) || now >= deadline {
+                return Ok(Outcome::Done(result));
+            }
+            let _ = tokio::time::timeout(deadline - now, changed).await;
         }
     }
 

@@ -256,7 +256,7 @@ pub(crate) fn new_holder_id() -> u64 {
 pub(crate) fn holder_of(node: &Node, id: u64) -> HolderId {
     HolderId {
         member: node.me.as_u64(),
-        generation: node.membership.local_identity().generation,
+        generation: node.membership.local_generation(),
         id,
     }
 }

@@ -18,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::{Error, Result};
 use crate::lock::state::{Acquired, HolderId, LockState, ReleaseOutcome};
 use crate::map::ops::{LockAnswer, LockStatus, MapOp, OpResult};
-use crate::membership::{MemberId, MembershipEvent};
+use crate::membership::MemberId;
 use crate::node::{Acks, Node, Outcome};
 use crate::rpc::proto;
 use crate::store::Record;
@@ -44,6 +44,7 @@ pub(crate) fn keyed(map: &str, key: &[u8]) -> Bytes {
 
 /// The background sweep of the locks this member leads.
 pub(crate) async fn run(node: Arc<Node>) {
+    // Membership changes only wake the sweep: the view itself records who went.
     let mut events = node.membership.subscribe();
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -51,13 +52,7 @@ pub(crate) async fn run(node: Arc<Node>) {
         tokio::select! {
             _ = node.cancel.cancelled() => return,
             _ = tick.tick() => {}
-            event = events.recv() => match event {
-                Some(MembershipEvent::Down(member) | MembershipEvent::Left(member)) => {
-                    node.member_gone(member.id, member.generation);
-                }
-                Some(_) => {}
-                None => return,
-            },
+            event = events.recv() => if event.is_none() { return },
         }
         node.sweep_locks();
     }
@@ -70,27 +65,18 @@ impl Node {
     /// may simply not have heard of a member that joined recently.
     pub(crate) fn holder_alive(&self, holder: &HolderId) -> bool {
         if holder.member == self.me.as_u64() {
-            return holder.generation == self.membership.local_identity().generation;
+            return holder.generation == self.membership.local_generation();
         }
         match self.membership.peer(MemberId(holder.member)) {
             Some(peer) => peer.generation <= holder.generation,
             None => {
                 let seen_gone = self
-                    .gone
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&MemberId(holder.member))
-                    .is_some_and(|generation| *generation >= holder.generation);
+                    .membership
+                    .gone_generation(MemberId(holder.member))
+                    .is_some_and(|generation| generation >= holder.generation);
                 !seen_gone && self.started.elapsed() < self.config.rpc_timeout
             }
         }
-    }
-
-    /// Records that a member incarnation went down or left.
-    pub(crate) fn member_gone(&self, member: MemberId, generation: u64) {
-        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
-        let known = gone.entry(member).or_insert(generation);
-        *known = (*known).max(generation);
     }
 
     /// The signal of `partition`'s locks: notified whenever one changes.
@@ -109,37 +95,25 @@ impl Node {
         op: MapOp,
     ) -> Result<Outcome<OpResult>> {
         let wait = match &op {
-            MapOp::LockAcquire { wait, .. } => (*wait).min(self.config.rpc_timeout / 2),
+            MapOp::LockAcquire { wait, .. } => *wait,
             _ => Duration::ZERO,
         };
-        let deadline = tokio::time::Instant::now() + wait;
         let signal = self
             .lock_signal(partition)
             .ok_or(Error::NoOwner { partition })?;
-        loop {
-            // Registered before the attempt: a change right after it still wakes this wait.
-            let changed = signal.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            self.partition_ready(partition).await?;
-            let (outcome, acks) = self.lock_apply(partition, map, &key, &op)?;
-            let Outcome::Done(result) = outcome else {
-                if matches!(outcome, Outcome::Pending) {
-                    continue;
-                }
-                return Ok(outcome);
-            };
-            self.await_acks(acks).await?;
-            let queued = result
-                .lock
-                .as_ref()
-                .is_some_and(|l| l.status == LockStatus::Queued);
-            let now = tokio::time::Instant::now();
-            if !queued || now >= deadline {
-                return Ok(Outcome::Done(result));
-            }
-            let _ = tokio::time::timeout(deadline - now, changed).await;
-        }
+        self.apply_waiting(
+            partition,
+            signal,
+            wait,
+            || self.lock_apply(partition, map, &key, &op),
+            |result| {
+                !result
+                    .lock
+                    .as_ref()
+                    .is_some_and(|l| l.status == LockStatus::Queued)
+            },
+        )
+        .await
     }
 
     /// The synchronous part of a lock operation: ownership check, the state machine, and the

@@ -182,8 +182,9 @@ pub(crate) struct MembershipState {
     changes: watch::Sender<u64>,
     /// Whether this member sees at least one live peer.
     connected: watch::Sender<bool>,
-    /// Members this member saw declared down or leave (and not back since).
-    gone: RwLock<std::collections::BTreeSet<MemberId>>,
+    /// Members this member saw declared down or leave (and not back since), with the
+    /// generation that went.
+    gone: RwLock<BTreeMap<MemberId, u64>>,
     pub(crate) counters: Counters,
 }
 
@@ -223,7 +224,18 @@ impl MembershipState {
     /// member merely missing from the view, such as one that joined but was not heard of yet,
     /// is not gone).
     pub(crate) fn is_gone(&self, id: MemberId) -> bool {
-        read(&self.gone).contains(&id)
+        read(&self.gone).contains_key(&id)
+    }
+
+    /// The generation of `id` this member saw declared down or leave, if it has not come back
+    /// since.
+    pub(crate) fn gone_generation(&self, id: MemberId) -> Option<u64> {
+        read(&self.gone).get(&id).copied()
+    }
+
+    /// This member's current generation (without cloning its identity).
+    pub(crate) fn local_generation(&self) -> u64 {
+        read(&self.local).generation
     }
 
     pub(crate) fn peer(&self, id: MemberId) -> Option<Identity> {
@@ -301,7 +313,7 @@ impl MembershipState {
                 _ => return,
             };
         }
-        write(&self.gone).insert(identity.id);
+        write(&self.gone).insert(identity.id, identity.generation);
         let member = Member::from_identity(identity, false);
         self.emit(if left {
             MembershipEvent::Left(member)

@@ -144,38 +144,22 @@ impl Node {
         op: MapOp,
     ) -> Result<Outcome<OpResult>> {
         let wait = match &op {
-            MapOp::QueueOffer { wait, .. } | MapOp::QueuePoll { wait, .. } => {
-                (*wait).min(self.config.rpc_timeout / 2)
-            }
+            MapOp::QueueOffer { wait, .. } | MapOp::QueuePoll { wait, .. } => *wait,
             _ => Duration::ZERO,
         };
-        let deadline = tokio::time::Instant::now() + wait;
         let signals = self.queue_signals(map);
-        loop {
-            // Registered before the attempt: a change right after it still wakes this wait.
-            let changed = signals.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            self.partition_ready(partition).await?;
-            let (outcome, acks) = self.queue_apply(partition, map, &op)?;
-            let Outcome::Done(result) = outcome else {
-                if matches!(outcome, Outcome::Pending) {
-                    continue;
-                }
-                return Ok(outcome);
-            };
-            self.await_acks(acks).await?;
-            let settled = match &op {
+        self.apply_waiting(
+            partition,
+            &signals,
+            wait,
+            || self.queue_apply(partition, map, &op),
+            |result| match &op {
                 MapOp::QueueOffer { .. } => result.applied,
                 MapOp::QueuePoll { .. } => !result.items.is_empty(),
                 _ => true,
-            };
-            let now = tokio::time::Instant::now();
-            if settled || now >= deadline {
-                return Ok(Outcome::Done(result));
-            }
-            let _ = tokio::time::timeout(deadline - now, changed).await;
-        }
+            },
+        )
+        .await
     }
 
     /// The signal of `map`'s queue: notified whenever an item is added or taken.
