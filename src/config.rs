@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::fault::FaultSwitch;
+use crate::split_brain::MergePolicy;
 
 /// The first port of the default port range (Hazelcast's, too).
 pub const DEFAULT_PORT: u16 = 5701;
@@ -132,6 +133,13 @@ pub struct GridConfig {
     /// Largest encoded map key, in bytes. 1 byte to 1 MiB. Default 64 KiB.
     pub max_key_size: usize,
 
+    /// How often the coordinator of a cluster probes the seeds and the members it saw go down
+    /// (within `swim.remove_down_after`) for another cluster of the same name: the other side of
+    /// a network split that healed. Two clusters that find each other merge, the smaller into
+    /// the larger (see the `split_brain` module docs), two probe rounds after they met. Must
+    /// not be zero. Default 1 s. `PEERGRID_SPLIT_BRAIN_PROBE_INTERVAL_MS`.
+    pub split_brain_probe_interval: Duration,
+
     /// Per-map settings, by map name or a pattern with one `*` (`"session*"`); the first match
     /// wins, then a `"*"` entry, then [`MapConfig::default`]. Default empty.
     pub maps: Vec<(String, MapConfig)>,
@@ -145,17 +153,82 @@ pub struct GridConfig {
     pub locks: Vec<(String, LockConfig)>,
 }
 
+/// Split-brain protection of one structure, like Hazelcast's split-brain protection
+/// (`quorum`): below `min_cluster_size` live members, the guarded operations fail at once with
+/// [`crate::Error::QuorumNotPresent`] instead of serving a side of a network split that may
+/// later be merged away.
+///
+/// The check counts the members in the checking member's view, itself included: the caller's
+/// member checks before it sends, and the structure's primary checks again before it acts.
+/// Failure detection takes its time (about `swim.probe_period + swim.suspect_to_down_after`), so
+/// for that long after a split the minority still counts the members it lost: operations that
+/// need a backup on the other side fail or time out then, but the ones that touch only the
+/// minority may still succeed. A member that starts alone is below any minimum above 1 until
+/// enough members joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitBrainProtection {
+    /// Fewest live members for the guarded operations to run. At least 2 (1 would guard
+    /// nothing).
+    pub min_cluster_size: usize,
+    /// Which operations are guarded. Default [`QuorumOn::ReadWrite`].
+    pub on: QuorumOn,
+}
+
+impl SplitBrainProtection {
+    /// Guards reads and writes below `min_cluster_size` members.
+    pub fn new(min_cluster_size: usize) -> Self {
+        SplitBrainProtection {
+            min_cluster_size,
+            on: QuorumOn::ReadWrite,
+        }
+    }
+
+    /// Guards only the given kind of operation.
+    pub fn on(self, on: QuorumOn) -> Self {
+        SplitBrainProtection { on, ..self }
+    }
+
+    /// Whether an operation (`write` or a read) is guarded.
+    pub(crate) fn guards(&self, write: bool) -> bool {
+        match self.on {
+            QuorumOn::Read => !write,
+            QuorumOn::Write => write,
+            QuorumOn::ReadWrite => true,
+        }
+    }
+}
+
+/// Which operations [`SplitBrainProtection`] guards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QuorumOn {
+    /// Reads only: a map's `get`, `contains_key`, `size`, `get_all`; a queue's `peek` and `len`;
+    /// a lock's `is_locked` and `holder`.
+    Read,
+    /// Writes only: everything that changes the structure, including a queue's `poll`, a lock's
+    /// `lock` and `unlock`, and the store step of `get_or_load`.
+    Write,
+    /// Both.
+    #[default]
+    ReadWrite,
+}
+
 /// Settings of one lock (or of the locks a pattern matches), in [`GridConfig::locks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockConfig {
     /// How many times one holder may hold the lock at once (reentry); one more acquire fails
     /// with [`crate::Error::ReentryLimit`]. At least 1. Default 64.
     pub reentry_limit: u32,
+    /// Split-brain protection: below its minimum the lock is neither granted nor released
+    /// (a lock on a minority side never hands out a token). Default `None`.
+    pub split_brain_protection: Option<SplitBrainProtection>,
 }
 
 impl Default for LockConfig {
     fn default() -> Self {
-        LockConfig { reentry_limit: 64 }
+        LockConfig {
+            reentry_limit: 64,
+            split_brain_protection: None,
+        }
     }
 }
 
@@ -168,10 +241,12 @@ pub struct QueueConfig {
     /// How many backups an operation waits for: at most [`GridConfig::backup_count`]. Default
     /// `None`: all of them.
     pub backup_count: Option<u8>,
+    /// Split-brain protection. Default `None`.
+    pub split_brain_protection: Option<SplitBrainProtection>,
 }
 
 /// Settings of one map (or of the maps a pattern matches), in [`GridConfig::maps`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MapConfig {
     /// How many backups a write waits for: at most [`GridConfig::backup_count`], which is how many
     /// copies exist. Default `None`: all of them.
@@ -199,6 +274,11 @@ pub struct MapConfig {
     /// A near cache (L1) of this map on this member: recently read entries of remote partitions
     /// kept in process, invalidated by their primaries. Default `None`: no near cache.
     pub near_cache: Option<NearCacheConfig>,
+    /// Split-brain protection of the map and of its per-key locks. Default `None`.
+    pub split_brain_protection: Option<SplitBrainProtection>,
+    /// How this map's entries from the smaller side of a healed network split are merged into
+    /// the larger side's. Default [`MergePolicy::PutIfAbsent`].
+    pub merge_policy: MergePolicy,
 }
 
 /// A map's near cache on one member (in [`MapConfig::near_cache`]), like Hazelcast's.
@@ -436,6 +516,26 @@ impl GridConfig {
                 }
             }
         }
+        if self.split_brain_probe_interval.is_zero() {
+            return Err(ConfigError::Range {
+                field: "split_brain_probe_interval",
+                reason: "must not be zero",
+            });
+        }
+        let protections = self
+            .maps
+            .iter()
+            .map(|(_, m)| m.split_brain_protection)
+            .chain(self.queues.iter().map(|(_, q)| q.split_brain_protection))
+            .chain(self.locks.iter().map(|(_, l)| l.split_brain_protection));
+        for protection in protections.flatten() {
+            if protection.min_cluster_size < 2 {
+                return Err(ConfigError::Range {
+                    field: "split_brain_protection.min_cluster_size",
+                    reason: "must be at least 2",
+                });
+            }
+        }
         if self.locks.iter().any(|(_, lock)| lock.reentry_limit == 0) {
             return Err(ConfigError::Range {
                 field: "locks.reentry_limit",
@@ -488,6 +588,21 @@ impl GridConfig {
             .or_else(|| self.maps.iter().find(|(pattern, _)| pattern == "*"))
             .map(|(_, config)| config.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether any map, queue or lock has split-brain protection.
+    pub(crate) fn has_split_brain_protection(&self) -> bool {
+        self.maps
+            .iter()
+            .any(|(_, m)| m.split_brain_protection.is_some())
+            || self
+                .queues
+                .iter()
+                .any(|(_, q)| q.split_brain_protection.is_some())
+            || self
+                .locks
+                .iter()
+                .any(|(_, l)| l.split_brain_protection.is_some())
     }
 
     /// Largest gRPC message between members: room for a batch of maximum-size values.
@@ -559,6 +674,10 @@ impl GridConfig {
                 "PEERGRID_MAX_PARALLEL_MIGRATIONS" => {
                     self.max_parallel_migrations = parse_num(v).map_err(bad)?
                 }
+                "PEERGRID_SPLIT_BRAIN_PROBE_INTERVAL_MS" => {
+                    self.split_brain_probe_interval =
+                        Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
                 "PEERGRID_ANTI_ENTROPY_INTERVAL_MS" => {
                     self.anti_entropy_interval = Duration::from_millis(parse_num(v).map_err(bad)?)
                 }
@@ -604,6 +723,7 @@ impl Default for GridConfig {
             max_parallel_migrations: 16,
             snapshot_chunk_size: 1 << 20,
             anti_entropy_interval: Duration::from_secs(10),
+            split_brain_probe_interval: Duration::from_secs(1),
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,
             maps: Vec::new(),
@@ -693,10 +813,8 @@ pub struct SwimConfig {
     /// How often this member announces itself to one random member, to learn members it missed.
     /// Default 10 s. Must not be zero.
     pub announce_interval: Duration,
-    /// How often this member announces itself to members it believes down, so a healed network
-    /// partition rejoins by itself. Default 5 s. Must not be zero.
-    pub announce_to_down_interval: Duration,
-    /// How long a down member's address is remembered. A process restarted at the same address
+    /// How long a down member's address is remembered, and probed for the other side of a split
+    /// (see [`GridConfig::split_brain_probe_interval`]). A process restarted at the same address
     /// rejoins at once regardless, because its identity carries a higher generation. Default 1 h.
     pub remove_down_after: Duration,
 }
@@ -712,7 +830,6 @@ impl Default for SwimConfig {
             gossip_fanout: 3,
             max_transmissions: 8,
             announce_interval: Duration::from_secs(10),
-            announce_to_down_interval: Duration::from_secs(5),
             remove_down_after: Duration::from_secs(3600),
         }
     }
@@ -727,10 +844,6 @@ impl SwimConfig {
             ("swim.suspect_to_down_after", self.suspect_to_down_after),
             ("swim.gossip_interval", self.gossip_interval),
             ("swim.announce_interval", self.announce_interval),
-            (
-                "swim.announce_to_down_interval",
-                self.announce_to_down_interval,
-            ),
             ("swim.remove_down_after", self.remove_down_after),
         ] {
             if value.is_zero() {
@@ -771,10 +884,10 @@ impl SwimConfig {
                 frequency: self.announce_interval,
                 num_members: nz(1),
             }),
-            periodic_announce_to_down_members: Some(foca::PeriodicParams {
-                frequency: self.announce_to_down_interval,
-                num_members: nz(2),
-            }),
+            // The sides of a healed split find each other through the merge protocol
+            // (`split_brain`), which decides who merges into whom; announcing to down members
+            // would join them at the gossip level with no such decision.
+            periodic_announce_to_down_members: None,
             periodic_gossip: Some(foca::PeriodicParams {
                 frequency: self.gossip_interval,
                 num_members: nz(self.gossip_fanout),

@@ -248,6 +248,24 @@ pub enum Error {
         /// The map.
         map: String,
     },
+
+    /// The structure has split-brain protection (`min_cluster_size`, see
+    /// [`crate::SplitBrainProtection`]) and the member that checked sees fewer members than
+    /// that: this side of a network split is a minority. Nothing was applied or read; the call
+    /// fails at once rather than waiting for the split to heal.
+    #[error("{structure} {name:?} needs {min} members and member {member} sees {present}")]
+    QuorumNotPresent {
+        /// `"map"`, `"queue"` or `"lock"`.
+        structure: &'static str,
+        /// The structure's name.
+        name: String,
+        /// The configured minimum cluster size.
+        min: usize,
+        /// How many members the checking member sees (itself included).
+        present: usize,
+        /// The member that checked: the caller's own, or the structure's primary.
+        member: MemberId,
+    },
 }
 
 /// A configuration value that cannot work, found by [`crate::GridConfig::validate`] or while

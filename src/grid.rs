@@ -141,6 +141,8 @@ impl Grid {
                 .map(|_| tokio::sync::Notify::new())
                 .collect(),
             started: std::time::Instant::now(),
+            quorum_guarded: config.has_split_brain_protection(),
+            merge: Default::default(),
         });
         let server_task = server::spawn(
             tcp,
@@ -168,6 +170,8 @@ impl Grid {
                 seed_retry_interval: config.seed_retry_interval,
                 max_datagram_size: config.max_datagram_size,
                 fault_switch: config.fault_switch.clone(),
+                probe_interval: config.split_brain_probe_interval,
+                remember_down: config.swim.remove_down_after,
             },
             udp,
             membership.clone(),
@@ -210,11 +214,21 @@ impl Grid {
         let anti_entropy_task = tokio::spawn(crate::store::anti_entropy::run(node.clone()));
         let expiry_task = tokio::spawn(crate::store::expiry::run(node.clone()));
         let lock_task = tokio::spawn(crate::lock::owner::run(node.clone()));
+        let merge_task = tokio::spawn(crate::split_brain::merge::run(
+            node.clone(),
+            grid.inner.commands.clone(),
+        ));
         grid.inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([coordinator_task, anti_entropy_task, expiry_task, lock_task]);
+            .extend([
+                coordinator_task,
+                anti_entropy_task,
+                expiry_task,
+                lock_task,
+                merge_task,
+            ]);
         Ok(grid)
     }
 
@@ -253,6 +267,12 @@ impl Grid {
             backup_snapshot_bytes_sent: node.replication.snapshot_bytes_sent(),
             anti_entropy_repairs: c.anti_entropy_repairs.load(Relaxed),
         }
+    }
+
+    /// Counters of this member's merges after network splits (see the `split_brain` module
+    /// docs): how often it merged its cluster into a larger one, and what it handed over.
+    pub fn split_brain_stats(&self) -> crate::SplitBrainStats {
+        self.inner.node.merge.stats()
     }
 
     /// The configuration this member runs with.

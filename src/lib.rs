@@ -80,11 +80,12 @@ mod partition;
 mod queue;
 mod routing;
 mod rpc;
+mod split_brain;
 mod store;
 
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, LockConfig, MapConfig,
-    NearCacheConfig, QueueConfig, SwimConfig,
+    NearCacheConfig, QueueConfig, QuorumOn, SplitBrainProtection, SwimConfig,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;
@@ -97,6 +98,8 @@ pub use map::stats::MapStats;
 pub use membership::{DatagramStats, Member, MemberId, MembershipEvent, MembershipEvents};
 pub use partition::{PartitionEvent, PartitionStats};
 pub use queue::{ItemEvent, Queue};
+pub use split_brain::merge::SplitBrainStats;
+pub use split_brain::{MergeFunction, MergeOutcome, MergePolicy, MergingEntry};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example stays true.
 #[cfg(doctest)]

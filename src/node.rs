@@ -161,6 +161,10 @@ pub(crate) struct Node {
     pub(crate) lock_signals: Vec<tokio::sync::Notify>,
     /// When this member started (its membership view is complete an rpc timeout later).
     pub(crate) started: std::time::Instant,
+    /// Whether any structure has split-brain protection (else the check costs nothing).
+    pub(crate) quorum_guarded: bool,
+    /// This member's merges after network splits.
+    pub(crate) merge: crate::split_brain::merge::MergeState,
 }
 
 /// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
@@ -381,7 +385,9 @@ impl Node {
         writer: Option<HolderId>,
     ) -> Result<Outcome<OpResult>> {
         self.catch_up(caller_version).await;
+        self.check_quorum(map, &key, &op)?;
         match op {
+            op @ MapOp::Merge { .. } => self.merge_execute(partition, map, key, op).await,
             MapOp::LoadBegin { member, claim } => {
                 self.load_begin(partition, map, key, member, claim).await
             }
@@ -409,6 +415,7 @@ impl Node {
             op @ (MapOp::LockAcquire { .. }
             | MapOp::LockRelease { .. }
             | MapOp::LockInfo
+            | MapOp::LockMerge { .. }
             | MapOp::LockSweep) => self.lock_execute(partition, map, key, op).await,
             op => {
                 self.execute_local_as(partition, map, key, &op, writer.as_ref())
@@ -669,7 +676,9 @@ impl Node {
         let now = crate::store::now_ms();
         let map_config = self.config.map_config(map);
         let max_idle = map_config.max_idle_ms();
-        let tracks_access = map_config.eviction.policy != EvictionPolicy::None || max_idle != 0;
+        let tracks_access = map_config.eviction.policy != EvictionPolicy::None
+            || max_idle != 0
+            || map_config.merge_policy.counts_hits();
         if op.is_read() {
             let current = data.entries(map).and_then(|entries| {
                 if tracks_access {
@@ -757,6 +766,7 @@ impl Node {
                     expires_at_ms,
                     last_access_ms: now,
                     hits: 0,
+                    updated_ms: now,
                 };
                 let wire = proto::Record::from(&record);
                 entries.insert(&key, &record);
@@ -960,6 +970,7 @@ impl Node {
         caller_version: u64,
     ) -> Result<(u64, Vec<u32>)> {
         self.catch_up(caller_version).await;
+        self.check_map_quorum(map, clear)?;
         let table = self.table.current();
         let candidates: Vec<u32> = (0..table.partition_count())
             .filter(|&p| table.primary(p) == Some(self.me))
@@ -1017,6 +1028,15 @@ impl Node {
         if !table.newer_than(&before) {
             return false;
         }
+        // A member without a cluster's table (new, or just left its cluster to merge into
+        // another) takes tables only from the members it sees: the cluster it left may still
+        // push its own for a while.
+        if !self.membership.is_established()
+            && table.publisher != self.me
+            && self.membership.peer(table.publisher).is_none()
+        {
+            return false;
+        }
         if table.publisher != self.me
             && self.membership.peer(table.publisher).is_some()
             && self.coordinator() != Some(table.publisher)
@@ -1071,6 +1091,7 @@ impl Node {
             .table
             .apply(table)
             .expect("newer table under the table lock");
+        self.membership.set_established(true);
         let current = self.table.current();
         tracing::debug!(
             member = %self.me,

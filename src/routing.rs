@@ -41,6 +41,7 @@ impl Node {
         op: MapOp,
         writer: Option<HolderId>,
     ) -> Result<OpResult> {
+        self.check_quorum(map, &key, &op)?;
         let deadline = Instant::now() + self.config.rpc_timeout * 2;
         let mut attempts = 0;
         loop {
@@ -215,6 +216,22 @@ impl Node {
                 MapOp::LockAcquire { queue_for, .. } => millis(*queue_for),
                 _ => 0,
             },
+            updated_ms: match op {
+                MapOp::Merge { updated_ms, .. } => *updated_ms,
+                _ => 0,
+            },
+            hits: match op {
+                MapOp::Merge { hits, .. } => *hits,
+                _ => 0,
+            },
+            expires_at_ms: match op {
+                MapOp::Merge { expires_at_ms, .. } => *expires_at_ms,
+                _ => 0,
+            },
+            fence: match op {
+                MapOp::LockMerge { fence } => *fence,
+                _ => 0,
+            },
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -296,6 +313,8 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
         MapOp::QueueClear => (proto::MapOp::QueueClear, none.clone(), none),
         MapOp::LockAcquire { .. } => (proto::MapOp::LockAcquire, none.clone(), none),
         MapOp::LockRelease { .. } => (proto::MapOp::LockRelease, none.clone(), none),
+        MapOp::LockMerge { .. } => (proto::MapOp::LockMerge, none.clone(), none),
+        MapOp::Merge { value, .. } => (proto::MapOp::Merge, value.clone(), none),
         // The sweep never travels; as an info request it changes nothing.
         MapOp::LockInfo | MapOp::LockSweep => (proto::MapOp::LockInfo, none.clone(), none),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
@@ -375,6 +394,15 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             token: request.token,
         },
         proto::MapOp::LockInfo => MapOp::LockInfo,
+        proto::MapOp::LockMerge => MapOp::LockMerge {
+            fence: request.fence,
+        },
+        proto::MapOp::Merge => MapOp::Merge {
+            value,
+            updated_ms: request.updated_ms,
+            hits: request.hits,
+            expires_at_ms: request.expires_at_ms,
+        },
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,
         proto::MapOp::PutIfAbsent => MapOp::PutIfAbsent(value),

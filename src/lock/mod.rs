@@ -447,13 +447,28 @@ impl LockGuard {
     }
 
     /// Releases this hold. Fails with [`Error::LeaseExpired`] or [`Error::LockLost`] if the
-    /// holding ended before (the work done under it since is unprotected but for the fence).
+    /// holding ended before (the work done under it since is unprotected but for the fence);
+    /// `LockLost` also when this member merged into another cluster after a network split,
+    /// which drops the locks of the smaller side.
     pub async fn unlock(mut self) -> Result<()> {
         // Marked done only once the release answered: if this future is dropped first, the
         // guard's drop releases the same hold again (a retried release changes nothing).
         let released = self.target.release(self.holder, self.token).await;
         self.done = true;
-        released.map(|_| ())
+        match released {
+            // This member renewed its identity since the grant: it merged into another cluster
+            // after a network split (the smaller side's locks are dropped), or it was declared
+            // down (its holdings released). Either way the holding ended.
+            Err(Error::NotLockHolder { name })
+                if self.holder.generation != self.target.node.membership.local_generation() =>
+            {
+                Err(Error::LockLost {
+                    name,
+                    fence: self.fence,
+                })
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 

@@ -32,6 +32,12 @@ pub(crate) const KEYED: &str = "\u{0}keylocks";
 /// How often the primary looks for leases that ran out and holders that are gone.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
+/// The map name in a [`KEYED`] state key.
+pub(crate) fn map_of_key_lock(state_key: &[u8]) -> Option<&str> {
+    let len = usize::from(u16::from_be_bytes(state_key.get(..2)?.try_into().ok()?));
+    std::str::from_utf8(state_key.get(2..2 + len)?).ok()
+}
+
 /// The state key of map `map`'s key `key` in [`KEYED`]: the map name's length, the name, the
 /// key.
 pub(crate) fn keyed(map: &str, key: &[u8]) -> Bytes {
@@ -222,6 +228,14 @@ impl Node {
                     ..LockAnswer::default()
                 };
             }
+            MapOp::LockMerge { fence } => {
+                state.fence = state.fence.max(*fence);
+                answer = LockAnswer {
+                    status: LockStatus::Info,
+                    fence: state.fence,
+                    ..LockAnswer::default()
+                };
+            }
             MapOp::LockInfo => {
                 answer = LockAnswer {
                     status: LockStatus::Info,
@@ -264,6 +278,7 @@ impl Node {
                     expires_at_ms: 0,
                     last_access_ms: now,
                     hits: 0,
+                    updated_ms: now,
                 };
                 data.entries_or_create(map).insert(key, &record);
                 proto::mutation::Change::Upsert(proto::Record::from(&record))

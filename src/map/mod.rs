@@ -575,6 +575,7 @@ where
         put: bool,
         entries: &[(T, u32, Bytes, Bytes)],
     ) -> Result<Vec<Option<Bytes>>> {
+        self.node.check_map_quorum(&self.name, put)?;
         let table = self.node.table.current();
         let version = table.version;
         let mut by_owner: BTreeMap<Option<MemberId>, Vec<usize>> = BTreeMap::new();

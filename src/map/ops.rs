@@ -76,6 +76,19 @@ pub(crate) enum MapOp {
     /// Applies time and membership to a lock's state (the lock sweep; never sent over the
     /// wire).
     LockSweep,
+    /// Raises a lock's fence counter to at least `fence` (a merge after a split: the merged
+    /// lock's next token is above every token either side handed out).
+    LockMerge {
+        fence: u64,
+    },
+    /// An entry of the smaller side of a healed split, merged by the map's merge policy on the
+    /// key's primary (handled by `split_brain::merge`, not `decide`).
+    Merge {
+        value: Bytes,
+        updated_ms: u64,
+        hits: u32,
+        expires_at_ms: u64,
+    },
     Remove,
     Delete,
     PutIfAbsent(Bytes),
@@ -174,6 +187,8 @@ impl MapOp {
                 | MapOp::QueuePoll { .. }
                 | MapOp::LockAcquire { .. }
                 | MapOp::LockInfo
+                | MapOp::LockMerge { .. }
+                | MapOp::Merge { .. }
                 | MapOp::LoadEnd {
                     outcome: LoadOutcome::Loaded(_),
                     ..
@@ -330,7 +345,9 @@ impl MapOp {
             | MapOp::LockAcquire { .. }
             | MapOp::LockRelease { .. }
             | MapOp::LockInfo
-            | MapOp::LockSweep => (OpResult::default(), Change::None),
+            | MapOp::LockSweep
+            | MapOp::LockMerge { .. }
+            | MapOp::Merge { .. } => (OpResult::default(), Change::None),
             MapOp::Expire(ttl) => (
                 OpResult {
                     found,

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, FrameError, Kind};
+use crate::split_brain::discovery::{self, ClusterView, Verdict};
 use super::identity::Identity;
 use super::timers::TimerQueue;
 use super::{Counters, MemberId, MembershipState};
@@ -40,6 +41,12 @@ type SwimNode = Foca<Identity, PostcardCodec, SmallRng, NoCustomBroadcast>;
 pub(crate) enum Command {
     /// Announce the leave, gossip it, and stop; the sender is answered once the datagrams are out.
     Leave(oneshot::Sender<()>),
+    /// Leave this cluster without a word and join the one at `targets` under a renewed identity
+    /// (a merge after a split); answered with the new identity.
+    Rejoin {
+        targets: Vec<SocketAddr>,
+        done: oneshot::Sender<Identity>,
+    },
 }
 
 /// Everything the task needs; built by [`crate::Grid::join`].
@@ -51,6 +58,17 @@ pub(crate) struct DriverConfig {
     pub(crate) seed_retry_interval: Duration,
     pub(crate) max_datagram_size: usize,
     pub(crate) fault_switch: Option<FaultSwitch>,
+    /// How often a coordinator probes for the other side of a split.
+    pub(crate) probe_interval: Duration,
+    /// How long members seen going down are probed.
+    pub(crate) remember_down: Duration,
+}
+
+/// A verdict that this member's cluster merges into another, waiting for confirmation.
+struct PendingVerdict {
+    /// The other cluster's coordinator.
+    theirs: (u64, u64),
+    first_seen: Instant,
 }
 
 pub(crate) struct Driver {
@@ -75,6 +93,16 @@ pub(crate) struct Driver {
     ignored_verdicts: std::collections::HashMap<SocketAddr, (Instant, Instant)>,
     swim: foca::Config,
     send_buf: Vec<u8>,
+    probe_interval: Duration,
+    remember_down: Duration,
+    /// Identities of the cluster this member left to merge into another: their datagrams are
+    /// ignored (they come back, if ever, under renewed identities).
+    excluded: HashSet<(MemberId, u64)>,
+    verdict: Option<PendingVerdict>,
+    /// Set once this member ordered or got a merge order, until it rejoined.
+    merge_ordered: bool,
+    /// Framed datagrams other than foca's, sent at the next flush.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl Driver {
@@ -106,6 +134,12 @@ impl Driver {
             leaving: HashSet::new(),
             self_leaving: false,
             send_buf: Vec::with_capacity(config.max_datagram_size),
+            probe_interval: config.probe_interval,
+            remember_down: config.remember_down,
+            excluded: HashSet::new(),
+            verdict: None,
+            merge_ordered: false,
+            outbox: Vec::new(),
         }
     }
 
@@ -121,6 +155,8 @@ impl Driver {
         let mut buf = vec![0u8; 65_536];
         let mut seed_tick = tokio::time::interval(self.seed_retry_interval);
         seed_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe_tick = tokio::time::interval(self.probe_interval);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.next_deadline();
             tokio::select! {
@@ -131,6 +167,10 @@ impl Driver {
                         self.leave().await;
                         let _ = done.send(());
                         return;
+                    }
+                    Some(Command::Rejoin { targets, done }) => {
+                        let identity = self.rejoin_into(&targets);
+                        let _ = done.send(identity);
                     }
                     None => return,
                 },
@@ -143,6 +183,7 @@ impl Driver {
                     Err(e) => tracing::trace!(error = %e, "gossip socket receive error"),
                 },
                 _ = seed_tick.tick() => self.announce_to_seeds_if_alone(),
+                _ = probe_tick.tick() => self.probe_other_clusters().await,
             }
             self.flush().await;
         }
@@ -155,14 +196,14 @@ impl Driver {
     /// member it lost sight of is down, and those healthy members would be declared down in
     /// turn (foca's own source suggests recreating it). The rebuilt instance keeps the members
     /// this one still considers active, forgets every stale update, timer and pending datagram,
-    /// and announces itself to every member it knew of and to the seeds.
+    /// and announces itself to the members it still considers active. Members it saw go down
+    /// are not contacted: they may be the other side of a split, which is reached only through
+    /// the merge protocol ([`crate::split_brain`]).
     fn restart_foca(&mut self, identity: Identity) {
         let active: Vec<Member<Identity>> = self.foca.iter_members().cloned().collect();
-        let mut known: Vec<SocketAddr> = self
-            .foca
-            .iter_membership_state()
+        let mut known: Vec<SocketAddr> = active
+            .iter()
             .map(|m| m.id().gossip)
-            .chain(self.seeds.iter().copied())
             .filter(|a| *a != identity.gossip)
             .collect();
         known.sort();
@@ -187,8 +228,10 @@ impl Driver {
         }
     }
 
+    /// A member that holds no cluster's table yet and sees nobody announces itself to the
+    /// seeds. One that holds a table reaches other clusters only by merging.
     fn announce_to_seeds_if_alone(&mut self) {
-        if self.state.peer_count() > 0 {
+        if self.state.peer_count() > 0 || self.state.is_established() {
             return;
         }
         for seed in self.seeds.clone() {
@@ -235,6 +278,10 @@ impl Driver {
             }
         };
         let accepted = match kind {
+            Kind::Swim if self.is_excluded(payload) => {
+                tracing::trace!(%from, "ignored a member of the cluster this one left");
+                true
+            }
             Kind::Swim if self.is_stale_verdict(payload, from) => {
                 tracing::debug!(%from, "ignored a down verdict from a member this one considers down");
                 true
@@ -247,6 +294,26 @@ impl Driver {
                 }
             },
             Kind::Leave => self.on_leave_notice(payload),
+            Kind::Probe | Kind::ProbeReply => match postcard::from_bytes::<ClusterView>(payload) {
+                Ok(view) => {
+                    if kind == Kind::Probe {
+                        let mine = self.my_view();
+                        self.queue_datagram(Kind::ProbeReply, &mine, from);
+                    }
+                    self.on_view(view);
+                    true
+                }
+                Err(_) => false,
+            },
+            Kind::MergeOrder => {
+                match postcard::from_bytes::<(Identity, Vec<SocketAddr>)>(payload) {
+                    Ok((coordinator, targets)) => {
+                        self.on_merge_order(coordinator, targets);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
         };
         Counters::bump(if accepted {
             &counters.received
@@ -323,6 +390,193 @@ impl Driver {
         true
     }
 
+    /// Whether a SWIM datagram comes from an identity of the cluster this member left.
+    fn is_excluded(&mut self, payload: &[u8]) -> bool {
+        if self.excluded.is_empty() {
+            return false;
+        }
+        foca::Codec::<Identity>::decode_header(&mut PostcardCodec, payload)
+            .is_ok_and(|h| self.excluded.contains(&(h.src.id, h.src.generation)))
+    }
+
+    /// Frames `payload` as `kind` for `to`, sent at the next flush.
+    fn queue_datagram<T: serde::Serialize>(&mut self, kind: Kind, payload: &T, to: SocketAddr) {
+        let mut datagram = Vec::new();
+        frame::write_header(&mut datagram, kind, self.cluster_hash);
+        match postcard::to_extend(payload, datagram) {
+            Ok(datagram) if datagram.len() <= self.max_datagram_size => {
+                self.outbox.push((to, datagram))
+            }
+            Ok(_) => tracing::debug!(?kind, "datagram too large; not sent"),
+            Err(e) => tracing::debug!(?kind, error = %e, "could not encode datagram"),
+        }
+    }
+
+    /// This member's view of its cluster.
+    fn my_view(&self) -> ClusterView {
+        let members = self.state.members();
+        ClusterView {
+            sender: self.foca.identity().clone(),
+            coordinator: self.state.coordinator_key(),
+            size: members.len() as u32,
+            members: members
+                .iter()
+                .take(discovery::MAX_LISTED)
+                .map(|m| m.gossip_addr)
+                .collect(),
+        }
+    }
+
+    /// Whether this member coordinates its cluster, holds its table, and is not on its way out.
+    fn coordinates(&self) -> bool {
+        let me = self.foca.identity();
+        self.state.coordinator_key() == (me.generation, me.id.0)
+            && self.state.is_established()
+            && !self.self_leaving
+            && !self.merge_ordered
+    }
+
+    /// The coordinator's probe round: its view to the seeds and to the members seen going down
+    /// recently that are not members now (at most 16 per round, the most recent first).
+    async fn probe_other_clusters(&mut self) {
+        if !self.coordinates() {
+            self.verdict = None;
+            return;
+        }
+        let own = self.foca.identity().gossip;
+        let members: Vec<SocketAddr> = self
+            .state
+            .members()
+            .iter()
+            .map(|m| m.gossip_addr)
+            .collect();
+        let mut targets: Vec<SocketAddr> = self.state.recently_gone(self.remember_down);
+        for seed in &self.seeds {
+            if !targets.contains(seed) {
+                targets.push(*seed);
+            }
+        }
+        targets.retain(|t| *t != own && !members.contains(t));
+        targets.truncate(16);
+        let view = self.my_view();
+        for target in targets {
+            self.queue_datagram(Kind::Probe, &view, target);
+        }
+    }
+
+    /// Another cluster's view, from a probe or its answer: the coordinator decides whether its
+    /// cluster merges into that one, once the same verdict held for a probe interval.
+    fn on_view(&mut self, theirs: ClusterView) {
+        if !self.coordinates() {
+            return;
+        }
+        let mine = self.my_view();
+        if discovery::decide(&mine, &theirs) != Verdict::WeMerge {
+            return;
+        }
+        let now = Instant::now();
+        let confirmed = match &self.verdict {
+            Some(v) if v.theirs == theirs.coordinator => {
+                let age = now.duration_since(v.first_seen);
+                if age > self.probe_interval * 4 {
+                    // Stale: start over.
+                    self.verdict = None;
+                    false
+                } else {
+                    age >= self.probe_interval
+                }
+            }
+            _ => false,
+        };
+        if !confirmed {
+            if self.verdict.is_none() {
+                tracing::info!(
+                    their_size = theirs.size,
+                    our_size = mine.size,
+                    "found another cluster of this name; merging into it if it persists"
+                );
+                self.verdict = Some(PendingVerdict {
+                    theirs: theirs.coordinator,
+                    first_seen: now,
+                });
+            }
+            return;
+        }
+        self.verdict = None;
+        let mut targets = theirs.members.clone();
+        if !targets.contains(&theirs.sender.gossip) {
+            targets.push(theirs.sender.gossip);
+        }
+        tracing::warn!(
+            their_size = theirs.size,
+            our_size = mine.size,
+            "split brain: this cluster merges into the larger one"
+        );
+        // Every member of this cluster, then this one; each order twice (datagrams get lost;
+        // a member that missed both is left alone, coordinates itself, and merges in turn).
+        let order = (self.foca.identity().clone(), targets.clone());
+        for peer in self.state.peer_identities() {
+            self.queue_datagram(Kind::MergeOrder, &order, peer.gossip);
+            self.queue_datagram(Kind::MergeOrder, &order, peer.gossip);
+        }
+        self.merge_ordered = true;
+        self.state.order_merge(targets);
+    }
+
+    /// A merge order: obeyed if it comes from this member's coordinator.
+    fn on_merge_order(&mut self, coordinator: Identity, targets: Vec<SocketAddr>) {
+        if self.merge_ordered
+            || self.self_leaving
+            || targets.is_empty()
+            || self.state.peer(coordinator.id).as_ref() != Some(&coordinator)
+            || self.state.coordinator_key() != (coordinator.generation, coordinator.id.0)
+        {
+            return;
+        }
+        tracing::warn!(coordinator = %coordinator.id, "ordered to merge into another cluster");
+        self.merge_ordered = true;
+        self.state.order_merge(targets);
+    }
+
+    /// Leaves this cluster without a word and joins the one at `targets` as a renewed
+    /// identity. The old cluster's identities are ignored from now on; every peer is reported
+    /// down.
+    fn rejoin_into(&mut self, targets: &[SocketAddr]) -> Identity {
+        use foca::Identity as _;
+        let current = self.foca.identity().clone();
+        let identity = current.renew().unwrap_or(current);
+        // Only the members of the cluster being left: the ones it saw go down may be the other
+        // side, which this member joins.
+        for member in self.foca.iter_members() {
+            let id = member.id();
+            self.excluded.insert((id.id, id.generation));
+        }
+        self.state.set_local(identity.clone());
+        self.state.forget_peers();
+        self.state.set_connected(false);
+        let rng = SmallRng::seed_from_u64(identity.id.0 ^ identity.generation);
+        self.foca = Foca::new(identity.clone(), self.swim.clone(), rng, PostcardCodec);
+        self.runtime = AccumulatingRuntime::new();
+        self.timers = TimerQueue::new();
+        self.outbox.clear();
+        self.ignored_verdicts.clear();
+        self.verdict = None;
+        self.merge_ordered = false;
+        for &addr in targets {
+            if addr == identity.gossip {
+                continue;
+            }
+            if let Err(e) = self
+                .foca
+                .announce(Identity::placeholder(addr), &mut self.runtime)
+            {
+                tracing::debug!(%addr, error = %e, "announce failed");
+            }
+        }
+        tracing::info!(generation = identity.generation, "rejoining as a renewed member of the larger cluster");
+        identity
+    }
+
     /// A peer says it leaves. Only a notice naming a live identity at the generation we know is
     /// believed; it is then declared down at once instead of after the failure detector's delay.
     fn on_leave_notice(&mut self, payload: &[u8]) -> bool {
@@ -376,6 +630,9 @@ impl Driver {
                 Some(identity) => self.restart_foca(identity),
                 None => break,
             }
+        }
+        for (to, datagram) in std::mem::take(&mut self.outbox) {
+            self.send(&datagram, to).await;
         }
         let now = Instant::now();
         while let Some((after, timer)) = self.runtime.to_schedule() {

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `cluster hash` is the XXH3-64 (seed 0) of the cluster name, big-endian. `kind` 0 carries a foca
-//! (SWIM) message, kind 1 a leave notice (the leaving member's identity, postcard-encoded). A
+//! (SWIM) message, kind 1 a leave notice (the leaving member's identity, postcard-encoded), kinds 2 to 4 the
+//! split-brain probes, their answers and merge orders (postcard). A
 //! datagram that is too short, has another magic, version or kind, or belongs to another cluster
 //! is dropped and counted by the caller; decoding never panics.
 
@@ -26,6 +27,14 @@ pub(crate) enum Kind {
     Swim = 0,
     /// A member announcing that it leaves gracefully.
     Leave = 1,
+    /// A coordinator looking for the other side of a split: its cluster view
+    /// (`split_brain::discovery::ClusterView`, postcard), to be answered with the receiver's.
+    Probe = 2,
+    /// The answer to a probe: the receiver's cluster view.
+    ProbeReply = 3,
+    /// A coordinator ordering a member of its cluster to merge into another cluster: the
+    /// coordinator's identity and the other cluster's gossip addresses (postcard).
+    MergeOrder = 4,
 }
 
 /// Why a datagram was rejected.
@@ -62,6 +71,9 @@ pub(crate) fn read(datagram: &[u8], cluster: u64) -> Result<(Kind, &[u8]), Frame
     let kind = match header[3] {
         0 => Kind::Swim,
         1 => Kind::Leave,
+        2 => Kind::Probe,
+        3 => Kind::ProbeReply,
+        4 => Kind::MergeOrder,
         _ => return Err(FrameError::Malformed),
     };
     let mut hash = [0u8; 8];

@@ -183,9 +183,24 @@ pub(crate) struct MembershipState {
     /// Whether this member sees at least one live peer.
     connected: watch::Sender<bool>,
     /// Members this member saw declared down or leave (and not back since), with the
-    /// generation that went.
-    gone: RwLock<BTreeMap<MemberId, u64>>,
+    /// generation that went, its gossip address and when.
+    gone: RwLock<BTreeMap<MemberId, Gone>>,
+    /// Whether this member holds a partition table of a cluster (it coordinated one, or got
+    /// one): it then reaches other clusters only by merging (see [`crate::split_brain`]), never
+    /// by a plain announce to the seeds.
+    established: std::sync::atomic::AtomicBool,
+    /// Merge orders for the member's merge task: a sequence number and the gossip addresses of
+    /// the cluster to join.
+    merge_orders: watch::Sender<(u64, Vec<SocketAddr>)>,
     pub(crate) counters: Counters,
+}
+
+/// A member seen going down or leaving.
+#[derive(Debug, Clone, Copy)]
+struct Gone {
+    generation: u64,
+    gossip: SocketAddr,
+    at: std::time::Instant,
 }
 
 impl MembershipState {
@@ -197,6 +212,8 @@ impl MembershipState {
             changes: watch::channel(0).0,
             connected: watch::channel(false).0,
             gone: RwLock::new(Default::default()),
+            established: Default::default(),
+            merge_orders: watch::channel((0, Vec::new())).0,
             counters: Counters::default(),
         }
     }
@@ -230,7 +247,61 @@ impl MembershipState {
     /// The generation of `id` this member saw declared down or leave, if it has not come back
     /// since.
     pub(crate) fn gone_generation(&self, id: MemberId) -> Option<u64> {
-        read(&self.gone).get(&id).copied()
+        read(&self.gone).get(&id).map(|g| g.generation)
+    }
+
+    /// The gossip addresses of the members seen going down or leaving within `window`, most
+    /// recent first, that no live member uses now.
+    pub(crate) fn recently_gone(&self, window: std::time::Duration) -> Vec<SocketAddr> {
+        let live: Vec<SocketAddr> = self.members().iter().map(|m| m.gossip_addr).collect();
+        let mut gone: Vec<Gone> = read(&self.gone)
+            .values()
+            .filter(|g| g.at.elapsed() <= window && !live.contains(&g.gossip))
+            .copied()
+            .collect();
+        gone.sort_by_key(|g| std::cmp::Reverse(g.at));
+        let mut addrs: Vec<SocketAddr> = gone.into_iter().map(|g| g.gossip).collect();
+        addrs.dedup();
+        addrs
+    }
+
+    /// Whether this member holds a cluster's partition table.
+    pub(crate) fn is_established(&self) -> bool {
+        self.established.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_established(&self, established: bool) {
+        self.established.store(established, Ordering::Relaxed);
+    }
+
+    /// Orders the member's merge task to join the cluster at `targets`.
+    pub(crate) fn order_merge(&self, targets: Vec<SocketAddr>) {
+        self.merge_orders.send_modify(|(seq, t)| {
+            *seq += 1;
+            *t = targets;
+        });
+    }
+
+    pub(crate) fn subscribe_merge_orders(&self) -> watch::Receiver<(u64, Vec<SocketAddr>)> {
+        self.merge_orders.subscribe()
+    }
+
+    /// Forgets every peer at once (this member leaves its cluster to merge into another), each
+    /// reported down.
+    pub(crate) fn forget_peers(&self) {
+        for peer in self.peer_identities() {
+            self.peer_gone(&peer, false);
+        }
+    }
+
+    /// The coordinator of this member's view: the oldest member (smallest generation, then id).
+    pub(crate) fn coordinator_key(&self) -> (u64, u64) {
+        let local = read(&self.local);
+        let mut oldest = (local.generation, local.id.0);
+        for peer in read(&self.peers).values() {
+            oldest = oldest.min((peer.generation, peer.id.0));
+        }
+        oldest
     }
 
     /// This member's current generation (without cloning its identity).
@@ -313,7 +384,14 @@ impl MembershipState {
                 _ => return,
             };
         }
-        write(&self.gone).insert(identity.id, identity.generation);
+        write(&self.gone).insert(
+            identity.id,
+            Gone {
+                generation: identity.generation,
+                gossip: identity.gossip,
+                at: std::time::Instant::now(),
+            },
+        );
         let member = Member::from_identity(identity, false);
         self.emit(if left {
             MembershipEvent::Left(member)

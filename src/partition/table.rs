@@ -173,6 +173,16 @@ impl TableHolder {
         Some(previous)
     }
 
+    /// Forgets the table: back to version 0, nobody owns anything (a member leaving its cluster
+    /// to merge into another, whose tables start anywhere).
+    pub(crate) fn reset(&self) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let count = current.partition_count();
+        *current = Arc::new(PartitionTable::empty(count));
+        drop(current);
+        self.changes.send_replace(0);
+    }
+
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }

@@ -69,6 +69,18 @@ fn payload(value: &Bytes) -> Option<Bytes> {
     (value.len() >= HEADER).then(|| value.slice(HEADER..))
 }
 
+/// A waiting (not taken) item entry: its position, offer token and payload.
+pub(crate) fn waiting_item(key: &[u8], value: &[u8]) -> Option<(u64, u64, Bytes)> {
+    let item = decode(value)?;
+    (!item.taken).then(|| {
+        Some((
+            position_of(key)?,
+            item.offer_token,
+            Bytes::copy_from_slice(&value[HEADER..]),
+        ))
+    })?
+}
+
 fn position_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
@@ -235,6 +247,7 @@ impl Node {
                             expires_at_ms: 0,
                             last_access_ms: now,
                             hits: 0,
+                            updated_ms: now,
                         },
                     ));
                 }
@@ -282,6 +295,7 @@ impl Node {
                                 expires_at_ms: now.saturating_add(DEDUP_WINDOW.as_millis() as u64),
                                 last_access_ms: now,
                                 hits: 0,
+                                updated_ms: now,
                             },
                         ));
                     }

@@ -208,6 +208,13 @@ impl PeerClient {
                     message: status.message().to_string(),
                 },
             },
+            Code::FailedPrecondition if status.message().starts_with("quorum not present: ") => {
+                quorum_error(self.member, status.message()).unwrap_or_else(|| Error::Remote {
+                    member: self.member,
+                    code: Code::FailedPrecondition,
+                    message: status.message().to_string(),
+                })
+            }
             code => Error::Remote {
                 member: self.member,
                 code,
@@ -215,6 +222,28 @@ impl PeerClient {
             },
         }
     }
+}
+
+/// Parses `"quorum not present: {structure} {min} {present} {name}"`.
+fn quorum_error(member: MemberId, message: &str) -> Option<Error> {
+    let rest = message.strip_prefix("quorum not present: ")?;
+    let mut parts = rest.splitn(4, ' ');
+    let structure = match parts.next()? {
+        "map" => "map",
+        "queue" => "queue",
+        "lock" => "lock",
+        _ => return None,
+    };
+    let min = parts.next()?.parse().ok()?;
+    let present = parts.next()?.parse().ok()?;
+    let name = parts.next().unwrap_or("").to_string();
+    Some(Error::QuorumNotPresent {
+        structure,
+        name,
+        min,
+        present,
+        member,
+    })
 }
 
 fn is_transport_error(status: &Status) -> bool {

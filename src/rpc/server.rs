@@ -222,6 +222,9 @@ impl PeerGrid for PeerGridService {
         let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
         self.node.catch_up(request.table_version).await;
+        self.node
+            .check_map_quorum(&request.map, request.put)
+            .map_err(to_status)?;
         let mut results = Vec::with_capacity(request.entries.len());
         let mut acks = Vec::new();
         for entry in request.entries {
@@ -481,6 +484,15 @@ fn to_status(error: Error) -> Status {
         // Not processed: the caller may ask again.
         Error::NoOwner { .. } | Error::UnknownMember(_) => Status::unavailable(error.to_string()),
         Error::Shutdown => Status::aborted(error.to_string()),
+        Error::QuorumNotPresent {
+            structure,
+            name,
+            min,
+            present,
+            ..
+        } => Status::failed_precondition(format!(
+            "quorum not present: {structure} {min} {present} {name}"
+        )),
         Error::NotBackedUp { partition } => {
             Status::data_loss(format!("not backed up: {partition}"))
         }

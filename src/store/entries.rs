@@ -31,15 +31,17 @@ const ACCESS_MAX: u64 = (1 << 40) - 1;
 const FIXED: usize = 7;
 
 /// One stored entry, one allocation: `[last access, 5 bytes LE][hits u16 LE][key length varint]
-/// [version varint][expires_at_ms varint][key][value]`. Varints keep the common case small: for a
-/// 16-byte key and a 100-byte value with a time to live the whole entry is 131 bytes, which the
-/// allocator serves from its 144-byte size class.
+/// [version varint][expires_at_ms varint][last update varint: ms since 2020, 0 unknown][key]
+/// [value]`. Varints keep the common case small: for a 16-byte key and a 100-byte value with a
+/// time to live the whole entry is 137 bytes, which the allocator serves from its 144-byte size
+/// class.
 pub(crate) struct Stored(Box<[u8]>);
 
 /// Where the parts of a stored entry are.
 struct Layout {
     version: u64,
     expires_at_ms: u64,
+    updated_ms: u64,
     key: std::ops::Range<usize>,
 }
 
@@ -50,6 +52,7 @@ impl Stored {
             + encoded_len_varint(key.len() as u64)
             + encoded_len_varint(record.version)
             + encoded_len_varint(record.expires_at_ms)
+            + encoded_len_varint(record.updated_ms.saturating_sub(ACCESS_EPOCH_MS))
             + key.len()
             + record.value.len();
         let mut data = Vec::with_capacity(len);
@@ -62,6 +65,10 @@ impl Stored {
         prost::encoding::encode_varint(key.len() as u64, &mut data);
         prost::encoding::encode_varint(record.version, &mut data);
         prost::encoding::encode_varint(record.expires_at_ms, &mut data);
+        prost::encoding::encode_varint(
+            record.updated_ms.saturating_sub(ACCESS_EPOCH_MS),
+            &mut data,
+        );
         data.extend_from_slice(key);
         data.extend_from_slice(&record.value);
         Stored(data.into_boxed_slice())
@@ -75,10 +82,16 @@ impl Stored {
         let key_len = varint() as usize;
         let version = varint();
         let expires_at_ms = varint();
+        let updated = varint();
         let start = FIXED + total - rest.len();
         Layout {
             version,
             expires_at_ms,
+            updated_ms: if updated == 0 {
+                0
+            } else {
+                updated + ACCESS_EPOCH_MS
+            },
             key: start..start + key_len,
         }
     }
@@ -125,6 +138,7 @@ impl Stored {
             expires_at_ms: layout.expires_at_ms,
             last_access_ms: self.last_access_ms(),
             hits: self.hits(),
+            updated_ms: layout.updated_ms,
         }
     }
 
@@ -324,6 +338,7 @@ mod tests {
             expires_at_ms: 77,
             last_access_ms: ACCESS_EPOCH_MS + 5,
             hits: 0,
+            updated_ms: 0,
         }
     }
 

@@ -40,6 +40,9 @@ pub(crate) struct Record {
     pub(crate) last_access_ms: u64,
     /// Reads of the entry on this member since it was written (for LFU eviction). Local.
     pub(crate) hits: u32,
+    /// When the entry was last written, in milliseconds since the Unix epoch, by the clock of
+    /// the primary that wrote it (for the `LatestUpdate` merge policy). Replicated.
+    pub(crate) updated_ms: u64,
 }
 
 impl Record {
@@ -64,6 +67,7 @@ impl From<&proto::Record> for Record {
             expires_at_ms: record.expires_at_ms,
             last_access_ms: now_ms(),
             hits: 0,
+            updated_ms: record.updated_ms,
         }
     }
 }
@@ -74,6 +78,7 @@ impl From<&Record> for proto::Record {
             value: record.value.clone(),
             version: record.version,
             expires_at_ms: record.expires_at_ms,
+            updated_ms: record.updated_ms,
         }
     }
 }

@@ -1,0 +1,107 @@
+//! The cluster view exchanged in probe datagrams, and the pure decision on two views.
+//!
+//! A probe carries the sender's view of its cluster; the answer carries the receiver's. Two
+//! views that share no member are two clusters (the sides of a split that healed, or two
+//! clusters started apart with the same name). [`decide`] says which of them merges into the
+//! other: the one with fewer members; on a tie, the one whose coordinator is younger, so the
+//! older coordinator keeps coordinating.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::membership::identity::Identity;
+
+/// At most this many member addresses are listed in a view (the size is always exact): the
+/// view must fit in one datagram.
+pub(crate) const MAX_LISTED: usize = 64;
+
+/// One member's view of its cluster, as a probe or its answer carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ClusterView {
+    /// Who sends it.
+    pub(crate) sender: Identity,
+    /// The sender's coordinator: its generation and id (the oldest member it sees).
+    pub(crate) coordinator: (u64, u64),
+    /// How many members the sender sees, itself included.
+    pub(crate) size: u32,
+    /// Their gossip addresses (up to [`MAX_LISTED`]).
+    pub(crate) members: Vec<SocketAddr>,
+}
+
+/// What to do about another cluster's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The views overlap: one cluster (or one in the middle of a change), nothing to do.
+    Same,
+    /// Two clusters, and ours merges into theirs.
+    WeMerge,
+    /// Two clusters, and theirs merges into ours.
+    TheyMerge,
+}
+
+/// Whether `mine` and `theirs` are two clusters, and which merges.
+pub(crate) fn decide(mine: &ClusterView, theirs: &ClusterView) -> Verdict {
+    if mine.coordinator == theirs.coordinator
+        || mine.members.iter().any(|m| theirs.members.contains(m))
+        || mine.members.contains(&theirs.sender.gossip)
+        || theirs.members.contains(&mine.sender.gossip)
+    {
+        return Verdict::Same;
+    }
+    match mine.size.cmp(&theirs.size) {
+        std::cmp::Ordering::Less => Verdict::WeMerge,
+        std::cmp::Ordering::Greater => Verdict::TheyMerge,
+        // The older coordinator (smaller generation, then id) keeps coordinating.
+        std::cmp::Ordering::Equal if mine.coordinator < theirs.coordinator => Verdict::TheyMerge,
+        std::cmp::Ordering::Equal => Verdict::WeMerge,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::MemberId;
+    use std::sync::Arc;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn view(ports: &[u16], coordinator: (u64, u64)) -> ClusterView {
+        ClusterView {
+            sender: Identity {
+                id: MemberId(u64::from(ports[0])),
+                gossip: addr(ports[0]),
+                rpc: addr(ports[0] + 1000),
+                generation: 1,
+                name: Arc::from("m"),
+            },
+            coordinator,
+            size: ports.len() as u32,
+            members: ports.iter().map(|&p| addr(p)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_smaller_side_merges_and_a_tie_goes_to_the_older_coordinator() {
+        let three = view(&[1, 2, 3], (10, 1));
+        let two = view(&[4, 5], (5, 4));
+        assert_eq!(decide(&two, &three), Verdict::WeMerge);
+        assert_eq!(decide(&three, &two), Verdict::TheyMerge);
+        let other_two = view(&[6, 7], (7, 6));
+        assert_eq!(decide(&two, &other_two), Verdict::TheyMerge);
+        assert_eq!(decide(&other_two, &two), Verdict::WeMerge);
+        // Same generation: the smaller id is older.
+        let same_gen = view(&[8, 9], (5, 9));
+        assert_eq!(decide(&same_gen, &two), Verdict::WeMerge);
+    }
+
+    #[test]
+    fn overlapping_views_are_one_cluster() {
+        let a = view(&[1, 2, 3], (10, 1));
+        assert_eq!(decide(&a, &view(&[3, 4], (2, 4))), Verdict::Same);
+        assert_eq!(decide(&a, &view(&[5], (10, 1))), Verdict::Same);
+        assert_eq!(decide(&a, &a.clone()), Verdict::Same);
+    }
+}

@@ -1,0 +1,504 @@
+//! The merging member's side of a merge after a split, and the primary's side of a merged
+//! entry. See the module docs of [`crate::split_brain`] for the protocol.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{MergeOutcome, MergingEntry};
+use crate::error::{Error, Result};
+use crate::lock::owner::{KEYED, NAMED};
+use crate::lock::state::LockState;
+use crate::map::listen::EntryEventKind;
+use crate::map::ops::{MapOp, OpResult};
+use crate::map::stats::MapCounters;
+use crate::membership::driver::Command;
+use crate::node::{Acks, Node, Outcome};
+use crate::rpc::proto;
+use crate::store::Record;
+
+/// How many captured items are handed over at once.
+const IN_FLIGHT: usize = 64;
+
+/// One thing a merging member captured from a partition it led.
+#[derive(Debug, Clone)]
+pub(crate) enum Captured {
+    /// A map entry.
+    Entry {
+        partition: u32,
+        map: Arc<str>,
+        key: Bytes,
+        record: Record,
+    },
+    /// The waiting items of one queue, in queue order: (offer token, payload).
+    Queue {
+        partition: u32,
+        map: Arc<str>,
+        items: Vec<(u64, Bytes)>,
+    },
+    /// A lock's fence counter.
+    LockFence {
+        partition: u32,
+        map: &'static str,
+        key: Bytes,
+        fence: u64,
+    },
+}
+
+/// The state of this member's merges, behind [`crate::Grid::split_brain_stats`].
+#[derive(Default)]
+pub(crate) struct MergeState {
+    /// Bumped when this member merges into another cluster: lock holds taken before are gone.
+    pub(crate) epoch: AtomicU64,
+    entries_merged: AtomicU64,
+    queue_items_merged: AtomicU64,
+    locks_merged: AtomicU64,
+    /// Captured items not handed over yet.
+    pending: AtomicU64,
+    /// Hand-over attempts that failed and were retried.
+    retries: AtomicU64,
+}
+
+/// Counters of this member's merges after network splits, from
+/// [`crate::Grid::split_brain_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SplitBrainStats {
+    /// How many times this member merged its cluster into another.
+    pub merges: u64,
+    /// Map entries handed to the other cluster's primaries (each decided by its map's merge
+    /// policy there).
+    pub entries_merged: u64,
+    /// Queue items appended to the other cluster's queues.
+    pub queue_items_merged: u64,
+    /// Lock fence counters handed over.
+    pub locks_merged: u64,
+    /// Captured entries, queue items and lock fences still to hand over.
+    pub pending: u64,
+    /// Hand-over attempts that failed and were retried.
+    pub retries: u64,
+}
+
+impl MergeState {
+    pub(crate) fn stats(&self) -> SplitBrainStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SplitBrainStats {
+            merges: get(&self.epoch),
+            entries_merged: get(&self.entries_merged),
+            queue_items_merged: get(&self.queue_items_merged),
+            locks_merged: get(&self.locks_merged),
+            pending: get(&self.pending),
+            retries: get(&self.retries),
+        }
+    }
+}
+
+/// The merge task: carries out each merge order, one at a time.
+pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
+    let mut orders = node.membership.subscribe_merge_orders();
+    // What earlier merges could not hand over yet goes along with the next one.
+    let mut carried: Vec<Captured> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            changed = orders.changed() => if changed.is_err() { return },
+        }
+        let targets = orders.borrow_and_update().1.clone();
+        if targets.is_empty() {
+            continue;
+        }
+        let mut captured = node.stop_leading_and_capture();
+        captured.append(&mut carried);
+        node.merge
+            .pending
+            .store(captured.len() as u64, Ordering::Relaxed);
+        node.merge.epoch.fetch_add(1, Ordering::Relaxed);
+        let (done, joined) = oneshot::channel();
+        if commands
+            .send(Command::Rejoin { targets, done })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Ok(identity) = joined.await else { return };
+        tracing::info!(
+            member = %node.me,
+            generation = identity.generation,
+            captured = captured.len(),
+            "merging into the larger cluster"
+        );
+        carried = node.hand_over(captured, &mut orders).await;
+    }
+}
+
+impl Node {
+    /// Stops leading anything (the table is emptied, so every operation here is re-routed and
+    /// no table of the old cluster is taken any more) and captures what this member led: map
+    /// entries that are not expired, waiting queue items, and lock fences. Drops every
+    /// partition copy and near-cached entry.
+    fn stop_leading_and_capture(&self) -> Vec<Captured> {
+        let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.table.current();
+        self.table.reset();
+        self.membership.set_established(false);
+        let now = crate::store::now_ms();
+        let mut captured = Vec::new();
+        for partition in 0..table.partition_count() {
+            let Some(data) = self.store.partition(partition) else {
+                continue;
+            };
+            if table.primary(partition) == Some(self.me) {
+                let _seq = data.lock();
+                for (map, entries) in data.maps() {
+                    capture_map(partition, &map, &entries, now, &mut captured);
+                }
+            }
+            self.store.drop_partition(partition);
+        }
+        let all: std::collections::HashSet<u32> = (0..table.partition_count()).collect();
+        let nears: Vec<_> = self.near_caches.iter().map(|n| n.value().clone()).collect();
+        for near in nears {
+            near.drop_partitions(&all);
+        }
+        captured
+    }
+
+    /// Hands `captured` to the primaries of the cluster this member joined, once it has that
+    /// cluster's table: entries and lock fences concurrently, each queue's items in order.
+    /// Failed items are retried until they land, the member stops, or a new merge order comes
+    /// (then they are returned, to go along with it).
+    async fn hand_over(
+        self: &Arc<Self>,
+        captured: Vec<Captured>,
+        orders: &mut tokio::sync::watch::Receiver<(u64, Vec<std::net::SocketAddr>)>,
+    ) -> Vec<Captured> {
+        let mut remaining = captured;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            // The larger cluster's table first.
+            let mut tables = self.table.subscribe();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return remaining,
+                _ = orders.changed() => return remaining,
+                _ = tables.wait_for(|v| *v > 0) => {}
+            }
+            if remaining.is_empty() {
+                return remaining;
+            }
+            let node = self.clone();
+            let attempts = futures::stream::iter(remaining)
+                .map(|item| {
+                    let node = node.clone();
+                    async move {
+                        let ok = node.hand_over_one(&item).await;
+                        (item, ok)
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT);
+            tokio::pin!(attempts);
+            let mut failed = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return failed,
+                    next = attempts.next() => match next {
+                        Some((_, Ok(()))) => {
+                            self.merge.pending.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        Some((item, Err(e))) => {
+                            tracing::debug!(error = %e, "merge hand-over failed; retrying");
+                            self.merge.retries.fetch_add(1, Ordering::Relaxed);
+                            failed.push(item);
+                        }
+                        None => break,
+                    },
+                }
+            }
+            if failed.is_empty() {
+                tracing::info!(member = %self.me, stats = ?self.merge.stats(), "merge handed over");
+                return failed;
+            }
+            remaining = failed;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return remaining,
+                _ = orders.changed() => return remaining,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn hand_over_one(self: &Arc<Self>, item: &Captured) -> Result<()> {
+        match item {
+            Captured::Entry {
+                partition,
+                map,
+                key,
+                record,
+            } => {
+                let op = MapOp::Merge {
+                    value: record.value.clone(),
+                    updated_ms: record.updated_ms,
+                    hits: record.hits,
+                    expires_at_ms: record.expires_at_ms,
+                };
+                self.route(*partition, map, key.clone(), op).await?;
+                self.merge.entries_merged.fetch_add(1, Ordering::Relaxed);
+            }
+            Captured::Queue {
+                partition,
+                map,
+                items,
+            } => {
+                for (token, payload) in items {
+                    let op = MapOp::QueueOffer {
+                        item: payload.clone(),
+                        token: *token,
+                        // Appended whatever the capacity: the items were acknowledged.
+                        capacity: 0,
+                        wait: Duration::ZERO,
+                    };
+                    self.route(*partition, map, Bytes::new(), op).await?;
+                    self.merge
+                        .queue_items_merged
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Captured::LockFence {
+                partition,
+                map,
+                key,
+                fence,
+            } => {
+                let op = MapOp::LockMerge { fence: *fence };
+                self.route(*partition, map, key.clone(), op).await?;
+                self.merge.locks_merged.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// A merging entry on the key's primary: the map's merge policy decides, and the result is
+    /// applied and replicated like a write.
+    pub(crate) async fn merge_execute(
+        &self,
+        partition: u32,
+        map: &str,
+        key: Bytes,
+        op: MapOp,
+    ) -> Result<Outcome<OpResult>> {
+        loop {
+            self.partition_ready(partition).await?;
+            let (outcome, acks) = self.merge_apply(partition, map, &key, &op)?;
+            if matches!(outcome, Outcome::Pending) {
+                continue;
+            }
+            self.await_acks(acks).await?;
+            return Ok(outcome);
+        }
+    }
+
+    fn merge_apply(
+        &self,
+        partition: u32,
+        map: &str,
+        key: &Bytes,
+        op: &MapOp,
+    ) -> Result<(Outcome<OpResult>, Acks)> {
+        let MapOp::Merge {
+            value,
+            updated_ms,
+            hits,
+            expires_at_ms,
+        } = op
+        else {
+            return Err(Error::Remote {
+                member: self.me,
+                code: tonic::Code::InvalidArgument,
+                message: "not a merge".to_string(),
+            });
+        };
+        let data = self
+            .store
+            .partition(partition)
+            .ok_or(Error::NoOwner { partition })?;
+        let mut acks = Vec::new();
+        let mut seq = data.lock();
+        let table = match self.leading(data, partition) {
+            Ok(table) => table,
+            Err(outcome) => return Ok((outcome, acks)),
+        };
+        let now = crate::store::now_ms();
+        let map_config = self.config.map_config(map);
+        let entries = data.entries_or_create(map);
+        let stored = entries.get(key);
+        let current = stored
+            .as_ref()
+            .filter(|r| !r.is_dead(now, map_config.max_idle_ms()));
+        let merging = MergingEntry {
+            value,
+            updated_ms: *updated_ms,
+            hits: *hits,
+            expires_at_ms: *expires_at_ms,
+        };
+        let existing = current.map(|r| MergingEntry {
+            value: &r.value,
+            updated_ms: r.updated_ms,
+            hits: r.hits,
+            expires_at_ms: r.expires_at_ms,
+        });
+        let decision =
+            map_config
+                .merge_policy
+                .decide(map, key, existing.as_ref(), &merging);
+        let version = current.map_or(1, |r| r.version + 1);
+        let record = match decision {
+            MergeOutcome::KeepExisting => None,
+            MergeOutcome::TakeMerging => Some(Record {
+                value: value.clone(),
+                version,
+                expires_at_ms: *expires_at_ms,
+                last_access_ms: now,
+                hits: *hits,
+                updated_ms: *updated_ms,
+            }),
+            MergeOutcome::Value(value) => Some(Record {
+                value,
+                version,
+                expires_at_ms: *expires_at_ms,
+                last_access_ms: now,
+                hits: 0,
+                updated_ms: now,
+            }),
+            MergeOutcome::Remove => {
+                if current.is_none() {
+                    None
+                } else {
+                    Some(Record::default())
+                }
+            }
+        };
+        let result = OpResult {
+            applied: record.is_some(),
+            found: current.is_some(),
+            ..OpResult::default()
+        };
+        let Some(record) = record else {
+            return Ok((Outcome::Done(result), acks));
+        };
+        if record.value.len() > self.config.max_value_size {
+            return Err(Error::TooLarge {
+                what: "value",
+                size: record.value.len(),
+                max: self.config.max_value_size,
+            });
+        }
+        let counters = self.counters(map);
+        let removal = record.version == 0;
+        let change = if removal {
+            entries.remove(key);
+            MapCounters::bump(&counters.removes);
+            proto::mutation::Change::Remove(true)
+        } else {
+            entries.insert(key, &record);
+            MapCounters::bump(&counters.puts);
+            proto::mutation::Change::Upsert(proto::Record::from(&record))
+        };
+        *seq += 1;
+        let kind = match (removal, current.is_some()) {
+            (true, _) => EntryEventKind::Removed,
+            (false, true) => EntryEventKind::Updated,
+            (false, false) => EntryEventKind::Added,
+        };
+        let event_value = if removal {
+            current.map(|r| r.value.clone())
+        } else {
+            Some(record.value.clone())
+        };
+        self.emit(
+            &counters,
+            map,
+            Some(kind),
+            key,
+            event_value,
+            partition,
+            *seq,
+        );
+        let mutation = proto::Mutation {
+            seq: *seq,
+            map: map.to_string(),
+            key: key.clone(),
+            change: Some(change),
+        };
+        self.replicate(partition, &table, mutation, &map_config, &mut acks);
+        Ok((Outcome::Done(result), acks))
+    }
+}
+
+/// Captures one map of a partition this member led.
+fn capture_map(
+    partition: u32,
+    map: &Arc<str>,
+    entries: &crate::store::Entries,
+    now: u64,
+    captured: &mut Vec<Captured>,
+) {
+    if crate::queue::queue_of(map).is_some() {
+        let mut items: BTreeMap<u64, (u64, Bytes)> = BTreeMap::new();
+        entries.for_each(|stored| {
+            if let Some((position, token, payload)) =
+                crate::queue::owner::waiting_item(stored.key(), stored.value())
+            {
+                items.insert(position, (token, payload));
+            }
+        });
+        if !items.is_empty() {
+            captured.push(Captured::Queue {
+                partition,
+                map: map.clone(),
+                items: items.into_values().collect(),
+            });
+        }
+        return;
+    }
+    if &**map == NAMED || &**map == KEYED {
+        let map = if &**map == NAMED { NAMED } else { KEYED };
+        entries.for_each(|stored| {
+            if let Some(state) = LockState::decode(stored.value()) {
+                let fence = state
+                    .holding
+                    .as_ref()
+                    .map_or(state.fence, |h| h.fence.max(state.fence));
+                if fence > 0 {
+                    captured.push(Captured::LockFence {
+                        partition,
+                        map,
+                        key: Bytes::copy_from_slice(stored.key()),
+                        fence,
+                    });
+                }
+            }
+        });
+        return;
+    }
+    if map.starts_with('\u{0}') {
+        // No other internal map carries state of its own.
+        return;
+    }
+    entries.for_each(|stored| {
+        if stored.is_dead(now, 0) {
+            return;
+        }
+        captured.push(Captured::Entry {
+            partition,
+            map: map.clone(),
+            key: Bytes::copy_from_slice(stored.key()),
+            record: stored.record(),
+        });
+    });
+}
