@@ -1032,8 +1032,9 @@ impl Node {
         // another) takes tables only from the members it sees: the cluster it left may still
         // push its own for a while.
         if !self.membership.is_established()
-            && table.publisher != self.me
-            && self.membership.peer(table.publisher).is_none()
+            && (table.publisher == self.me
+                && self.merge.joining.load(std::sync::atomic::Ordering::Acquire)
+                || table.publisher != self.me && self.membership.peer(table.publisher).is_none())
         {
             return false;
         }

@@ -802,6 +802,7 @@ where
     /// partition exactly once (a table change was in flight).
     async fn scan(&self, clear: bool) -> Result<u64> {
         self.check_name()?;
+        self.node.check_map_quorum(&self.name, clear)?;
         let node = &self.node;
         let mut attempts = 0;
         loop {

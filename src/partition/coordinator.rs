@@ -60,6 +60,10 @@ pub(crate) async fn run(node: Arc<Node>) {
 /// table and has finished taking over its partitions. A member that is moved again while its
 /// previous handover is still running could otherwise wait on a member that waits on it.
 pub(crate) async fn step(node: &Arc<Node>) -> bool {
+    // A member on its way into another cluster coordinates nothing.
+    if node.merge.joining.load(std::sync::atomic::Ordering::Acquire) {
+        return false;
+    }
     let Some(coordinator) = node.coordinator() else {
         return false;
     };

@@ -25,6 +25,10 @@ use crate::store::Record;
 /// How many captured items are handed over at once.
 const IN_FLIGHT: usize = 64;
 
+/// How long a merging member waits for the larger cluster's table (at least; four rpc
+/// timeouts if that is longer).
+const JOIN_WITHIN: Duration = Duration::from_secs(10);
+
 /// One thing a merging member captured from a partition it led.
 #[derive(Debug, Clone)]
 pub(crate) enum Captured {
@@ -55,6 +59,9 @@ pub(crate) enum Captured {
 pub(crate) struct MergeState {
     /// Bumped when this member merges into another cluster: lock holds taken before are gone.
     pub(crate) epoch: AtomicU64,
+    /// Set from the capture until the larger cluster's table arrives: this member must not
+    /// coordinate a cluster of its own meanwhile.
+    pub(crate) joining: std::sync::atomic::AtomicBool,
     entries_merged: AtomicU64,
     queue_items_merged: AtomicU64,
     locks_merged: AtomicU64,
@@ -144,6 +151,7 @@ impl Node {
     /// partition copy and near-cached entry.
     fn stop_leading_and_capture(&self) -> Vec<Captured> {
         let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.merge.joining.store(true, Ordering::Release);
         let table = self.table.current();
         self.table.reset();
         self.membership.set_established(false);
@@ -183,11 +191,22 @@ impl Node {
         loop {
             // The larger cluster's table first.
             let mut tables = self.table.subscribe();
+            let joined = tokio::time::timeout(
+                JOIN_WITHIN.max(self.config.rpc_timeout * 4),
+                tables.wait_for(|v| *v > 0),
+            );
             tokio::select! {
                 _ = self.cancel.cancelled() => return remaining,
                 _ = orders.changed() => return remaining,
-                _ = tables.wait_for(|v| *v > 0) => {}
+                joined = joined => if joined.is_err() {
+                    // Nobody of the larger cluster answered: this member goes on alone (with
+                    // what it captured) and its probes find the other cluster again.
+                    tracing::warn!(member = %self.me, "the larger cluster did not take this member in; going on alone");
+                    self.merge.joining.store(false, Ordering::Release);
+                    continue;
+                },
             }
+            self.merge.joining.store(false, Ordering::Release);
             if remaining.is_empty() {
                 return remaining;
             }

@@ -1,0 +1,466 @@
+//! Split-brain protection and merging after a split heals, on real in-process clusters of 5
+//! members split 2 | 3 by the fault switch. The minority holds the oldest member (the
+//! coordinator before the split), so the larger side wins by size, not by age.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Cluster, DEADLINE, wait_for};
+use peergrid::{
+    Error, Grid, GridConfig, LockConfig, MapConfig, MergeFunction, MergeOutcome, MergePolicy,
+    MergingEntry, QueueConfig, QuorumOn, SplitBrainProtection,
+};
+use tokio::sync::Semaphore;
+
+/// Split tests run a few at a time: each runs five members through failure detection twice.
+static SPLITS: Semaphore = Semaphore::const_new(2);
+
+const MINORITY: [usize; 2] = [0, 1];
+const MAJORITY: [usize; 3] = [2, 3, 4];
+
+fn tune(c: &mut GridConfig) {
+    c.partition_count = 61;
+    c.split_brain_probe_interval = Duration::from_millis(500);
+}
+
+/// Cuts the minority from the majority and waits until each side sees only itself.
+async fn split(cluster: &Cluster) {
+    let minority: Vec<_> = MINORITY.iter().map(|&i| cluster.slots[i].gossip).collect();
+    let majority: Vec<_> = MAJORITY.iter().map(|&i| cluster.slots[i].gossip).collect();
+    cluster.switch.split(&minority, &majority);
+    wait_for("each side to see only itself", DEADLINE, || {
+        let split = MINORITY.iter().all(|&i| cluster.grid(i).members().len() == 2)
+            && MAJORITY.iter().all(|&i| cluster.grid(i).members().len() == 3);
+        async move { split.then_some(()) }
+    })
+    .await;
+}
+
+/// Heals the split and waits for one cluster: every member sees all five, routes by one
+/// settled table, the cluster is safe, and the minority members handed over what they had.
+async fn heal(cluster: &Cluster) -> Duration {
+    let healed = tokio::time::Instant::now();
+    cluster.switch.heal_all();
+    cluster.wait_converged().await;
+    wait_for("the minority to merge and hand over", DEADLINE, || {
+        let done = MINORITY.iter().all(|&i| {
+            let s = cluster.grid(i).split_brain_stats();
+            s.merges >= 1 && s.pending == 0
+        });
+        async move { done.then_some(()) }
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    for &i in &MAJORITY {
+        assert_eq!(
+            cluster.grid(i).split_brain_stats().merges,
+            0,
+            "the larger side never merges"
+        );
+    }
+    healed.elapsed()
+}
+
+/// `f` until it succeeds (a side just split may still be promoting backups).
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = peergrid::Result<T>>,
+{
+    wait_for(what, DEADLINE, || {
+        let attempt = f();
+        async move { attempt.await.ok() }
+    })
+    .await
+}
+
+fn is_quorum_error<T: std::fmt::Debug>(result: &peergrid::Result<T>) -> bool {
+    matches!(result, Err(Error::QuorumNotPresent { min: 3, present: 2, .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_refuses_guarded_operations_and_the_majority_keeps_everything_after_heal() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(5, |c| {
+        tune(c);
+        let guard = SplitBrainProtection::new(3);
+        c.maps = vec![
+            (
+                "guarded".to_string(),
+                MapConfig {
+                    split_brain_protection: Some(guard),
+                    ..MapConfig::default()
+                },
+            ),
+            (
+                "guarded-writes".to_string(),
+                MapConfig {
+                    split_brain_protection: Some(guard.on(QuorumOn::Write)),
+                    ..MapConfig::default()
+                },
+            ),
+        ];
+        c.locks = vec![(
+            "guarded".to_string(),
+            LockConfig {
+                split_brain_protection: Some(guard),
+                ..LockConfig::default()
+            },
+        )];
+        c.queues = vec![(
+            "guarded".to_string(),
+            QueueConfig {
+                split_brain_protection: Some(guard),
+                ..QueueConfig::default()
+            },
+        )];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let writer: peergrid::Map<String, u64> = cluster.grid(2).map("guarded");
+    let mut acked = std::collections::HashMap::new();
+    for i in 0..50u64 {
+        writer.set(&format!("before{i}"), &i).await.unwrap();
+        acked.insert(format!("before{i}"), i);
+    }
+    let before_fence = {
+        let guard = cluster.grid(3).lock("guarded").lock().await.unwrap();
+        let fence = guard.fence();
+        guard.unlock().await.unwrap();
+        fence
+    };
+
+    split(&cluster).await;
+    let minority = cluster.grid(0);
+    let map: peergrid::Map<String, u64> = minority.map("guarded");
+    assert!(is_quorum_error(&map.set(&"x".to_string(), &1).await));
+    assert!(is_quorum_error(&map.get(&"before1".to_string()).await));
+    assert!(is_quorum_error(&map.size().await));
+    assert!(is_quorum_error(
+        &map.put_all([("y".to_string(), 2u64)]).await
+    ));
+    let writes_only: peergrid::Map<String, u64> = minority.map("guarded-writes");
+    assert!(is_quorum_error(&writes_only.set(&"x".to_string(), &1).await));
+    // Reads of a map guarding only writes are served (once the side has promoted its backups).
+    let x = "x".to_string();
+    eventually("a read on the minority", || writes_only.get(&x)).await;
+    assert!(is_quorum_error(&minority.lock("guarded").try_lock().await));
+    assert!(is_quorum_error(
+        &cluster.grid(1).lock("guarded").lock().await
+    ));
+    let queue = minority.queue::<u64>("guarded");
+    assert!(is_quorum_error(&queue.offer(&1).await));
+    assert!(is_quorum_error(&queue.len().await));
+    // An unguarded structure on the minority still works (AP).
+    let open: peergrid::Map<String, u64> = minority.map("open");
+    let key = "minority".to_string();
+    eventually("an unguarded write on the minority", || open.set(&key, &1)).await;
+
+    // The majority serves everything.
+    let majority = cluster.grid(4);
+    let map: peergrid::Map<String, u64> = majority.map("guarded");
+    for i in 0..50u64 {
+        let key = format!("during{i}");
+        eventually("a guarded write on the majority", || map.set(&key, &i)).await;
+        acked.insert(key, i);
+    }
+    let during_fence = {
+        let lock = majority.lock("guarded");
+        let guard = eventually("the lock on the majority", || lock.try_lock()).await;
+        let fence = guard.fence();
+        guard.unlock().await.unwrap();
+        fence
+    };
+    assert!(during_fence > before_fence);
+    let queue = majority.queue::<u64>("guarded");
+    eventually("an offer on the majority", || queue.offer(&7)).await;
+
+    let took = heal(&cluster).await;
+    eprintln!("healed into one safe cluster in {took:?}");
+    for i in 0..5 {
+        let map: peergrid::Map<String, u64> = cluster.grid(i).map("guarded");
+        for (key, value) in &acked {
+            assert_eq!(map.get(key).await.unwrap(), Some(*value), "{key} on member {i}");
+        }
+        assert_eq!(cluster.grid(i).members().len(), 5);
+    }
+    assert_eq!(cluster.grid(0).queue::<u64>("guarded").poll().await.unwrap(), Some(7));
+    let open: peergrid::Map<String, u64> = cluster.grid(3).map("open");
+    assert_eq!(open.get(&"minority".to_string()).await.unwrap(), Some(1));
+    let guard = cluster.grid(1).lock("guarded").lock().await.unwrap();
+    assert!(guard.fence() > during_fence);
+    guard.unlock().await.unwrap();
+}
+
+/// Values both sides wrote, and what each policy keeps.
+struct Expected {
+    /// Majority wrote first, the minority later and read it three times.
+    both: &'static str,
+    /// The minority wrote first (and never read it), the majority later.
+    late: &'static str,
+    /// Only the minority wrote it: kept unless the policy discards.
+    only_minority: Option<&'static str>,
+}
+
+/// Splits, writes on both sides, heals, and checks map "m" under `policy`; also checks that
+/// queue items of the minority are appended after the majority's, and that a lock the minority
+/// held is lost with the merged lock's next fence above both sides' fences.
+async fn merge_with(policy: MergePolicy, expected: Expected) {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(5, |c| {
+        tune(c);
+        c.maps = vec![(
+            "m".to_string(),
+            MapConfig {
+                merge_policy: policy.clone(),
+                ..MapConfig::default()
+            },
+        )];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    split(&cluster).await;
+    let minority: peergrid::Map<String, String> = cluster.grid(1).map("m");
+    let majority: peergrid::Map<String, String> = cluster.grid(3).map("m");
+    const N: usize = 20;
+    let minority_value = "minority".to_string();
+    let majority_value = "majority".to_string();
+    let key = |kind: &str, i: usize| format!("{kind}{i}");
+    // "late": minority first.
+    for i in 0..N {
+        let k = key("late", i);
+        eventually("a write on the minority", || {
+            minority.set(&k, &minority_value)
+        })
+        .await;
+        let k = key("only-minority", i);
+        eventually("a write on the minority", || {
+            minority.set(&k, &minority_value)
+        })
+        .await;
+    }
+    for i in 0..N {
+        let k = key("both", i);
+        eventually("a write on the majority", || {
+            majority.set(&k, &majority_value)
+        })
+        .await;
+        let k = key("late", i);
+        eventually("a write on the majority", || {
+            majority.set(&k, &majority_value)
+        })
+        .await;
+        let k = key("only-majority", i);
+        eventually("a write on the majority", || {
+            majority.set(&k, &majority_value)
+        })
+        .await;
+    }
+    // The minority's "both" writes come later by the clock, and are read more.
+    let after = now_ms() + 5;
+    wait_for("the clock to move on", DEADLINE, || async move {
+        (now_ms() > after).then_some(())
+    })
+    .await;
+    for i in 0..N {
+        let k = key("both", i);
+        eventually("a write on the minority", || {
+            minority.set(&k, &minority_value)
+        })
+        .await;
+        for _ in 0..3 {
+            minority.get(&k).await.unwrap();
+        }
+    }
+    // Queue items on both sides; a lock held on the minority, and used on the majority.
+    let majority_queue = cluster.grid(2).queue::<String>("jobs");
+    let minority_queue = cluster.grid(0).queue::<String>("jobs");
+    for i in 0..5 {
+        let item = format!("majority{i}");
+        eventually("an offer on the majority", || majority_queue.offer(&item)).await;
+        let item = format!("minority{i}");
+        eventually("an offer on the minority", || minority_queue.offer(&item)).await;
+    }
+    let minority_lock = cluster.grid(0).lock("l");
+    let held = eventually("the lock on the minority", || minority_lock.try_lock()).await;
+    let minority_fence = held.fence();
+    let majority_lock = cluster.grid(4).lock("l");
+    let guard = eventually("the lock on the majority", || majority_lock.try_lock()).await;
+    let majority_fence = guard.fence();
+    guard.unlock().await.unwrap();
+
+    heal(&cluster).await;
+
+    let checker: peergrid::Map<String, String> = cluster.grid(4).map("m");
+    for i in 0..N {
+        let get = |kind: &'static str| {
+            let checker = checker.clone();
+            let k = key(kind, i);
+            async move { checker.get(&k).await.unwrap() }
+        };
+        assert_eq!(get("both").await.as_deref(), Some(expected.both), "both{i}");
+        assert_eq!(get("late").await.as_deref(), Some(expected.late), "late{i}");
+        assert_eq!(
+            get("only-minority").await.as_deref(),
+            expected.only_minority,
+            "only-minority{i}"
+        );
+        assert_eq!(
+            get("only-majority").await.as_deref(),
+            Some("majority"),
+            "only-majority{i}"
+        );
+    }
+    // Queue: the majority's items, then the minority's appended, each exactly once.
+    let drained = cluster.grid(1).queue::<String>("jobs").drain(100).await.unwrap();
+    let (majority_items, minority_items): (Vec<_>, Vec<_>) =
+        drained.iter().partition(|s| s.starts_with("majority"));
+    assert_eq!(majority_items.len(), 5, "{drained:?}");
+    assert_eq!(minority_items.len(), 5, "{drained:?}");
+    assert!(
+        drained[..5].iter().all(|s| s.starts_with("majority")),
+        "{drained:?}"
+    );
+    // The minority's holding is gone, and the next token is above both sides' tokens.
+    assert!(matches!(held.unlock().await, Err(Error::LockLost { .. })));
+    let guard = cluster.grid(2).lock("l").lock().await.unwrap();
+    assert!(guard.fence() > minority_fence.max(majority_fence));
+    guard.unlock().await.unwrap();
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_put_if_absent_keeps_the_larger_sides_entries() {
+    merge_with(
+        MergePolicy::PutIfAbsent,
+        Expected {
+            both: "majority",
+            late: "majority",
+            only_minority: Some("minority"),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_latest_update_keeps_the_entry_written_last() {
+    merge_with(
+        MergePolicy::LatestUpdate,
+        Expected {
+            both: "minority",
+            late: "majority",
+            only_minority: Some("minority"),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_higher_hits_keeps_the_entry_read_more() {
+    merge_with(
+        MergePolicy::HigherHits,
+        Expected {
+            both: "minority",
+            late: "majority",
+            only_minority: Some("minority"),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_pass_through_takes_the_smaller_sides_entries() {
+    merge_with(
+        MergePolicy::PassThrough,
+        Expected {
+            both: "minority",
+            late: "minority",
+            only_minority: Some("minority"),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_discard_drops_the_smaller_sides_entries() {
+    merge_with(
+        MergePolicy::Discard,
+        Expected {
+            both: "majority",
+            late: "majority",
+            only_minority: None,
+        },
+    )
+    .await;
+}
+
+/// Joins both values, larger side first.
+struct JoinValues;
+
+impl MergeFunction for JoinValues {
+    fn merge(
+        &self,
+        _map: &str,
+        _key: &[u8],
+        existing: Option<&MergingEntry<'_>>,
+        merging: &MergingEntry<'_>,
+    ) -> MergeOutcome {
+        let merging: String = merging.decode().unwrap_or_default();
+        match existing.map(|e| e.decode::<String>()) {
+            Some(Ok(existing)) => MergeOutcome::value(&format!("{existing}|{merging}"))
+                .unwrap_or(MergeOutcome::KeepExisting),
+            _ => MergeOutcome::TakeMerging,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_with_a_user_policy() {
+    merge_with(
+        MergePolicy::Custom(Arc::new(JoinValues)),
+        Expected {
+            both: "majority|minority",
+            late: "majority|minority",
+            only_minority: Some("minority"),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_alone_merges_back_with_what_it_wrote() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(3, tune).await;
+    cluster.wait_table_settled().await;
+    let alone = cluster.grid(2);
+    let others = [cluster.slots[0].gossip, cluster.slots[1].gossip];
+    cluster.switch.split(&[cluster.slots[2].gossip], &others);
+    wait_for("the member to be alone", DEADLINE, || {
+        let alone = alone.members().len() == 1 && cluster.grid(0).members().len() == 2;
+        async move { alone.then_some(()) }
+    })
+    .await;
+    let map: peergrid::Map<String, u64> = alone.map("m");
+    let key = "alone".to_string();
+    eventually("a write while alone", || map.set(&key, &1)).await;
+    cluster.switch.heal_all();
+    cluster.wait_converged().await;
+    wait_for("the lone member to merge", DEADLINE, || {
+        let s = alone.split_brain_stats();
+        async move { (s.merges >= 1 && s.pending == 0).then_some(()) }
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let check: peergrid::Map<String, u64> = cluster.grid(0).map("m");
+    assert_eq!(check.get(&"alone".to_string()).await.unwrap(), Some(1));
+    assert_eq!(cluster.grid(0).split_brain_stats().merges, 0);
+    let _: &Grid = alone;
+}
