@@ -1033,7 +1033,10 @@ impl Node {
         // push its own for a while.
         if !self.membership.is_established()
             && (table.publisher == self.me
-                && self.merge.joining.load(std::sync::atomic::Ordering::Acquire)
+                && self
+                    .merge
+                    .joining
+                    .load(std::sync::atomic::Ordering::Acquire)
                 || table.publisher != self.me && self.membership.peer(table.publisher).is_none())
         {
             return false;

@@ -94,10 +94,13 @@ async fn tasks_on_three_members_increment_a_counter_under_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reentry_limits_and_unlocks_by_non_holders() {
     let cluster = Cluster::start_with(2, |c| {
-        c.locks = vec![("reentrant".to_string(), LockConfig {
+        c.locks = vec![(
+            "reentrant".to_string(),
+            LockConfig {
                 reentry_limit: 3,
                 ..LockConfig::default()
-            })];
+            },
+        )];
     })
     .await;
     cluster.wait_table_settled().await;

@@ -31,8 +31,12 @@ async fn split(cluster: &Cluster) {
     let majority: Vec<_> = MAJORITY.iter().map(|&i| cluster.slots[i].gossip).collect();
     cluster.switch.split(&minority, &majority);
     wait_for("each side to see only itself", DEADLINE, || {
-        let split = MINORITY.iter().all(|&i| cluster.grid(i).members().len() == 2)
-            && MAJORITY.iter().all(|&i| cluster.grid(i).members().len() == 3);
+        let split = MINORITY
+            .iter()
+            .all(|&i| cluster.grid(i).members().len() == 2)
+            && MAJORITY
+                .iter()
+                .all(|&i| cluster.grid(i).members().len() == 3);
         async move { split.then_some(()) }
     })
     .await;
@@ -77,7 +81,14 @@ where
 }
 
 fn is_quorum_error<T: std::fmt::Debug>(result: &peergrid::Result<T>) -> bool {
-    matches!(result, Err(Error::QuorumNotPresent { min: 3, present: 2, .. }))
+    matches!(
+        result,
+        Err(Error::QuorumNotPresent {
+            min: 3,
+            present: 2,
+            ..
+        })
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +153,9 @@ async fn a_minority_refuses_guarded_operations_and_the_majority_keeps_everything
         &map.put_all([("y".to_string(), 2u64)]).await
     ));
     let writes_only: peergrid::Map<String, u64> = minority.map("guarded-writes");
-    assert!(is_quorum_error(&writes_only.set(&"x".to_string(), &1).await));
+    assert!(is_quorum_error(
+        &writes_only.set(&"x".to_string(), &1).await
+    ));
     // Reads of a map guarding only writes are served (once the side has promoted its backups).
     let x = "x".to_string();
     eventually("a read on the minority", || writes_only.get(&x)).await;
@@ -182,11 +195,23 @@ async fn a_minority_refuses_guarded_operations_and_the_majority_keeps_everything
     for i in 0..5 {
         let map: peergrid::Map<String, u64> = cluster.grid(i).map("guarded");
         for (key, value) in &acked {
-            assert_eq!(map.get(key).await.unwrap(), Some(*value), "{key} on member {i}");
+            assert_eq!(
+                map.get(key).await.unwrap(),
+                Some(*value),
+                "{key} on member {i}"
+            );
         }
         assert_eq!(cluster.grid(i).members().len(), 5);
     }
-    assert_eq!(cluster.grid(0).queue::<u64>("guarded").poll().await.unwrap(), Some(7));
+    assert_eq!(
+        cluster
+            .grid(0)
+            .queue::<u64>("guarded")
+            .poll()
+            .await
+            .unwrap(),
+        Some(7)
+    );
     let open: peergrid::Map<String, u64> = cluster.grid(3).map("open");
     assert_eq!(open.get(&"minority".to_string()).await.unwrap(), Some(1));
     let guard = cluster.grid(1).lock("guarded").lock().await.unwrap();
@@ -314,7 +339,12 @@ async fn merge_with(policy: MergePolicy, expected: Expected) {
         );
     }
     // Queue: the majority's items, then the minority's appended, each exactly once.
-    let drained = cluster.grid(1).queue::<String>("jobs").drain(100).await.unwrap();
+    let drained = cluster
+        .grid(1)
+        .queue::<String>("jobs")
+        .drain(100)
+        .await
+        .unwrap();
     let (majority_items, minority_items): (Vec<_>, Vec<_>) =
         drained.iter().partition(|s| s.starts_with("majority"));
     assert_eq!(majority_items.len(), 5, "{drained:?}");

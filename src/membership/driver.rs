@@ -20,11 +20,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, FrameError, Kind};
-use crate::split_brain::discovery::{self, ClusterView, Verdict};
 use super::identity::Identity;
 use super::timers::TimerQueue;
 use super::{Counters, MemberId, MembershipState};
 use crate::fault::FaultSwitch;
+use crate::split_brain::discovery::{self, ClusterView, Verdict};
 
 /// Ends the member's event streams when dropped.
 struct CloseOnDrop(Arc<MembershipState>);
@@ -444,12 +444,7 @@ impl Driver {
             return;
         }
         let own = self.foca.identity().gossip;
-        let members: Vec<SocketAddr> = self
-            .state
-            .members()
-            .iter()
-            .map(|m| m.gossip_addr)
-            .collect();
+        let members: Vec<SocketAddr> = self.state.members().iter().map(|m| m.gossip_addr).collect();
         let mut targets: Vec<SocketAddr> = self.state.recently_gone(self.remember_down);
         for seed in &self.seeds {
             if !targets.contains(seed) {
@@ -573,7 +568,10 @@ impl Driver {
                 tracing::debug!(%addr, error = %e, "announce failed");
             }
         }
-        tracing::info!(generation = identity.generation, "rejoining as a renewed member of the larger cluster");
+        tracing::info!(
+            generation = identity.generation,
+            "rejoining as a renewed member of the larger cluster"
+        );
         identity
     }
 

@@ -61,7 +61,11 @@ pub(crate) async fn run(node: Arc<Node>) {
 /// previous handover is still running could otherwise wait on a member that waits on it.
 pub(crate) async fn step(node: &Arc<Node>) -> bool {
     // A member on its way into another cluster coordinates nothing.
-    if node.merge.joining.load(std::sync::atomic::Ordering::Acquire) {
+    if node
+        .merge
+        .joining
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
         return false;
     }
     let Some(coordinator) = node.coordinator() else {

@@ -371,10 +371,9 @@ impl Node {
             hits: r.hits,
             expires_at_ms: r.expires_at_ms,
         });
-        let decision =
-            map_config
-                .merge_policy
-                .decide(map, key, existing.as_ref(), &merging);
+        let decision = map_config
+            .merge_policy
+            .decide(map, key, existing.as_ref(), &merging);
         let version = current.map_or(1, |r| r.version + 1);
         let record = match decision {
             MergeOutcome::KeepExisting => None,

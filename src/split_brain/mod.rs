@@ -220,19 +220,65 @@ mod tests {
         let old = entry(b"big", 100, 5);
         let newer_less_read = entry(b"small", 200, 1);
         let older_more_read = entry(b"small", 50, 9);
+        let tie = entry(b"tie", 100, 0);
         use MergeOutcome::*;
-        let cases: Vec<(MergePolicy, Option<&MergingEntry>, &MergingEntry, MergeOutcome)> = vec![
-            (MergePolicy::PutIfAbsent, None, &newer_less_read, TakeMerging),
-            (MergePolicy::PutIfAbsent, Some(&old), &newer_less_read, KeepExisting),
-            (MergePolicy::LatestUpdate, Some(&old), &newer_less_read, TakeMerging),
-            (MergePolicy::LatestUpdate, Some(&old), &older_more_read, KeepExisting),
-            (MergePolicy::LatestUpdate, Some(&old), &entry(b"tie", 100, 0), KeepExisting),
-            (MergePolicy::HigherHits, Some(&old), &older_more_read, TakeMerging),
-            (MergePolicy::HigherHits, Some(&old), &newer_less_read, KeepExisting),
+        let cases: Vec<(
+            MergePolicy,
+            Option<&MergingEntry>,
+            &MergingEntry,
+            MergeOutcome,
+        )> = vec![
+            (
+                MergePolicy::PutIfAbsent,
+                None,
+                &newer_less_read,
+                TakeMerging,
+            ),
+            (
+                MergePolicy::PutIfAbsent,
+                Some(&old),
+                &newer_less_read,
+                KeepExisting,
+            ),
+            (
+                MergePolicy::LatestUpdate,
+                Some(&old),
+                &newer_less_read,
+                TakeMerging,
+            ),
+            (
+                MergePolicy::LatestUpdate,
+                Some(&old),
+                &older_more_read,
+                KeepExisting,
+            ),
+            (MergePolicy::LatestUpdate, Some(&old), &tie, KeepExisting),
+            (
+                MergePolicy::HigherHits,
+                Some(&old),
+                &older_more_read,
+                TakeMerging,
+            ),
+            (
+                MergePolicy::HigherHits,
+                Some(&old),
+                &newer_less_read,
+                KeepExisting,
+            ),
             (MergePolicy::HigherHits, None, &newer_less_read, TakeMerging),
-            (MergePolicy::PassThrough, Some(&old), &older_more_read, TakeMerging),
+            (
+                MergePolicy::PassThrough,
+                Some(&old),
+                &older_more_read,
+                TakeMerging,
+            ),
             (MergePolicy::Discard, None, &newer_less_read, KeepExisting),
-            (MergePolicy::Discard, Some(&old), &newer_less_read, KeepExisting),
+            (
+                MergePolicy::Discard,
+                Some(&old),
+                &newer_less_read,
+                KeepExisting,
+            ),
             (
                 MergePolicy::Custom(Arc::new(Concat)),
                 Some(&old),

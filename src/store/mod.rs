@@ -375,6 +375,7 @@ mod tests {
                 expires_at_ms: 0,
                 value: Bytes::from_static(value.as_bytes()),
                 version: seq,
+                updated_ms: 0,
             })),
         }
     }
