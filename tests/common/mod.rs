@@ -195,7 +195,7 @@ impl Cluster {
                     .all(|r| !r.is_empty() && r.iter().all(|m| live.contains(m)));
                 let everyone_owns = live
                     .iter()
-                    .all(|m| tables[0].replicas.iter().any(|r| r[0] == *m));
+                    .all(|m| tables[0].replicas.iter().any(|r| r.first() == Some(m)));
                 let grid = self.live().next().expect("a live member").clone();
                 async move {
                     // And no migration left: the table is the target, every copy in sync.
