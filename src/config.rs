@@ -136,7 +136,7 @@ pub struct GridConfig {
     /// How often the coordinator of a cluster probes the seeds and the members it saw go down
     /// (within `swim.remove_down_after`) for another cluster of the same name: the other side of
     /// a network split that healed. Two clusters that find each other merge, the smaller into
-    /// the larger (see the `split_brain` module docs), two probe rounds after they met. Must
+    /// the larger (see [`MergePolicy`]), two probe rounds after they met. Must
     /// not be zero. Default 1 s. `PEERGRID_SPLIT_BRAIN_PROBE_INTERVAL_MS`.
     pub split_brain_probe_interval: Duration,
 

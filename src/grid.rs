@@ -269,8 +269,9 @@ impl Grid {
         }
     }
 
-    /// Counters of this member's merges after network splits (see the `split_brain` module
-    /// docs): how often it merged its cluster into a larger one, and what it handed over.
+    /// Counters of this member's merges after network splits (see [`crate::MergePolicy`] for
+    /// what a merge does): how often it merged its cluster into a larger one, and what it
+    /// handed over.
     pub fn split_brain_stats(&self) -> crate::SplitBrainStats {
         self.inner.node.merge.stats()
     }

@@ -6,34 +6,7 @@
 //! - [`merge`]: the merging member's side: capture what it leads, leave its old cluster, join
 //!   the other, and hand its entries, queue items and lock fences to the new primaries.
 //!
-//! # What happens when a split heals
-//!
-//! While split, each side declares the other down and goes on as a cluster of its own (AP, like
-//! Hazelcast), unless a structure has [`crate::SplitBrainProtection`]. SWIM does not reconnect
-//! the sides by itself: a member ignores the members it saw declared down until the merge
-//! protocol says otherwise. Instead, the coordinator (oldest member) of each side sends a probe,
-//! every `split_brain_probe_interval`, to the configured seeds and to the members it saw go down
-//! in the last `swim.remove_down_after`, and any member answers a probe with its view: its
-//! coordinator, its size and its members. Two views with no member in common are two clusters;
-//! the smaller one (fewer members; on a tie, the one whose coordinator is younger) merges into
-//! the larger one, once the same verdict held for two probe rounds in a row.
-//!
-//! The merging side's coordinator orders each of its members to merge, then merges itself. A
-//! merging member:
-//! 1. stops leading anything (its table is emptied, so every operation on it is re-routed), and
-//!    captures the entries, queue items and lock fences of the partitions it led;
-//! 2. drops every partition copy, renews its identity (a new generation, so it is the youngest
-//!    member and never the coordinator of the merged cluster) and joins the larger side through
-//!    the members that answered its probe, ignoring its old side from then on;
-//! 3. once it has the larger side's table, hands what it captured to the new primaries: each
-//!    map entry through the map's [`MergePolicy`], decided by the key's primary; each queue
-//!    item appended to its queue (deduplicated by its offer token, so a retry appends once);
-//!    each lock's fence, so the merged lock's next token is above every token either side
-//!    handed out. Locks held on the merging side are dropped: their holders' `unlock` answers
-//!    [`crate::Error::LockLost`].
-//!
-//! Nothing the merging side acknowledged is dropped silently: what a policy keeps out is its
-//! decision, and entries that could not be handed over are retried until the member stops.
+//! The protocol is described on [`MergePolicy`], the public face of it.
 
 pub(crate) mod discovery;
 pub(crate) mod merge;
@@ -106,6 +79,39 @@ pub trait MergeFunction: Send + Sync + 'static {
 /// How a map's entries from the smaller side of a healed split are merged (in
 /// [`crate::MapConfig::merge_policy`]), like Hazelcast's merge policies. Only keys the smaller
 /// side holds are looked at; keys only the larger side holds stay as they are.
+///
+/// # What happens when a split heals
+///
+/// While split, each side declares the other down and goes on as a cluster of its own (AP, like
+/// Hazelcast), unless a structure has [`crate::SplitBrainProtection`]. SWIM does not reconnect
+/// the sides by itself: a member ignores the members it saw declared down until the merge
+/// protocol says otherwise. Instead, the coordinator (oldest member) of each side sends a probe,
+/// every [`crate::GridConfig::split_brain_probe_interval`], to the configured seeds and to the
+/// members it saw go down in the last `swim.remove_down_after`, and any member answers a probe
+/// with its view: its coordinator, its size and its members. Two views with no member in common
+/// are two clusters; the smaller one (fewer members; on a tie, the one whose coordinator is
+/// younger) merges into the larger one, once the same verdict held for a probe interval.
+///
+/// The merging side's coordinator orders each of its members to merge, then merges itself. A
+/// merging member:
+/// 1. stops leading anything (its table is emptied, so every operation on it is re-routed), and
+///    captures the entries, queue items and lock fences of the partitions it led;
+/// 2. drops every partition copy, renews its identity (a new generation, so it is the youngest
+///    member and never the coordinator of the merged cluster) and joins the larger side through
+///    the members that answered its probe, ignoring its old side from then on;
+/// 3. once it has the larger side's table, hands what it captured to the new primaries: each
+///    map entry through the map's [`MergePolicy`], decided by the key's primary; each queue
+///    item appended to its queue (deduplicated by its offer token, so a retry appends once);
+///    each lock's fence, so the merged lock's next token is above every token either side
+///    handed out. Locks held on the merging side are dropped: their holders' `unlock` answers
+///    [`crate::Error::LockLost`].
+///
+/// Nothing the merging side acknowledged is dropped silently: what a policy keeps out is its
+/// decision, and entries that could not be handed over are retried until the member stops.
+/// Limits: while a member hands over (about a second for tens of thousands of entries), its
+/// entries are not visible in the merged cluster yet; a merging member that crashes before it
+/// handed everything over loses the rest (it was the only copy left of its side); and entries
+/// the smaller side deleted during the split come back if the larger side still has them.
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum MergePolicy {
