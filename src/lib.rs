@@ -52,6 +52,11 @@
 //!   `store::snapshot`, consistent partition copies streamed in chunks and staged before they
 //!   replace anything (the one path every kind of partition state migrates by); and
 //!   `store::anti_entropy`, the periodic primary-to-backup comparison that repairs drift.
+//! - `split_brain`: network splits. `split_brain::quorum` checks [`SplitBrainProtection`]
+//!   (`Error::QuorumNotPresent`); `split_brain::discovery` is the cluster view coordinators
+//!   exchange in probe datagrams and the pure decision of which cluster merges into which;
+//!   `split_brain::merge` is the merging member's capture, rejoin and hand-over, and the
+//!   primary's side of a merged entry under the map's [`MergePolicy`].
 //! - `membership`: SWIM membership with foca. `membership::driver` is the one task that owns
 //!   the `Foca` value, the UDP socket and the ordered timer queue (`membership::timers`);
 //!   `membership::frame` is the datagram header (magic, version, cluster hash);
