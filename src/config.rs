@@ -571,9 +571,12 @@ impl GridConfig {
     /// matches, else the `"*"` entry, else the defaults. A queue's internal map takes its
     /// queue's backup count and nothing else (no time to live, no eviction, no near cache).
     pub fn map_config(&self, name: &str) -> MapConfig {
-        if name == crate::lock::owner::NAMED || name == crate::lock::owner::KEYED {
-            // Lock states: every backup waited for (a fence must never be handed out twice),
-            // and never expired or evicted, whatever the "*" entry says.
+        if name == crate::lock::owner::NAMED
+            || name == crate::lock::owner::KEYED
+            || name == crate::split_brain::merge::MERGED
+        {
+            // Lock states and merge tokens: every backup waited for (a fence must never be
+            // handed out twice), and never evicted, whatever the "*" entry says.
             return MapConfig::default();
         }
         if let Some(queue) = crate::queue::queue_of(name) {

@@ -181,7 +181,8 @@ impl Node {
                 MapOp::QueueOffer { token, .. }
                 | MapOp::QueuePoll { token, .. }
                 | MapOp::LockAcquire { token, .. }
-                | MapOp::LockRelease { token, .. } => *token,
+                | MapOp::LockRelease { token, .. }
+                | MapOp::Merge { token, .. } => *token,
                 _ => 0,
             },
             capacity: match op {
@@ -398,6 +399,7 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             fence: request.fence,
         },
         proto::MapOp::Merge => MapOp::Merge {
+            token: request.token,
             value,
             updated_ms: request.updated_ms,
             hits: request.hits,

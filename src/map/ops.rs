@@ -84,6 +84,8 @@ pub(crate) enum MapOp {
     /// An entry of the smaller side of a healed split, merged by the map's merge policy on the
     /// key's primary (handled by `split_brain::merge`, not `decide`).
     Merge {
+        /// Identifies this merging entry: applied once however often it is sent.
+        token: u64,
         value: Bytes,
         updated_ms: u64,
         hits: u32,

@@ -22,6 +22,12 @@ use crate::node::{Acks, Node, Outcome};
 use crate::rpc::proto;
 use crate::store::Record;
 
+/// The internal map of merge tokens applied recently, per partition.
+pub(crate) const MERGED: &str = "\u{0}merged";
+
+/// How long a merge token is remembered.
+const MERGE_DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
 /// How many captured items are handed over at once.
 const IN_FLIGHT: usize = 64;
 
@@ -38,6 +44,8 @@ pub(crate) enum Captured {
         map: Arc<str>,
         key: Bytes,
         record: Record,
+        /// Makes the hand-over apply once however often it is sent.
+        token: u64,
     },
     /// The waiting items of one queue, in queue order: (offer token, payload).
     Queue {
@@ -259,8 +267,10 @@ impl Node {
                 map,
                 key,
                 record,
+                token,
             } => {
                 let op = MapOp::Merge {
+                    token: *token,
                     value: record.value.clone(),
                     updated_ms: record.updated_ms,
                     hits: record.hits,
@@ -330,6 +340,7 @@ impl Node {
         op: &MapOp,
     ) -> Result<(Outcome<OpResult>, Acks)> {
         let MapOp::Merge {
+            token,
             value,
             updated_ms,
             hits,
@@ -353,6 +364,46 @@ impl Node {
             Err(outcome) => return Ok((outcome, acks)),
         };
         let now = crate::store::now_ms();
+        let merged = data.entries_or_create(MERGED);
+        let token_key = Bytes::copy_from_slice(&token.to_be_bytes());
+        let previous_token = merged.get(&token_key);
+        // A merge applied before (its answer lost, or its backups unconfirmed) is not applied
+        // again: a user's policy need not be idempotent. Its token is written again, so the
+        // backups' acknowledgement of this write covers the first one.
+        let write_token = |seq: &mut u64, acks: &mut Acks| {
+            let record = Record {
+                version: previous_token.as_ref().map_or(1, |r| r.version + 1),
+                expires_at_ms: now.saturating_add(MERGE_DEDUP_WINDOW.as_millis() as u64),
+                last_access_ms: now,
+                updated_ms: now,
+                ..Record::default()
+            };
+            merged.insert(&token_key, &record);
+            *seq += 1;
+            let mutation = proto::Mutation {
+                seq: *seq,
+                map: MERGED.to_string(),
+                key: token_key.clone(),
+                change: Some(proto::mutation::Change::Upsert(proto::Record::from(
+                    &record,
+                ))),
+            };
+            self.replicate(
+                partition,
+                &table,
+                mutation,
+                &self.config.map_config(MERGED),
+                acks,
+            );
+        };
+        if previous_token.is_some() {
+            write_token(&mut seq, &mut acks);
+            let result = OpResult {
+                applied: true,
+                ..OpResult::default()
+            };
+            return Ok((Outcome::Done(result), acks));
+        }
         let map_config = self.config.map_config(map);
         let entries = data.entries_or_create(map);
         let stored = entries.get(key);
@@ -406,16 +457,20 @@ impl Node {
             found: current.is_some(),
             ..OpResult::default()
         };
-        let Some(record) = record else {
-            return Ok((Outcome::Done(result), acks));
-        };
-        if record.value.len() > self.config.max_value_size {
+        if record
+            .as_ref()
+            .is_some_and(|r| r.value.len() > self.config.max_value_size)
+        {
             return Err(Error::TooLarge {
                 what: "value",
-                size: record.value.len(),
+                size: record.as_ref().map_or(0, |r| r.value.len()),
                 max: self.config.max_value_size,
             });
         }
+        write_token(&mut seq, &mut acks);
+        let Some(record) = record else {
+            return Ok((Outcome::Done(result), acks));
+        };
         let counters = self.counters(map);
         let removal = record.version == 0;
         let change = if removal {
@@ -517,6 +572,7 @@ fn capture_map(
             map: map.clone(),
             key: Bytes::copy_from_slice(stored.key()),
             record: stored.record(),
+            token: rand::random(),
         });
     });
 }
