@@ -103,6 +103,8 @@ pub(crate) struct Driver {
     merge_ordered: bool,
     /// Framed datagrams other than foca's, sent at the next flush.
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// The members of the cluster this member last merged into.
+    rejoin_targets: Vec<SocketAddr>,
 }
 
 impl Driver {
@@ -140,6 +142,7 @@ impl Driver {
             verdict: None,
             merge_ordered: false,
             outbox: Vec::new(),
+            rejoin_targets: Vec::new(),
         }
     }
 
@@ -234,7 +237,14 @@ impl Driver {
         if self.state.peer_count() > 0 || self.state.is_established() {
             return;
         }
-        for seed in self.seeds.clone() {
+        // A member on its way into another cluster keeps knocking there too.
+        for seed in self
+            .seeds
+            .iter()
+            .chain(&self.rejoin_targets)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             if let Err(e) = self
                 .foca
                 .announce(Identity::placeholder(seed), &mut self.runtime)
@@ -557,6 +567,12 @@ impl Driver {
         self.ignored_verdicts.clear();
         self.verdict = None;
         self.merge_ordered = false;
+        self.rejoin_targets = targets
+            .iter()
+            .copied()
+            .filter(|a| *a != identity.gossip)
+            .take(16)
+            .collect();
         for &addr in targets {
             if addr == identity.gossip {
                 continue;
