@@ -68,13 +68,15 @@ pub struct GridConfig {
     pub seeds: Vec<SocketAddr>,
 
     /// How long [`crate::Grid::join`] waits for a seed to answer before it starts alone (a
-    /// one-member cluster is valid; it keeps contacting the seeds in the background). Default 2 s.
+    /// one-member cluster is valid; it keeps probing the seeds in the background, and merges
+    /// with the cluster it finds, the smaller into the larger, see [`MergePolicy`]). Default 2 s.
     /// Environment: `PEERGRID_JOIN_TIMEOUT_MS`.
     pub join_timeout: Duration,
 
-    /// How often a member that sees no peers announces itself to the seeds again, so clusters
-    /// started in any order, or separated for a while, find each other. Default 1 s. Must not be
-    /// zero.
+    /// How often a member that sees no peers and holds no cluster's table yet announces itself
+    /// to the seeds again. A member that holds a table (it started alone, or was cut off) finds
+    /// other clusters by the coordinator's probes instead (see
+    /// [`GridConfig::split_brain_probe_interval`]). Default 1 s. Must not be zero.
     pub seed_retry_interval: Duration,
 
     /// Number of partitions the key space is divided into. The same for every member of a

@@ -1028,16 +1028,23 @@ impl Node {
         if !table.newer_than(&before) {
             return false;
         }
-        // A member without a cluster's table (new, or just left its cluster to merge into
-        // another) takes tables only from the members it sees: the cluster it left may still
-        // push its own for a while.
-        if !self.membership.is_established()
-            && (table.publisher == self.me
-                && self
-                    .merge
-                    .joining
-                    .load(std::sync::atomic::Ordering::Acquire)
-                || table.publisher != self.me && self.membership.peer(table.publisher).is_none())
+        // A member on its way into another cluster takes no table until it left its old one
+        // (then only the new cluster's members are peers); one without a cluster's table takes
+        // tables only from the members it sees; and a member that merged away from a cluster
+        // never takes a table of that cluster's members again (until one of them is back as a
+        // member of its new cluster).
+        let joining = self
+            .merge
+            .joining
+            .load(std::sync::atomic::Ordering::Acquire);
+        let rejoined = self
+            .merge
+            .rejoined
+            .load(std::sync::atomic::Ordering::Acquire);
+        let foreign = table.publisher != self.me && self.membership.peer(table.publisher).is_none();
+        if (joining && (!rejoined || table.publisher == self.me))
+            || (foreign && !self.membership.is_established())
+            || (foreign && self.membership.is_left_behind(table.publisher))
         {
             return false;
         }

@@ -172,6 +172,8 @@ where
             // This member leads the key: its store is already in process.
             return self.node.route(partition, &self.name, key, op).await;
         };
+        // Split-brain protection guards near-cache hits too.
+        self.node.check_quorum(&self.name, &key, &op)?;
         if let Some(value) = near.lookup(&key, primary) {
             return Ok(ops::OpResult {
                 found: true,
@@ -328,6 +330,14 @@ where
         E: std::fmt::Display,
     {
         let (partition, key) = self.key(key)?;
+        self.node.check_quorum(
+            &self.name,
+            &key,
+            &ops::MapOp::LoadBegin {
+                member: self.node.me,
+                claim: 0,
+            },
+        )?;
         if let Some(near) = &self.near
             && let Some(primary) = self.node.table.current().primary(partition)
             && primary != self.node.me

@@ -423,9 +423,10 @@ impl Driver {
     }
 
     /// This member's view of its cluster.
+    /// Lists as many members as fit in one datagram.
     fn my_view(&self) -> ClusterView {
         let members = self.state.members();
-        ClusterView {
+        let mut view = ClusterView {
             sender: self.foca.identity().clone(),
             coordinator: self.state.coordinator_key(),
             size: members.len() as u32,
@@ -434,7 +435,15 @@ impl Driver {
                 .take(discovery::MAX_LISTED)
                 .map(|m| m.gossip_addr)
                 .collect(),
+        };
+        let room = self.max_datagram_size.saturating_sub(frame::HEADER_LEN);
+        while !view.members.is_empty()
+            && postcard::experimental::serialized_size(&view).map_or(true, |n| n > room)
+        {
+            let keep = view.members.len() / 2;
+            view.members.truncate(keep);
         }
+        view
     }
 
     /// Whether this member coordinates its cluster, holds its table, and is not on its way out.

@@ -192,6 +192,8 @@ pub(crate) struct MembershipState {
     /// Merge orders for the member's merge task: a sequence number and the gossip addresses of
     /// the cluster to join.
     merge_orders: watch::Sender<(u64, Vec<SocketAddr>)>,
+    /// Members of the clusters this member merged away from (see [`Self::forget_peers`]).
+    left_behind: RwLock<std::collections::HashSet<MemberId>>,
     pub(crate) counters: Counters,
 }
 
@@ -214,6 +216,7 @@ impl MembershipState {
             gone: RwLock::new(Default::default()),
             established: Default::default(),
             merge_orders: watch::channel((0, Vec::new())).0,
+            left_behind: Default::default(),
             counters: Counters::default(),
         }
     }
@@ -287,11 +290,17 @@ impl MembershipState {
     }
 
     /// Forgets every peer at once (this member leaves its cluster to merge into another), each
-    /// reported down.
+    /// reported down and remembered as left behind.
     pub(crate) fn forget_peers(&self) {
         for peer in self.peer_identities() {
+            write(&self.left_behind).insert(peer.id);
             self.peer_gone(&peer, false);
         }
+    }
+
+    /// Whether `id` was a member of a cluster this member merged away from.
+    pub(crate) fn is_left_behind(&self, id: MemberId) -> bool {
+        read(&self.left_behind).contains(&id)
     }
 
     /// The coordinator of this member's view: the oldest member (smallest generation, then id).

@@ -58,6 +58,17 @@ impl PeerGridService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| u64::from_str_radix(v, 16).ok())
             .map(MemberId);
+        // A member of the cluster this member merged away from acts on nothing here (it would
+        // write into the new cluster past the merge policy), until it is back as a member of
+        // the new cluster.
+        if let Some(caller) = from
+            && self.membership.is_left_behind(caller)
+            && self.membership.peer(caller).is_none()
+        {
+            return Err(Status::unavailable(
+                "caller belongs to the cluster this member merged away from",
+            ));
+        }
         tracing::trace!(operation, ?from, "rpc");
         Ok(from)
     }

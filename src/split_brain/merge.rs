@@ -70,6 +70,8 @@ pub(crate) struct MergeState {
     /// Set from the capture until the larger cluster's table arrives: this member must not
     /// coordinate a cluster of its own meanwhile.
     pub(crate) joining: std::sync::atomic::AtomicBool,
+    /// Set once a joining member left its old cluster (its peers are the new cluster's).
+    pub(crate) rejoined: std::sync::atomic::AtomicBool,
     entries_merged: AtomicU64,
     queue_items_merged: AtomicU64,
     locks_merged: AtomicU64,
@@ -118,15 +120,19 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
     let mut orders = node.membership.subscribe_merge_orders();
     // What earlier merges could not hand over yet goes along with the next one.
     let mut carried: Vec<Captured> = Vec::new();
+    let mut handled = 0;
     loop {
-        tokio::select! {
-            _ = node.cancel.cancelled() => return,
-            changed = orders.changed() => if changed.is_err() { return },
-        }
-        let targets = orders.borrow_and_update().1.clone();
-        if targets.is_empty() {
+        // An order that interrupted the last hand-over is carried out at once.
+        let (seq, targets) = orders.borrow_and_update().clone();
+        if seq == handled || targets.is_empty() {
+            tokio::select! {
+                _ = node.cancel.cancelled() => return,
+                changed = orders.changed() => if changed.is_err() { return },
+            }
             continue;
         }
+        handled = seq;
+        node.settle_takeovers().await;
         let mut captured = node.stop_leading_and_capture();
         captured.append(&mut carried);
         node.merge
@@ -142,6 +148,7 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
             return;
         }
         let Ok(identity) = joined.await else { return };
+        node.merge.rejoined.store(true, Ordering::Release);
         tracing::info!(
             member = %node.me,
             generation = identity.generation,
@@ -153,6 +160,15 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
 }
 
 impl Node {
+    /// Waits (up to an rpc timeout) for the takeovers of partitions this member is pulling to
+    /// end, so what it captures is complete.
+    async fn settle_takeovers(&self) {
+        let deadline = tokio::time::Instant::now() + self.config.rpc_timeout;
+        while self.store.pending_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops leading anything (the table is emptied, so every operation here is re-routed and
     /// no table of the old cluster is taken any more) and captures what this member led: map
     /// entries that are not expired, waiting queue items, and lock fences. Drops every
@@ -160,6 +176,7 @@ impl Node {
     fn stop_leading_and_capture(&self) -> Vec<Captured> {
         let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.merge.joining.store(true, Ordering::Release);
+        self.merge.rejoined.store(false, Ordering::Release);
         let table = self.table.current();
         self.table.reset();
         self.membership.set_established(false);

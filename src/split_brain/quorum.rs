@@ -86,6 +86,7 @@ impl MapOp {
             MapOp::RemoveIfExpired
             | MapOp::RefreshTo { .. }
             | MapOp::LockSweep
+            | MapOp::LockMerge { .. }
             | MapOp::Merge { .. } => None,
             MapOp::Get
             | MapOp::ContainsKey
