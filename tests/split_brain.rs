@@ -80,6 +80,12 @@ where
     .await
 }
 
+/// Sets `key` to `value`, retrying while the side is still promoting its backups.
+async fn set_eventually(map: &peergrid::Map<String, String>, key: &String, value: &str) {
+    let value = value.to_string();
+    eventually("a write", || map.set(key, &value)).await;
+}
+
 fn is_quorum_error<T: std::fmt::Debug>(result: &peergrid::Result<T>) -> bool {
     matches!(
         result,
@@ -250,38 +256,16 @@ async fn merge_with(policy: MergePolicy, expected: Expected) {
     let minority: peergrid::Map<String, String> = cluster.grid(1).map("m");
     let majority: peergrid::Map<String, String> = cluster.grid(3).map("m");
     const N: usize = 20;
-    let minority_value = "minority".to_string();
-    let majority_value = "majority".to_string();
     let key = |kind: &str, i: usize| format!("{kind}{i}");
     // "late": minority first.
     for i in 0..N {
-        let k = key("late", i);
-        eventually("a write on the minority", || {
-            minority.set(&k, &minority_value)
-        })
-        .await;
-        let k = key("only-minority", i);
-        eventually("a write on the minority", || {
-            minority.set(&k, &minority_value)
-        })
-        .await;
+        set_eventually(&minority, &key("late", i), "minority").await;
+        set_eventually(&minority, &key("only-minority", i), "minority").await;
     }
     for i in 0..N {
-        let k = key("both", i);
-        eventually("a write on the majority", || {
-            majority.set(&k, &majority_value)
-        })
-        .await;
-        let k = key("late", i);
-        eventually("a write on the majority", || {
-            majority.set(&k, &majority_value)
-        })
-        .await;
-        let k = key("only-majority", i);
-        eventually("a write on the majority", || {
-            majority.set(&k, &majority_value)
-        })
-        .await;
+        for kind in ["both", "late", "only-majority"] {
+            set_eventually(&majority, &key(kind, i), "majority").await;
+        }
     }
     // The minority's "both" writes come later by the clock, and are read more.
     let after = now_ms() + 5;
@@ -291,10 +275,7 @@ async fn merge_with(policy: MergePolicy, expected: Expected) {
     .await;
     for i in 0..N {
         let k = key("both", i);
-        eventually("a write on the minority", || {
-            minority.set(&k, &minority_value)
-        })
-        .await;
+        set_eventually(&minority, &k, "minority").await;
         for _ in 0..3 {
             minority.get(&k).await.unwrap();
         }
