@@ -167,6 +167,14 @@ pub(crate) struct Node {
     pub(crate) merge: crate::split_brain::merge::MergeState,
 }
 
+/// A partition this member leads, write-locked: its data, its sequence number (the lock) and the
+/// table it is led under.
+pub(crate) type Leading<'a> = (
+    &'a crate::store::PartitionData,
+    std::sync::MutexGuard<'a, u64>,
+    Arc<PartitionTable>,
+);
+
 /// How long a `get_or_load` loader may hold a key before another caller may load it (sooner if
 /// the loader's member is declared down).
 pub(crate) const LOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -349,6 +357,22 @@ impl Node {
             return Err(Outcome::Pending);
         }
         Ok(table)
+    }
+
+    /// The partition's data, its write lock, and the current table, if this member leads the
+    /// partition and is not taking it over; otherwise the answer to give. For owner-side writes.
+    pub(crate) fn lock_leading<T>(
+        &self,
+        partition: u32,
+    ) -> Result<std::result::Result<Leading<'_>, Outcome<T>>> {
+        let data = self
+            .store
+            .partition(partition)
+            .ok_or(Error::NoOwner { partition })?;
+        let seq = data.lock();
+        Ok(self
+            .leading(data, partition)
+            .map(|table| (data, seq, table)))
     }
 
     pub(crate) fn not_owner<T>(&self, table: &PartitionTable, partition: u32) -> Outcome<T> {
@@ -800,13 +824,8 @@ impl Node {
             if let Some((kind, value)) = event {
                 self.emit(&counters, map, Some(kind), &key, value, partition, *seq);
             }
-            let mutation = proto::Mutation {
-                seq: *seq,
-                map: map.to_string(),
-                key: key.clone(),
-                change: Some(change),
-            };
-            self.replicate(partition, &table, mutation, &map_config, &mut acks);
+            let ctx = (partition, &*table, &map_config);
+            self.replicate_change(ctx, *seq, map, key.clone(), change, &mut acks);
         }
         if upserts && let Some((limit, byte_limit)) = self.partition_limit(&map_config, &table) {
             // Evictions are removals like any other: sequenced, replicated, and waited for with
@@ -833,13 +852,9 @@ impl Node {
                     partition,
                     *seq,
                 );
-                let mutation = proto::Mutation {
-                    seq: *seq,
-                    map: map.to_string(),
-                    key: victim,
-                    change: Some(proto::mutation::Change::Remove(true)),
-                };
-                self.replicate(partition, &table, mutation, &map_config, &mut acks);
+                let removal = proto::mutation::Change::Remove(true);
+                let ctx = (partition, &*table, &map_config);
+                self.replicate_change(ctx, *seq, map, victim, removal, &mut acks);
             }
         }
         Ok((Outcome::Done(result), acks))
@@ -885,6 +900,27 @@ impl Node {
         self.led_cache
             .store((table.version << 17) | led, Ordering::Relaxed);
         led
+    }
+
+    /// [`Node::replicate`] of the mutation numbered `seq` that makes `change` to `map`'s `key`,
+    /// in (partition, table, map settings) `ctx`.
+    pub(crate) fn replicate_change(
+        &self,
+        ctx: (u32, &PartitionTable, &crate::config::MapConfig),
+        seq: u64,
+        map: &str,
+        key: Bytes,
+        change: proto::mutation::Change,
+        acks: &mut Acks,
+    ) {
+        let (partition, table, map_config) = ctx;
+        let mutation = proto::Mutation {
+            seq,
+            map: map.to_string(),
+            key,
+            change: Some(change),
+        };
+        self.replicate(partition, table, mutation, map_config, acks);
     }
 
     /// Queues `mutation` for the partition's backups (the caller holds the write lock).
@@ -1562,11 +1598,7 @@ impl Node {
 
     /// The oldest live member (smallest generation, then id).
     pub(crate) fn coordinator(&self) -> Option<MemberId> {
-        self.membership
-            .members()
-            .into_iter()
-            .min_by_key(|m| (m.generation, m.id))
-            .map(|m| m.id)
+        Some(MemberId(self.membership.coordinator_key().1))
     }
 }
 

@@ -131,16 +131,11 @@ impl Node {
         key: &Bytes,
         op: &MapOp,
     ) -> Result<(Outcome<OpResult>, Acks)> {
-        let data = self
-            .store
-            .partition(partition)
-            .ok_or(Error::NoOwner { partition })?;
-        let mut acks = Vec::new();
-        let mut seq = data.lock();
-        let table = match self.leading(data, partition) {
-            Ok(table) => table,
-            Err(outcome) => return Ok((outcome, acks)),
+        let (data, mut seq, table) = match self.lock_leading(partition)? {
+            Ok(locked) => locked,
+            Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        let mut acks = Vec::new();
         let now = crate::store::now_ms();
         // A grant in this mutation gets at least its sequence number as fence: sequence numbers
         // only grow, across failovers too, and every fence handed out was acknowledged by the
@@ -283,19 +278,9 @@ impl Node {
                 data.entries_or_create(map).insert(key, &record);
                 proto::mutation::Change::Upsert(proto::Record::from(&record))
             };
-            let mutation = proto::Mutation {
-                seq: *seq,
-                map: map.to_string(),
-                key: key.clone(),
-                change: Some(change),
-            };
-            self.replicate(
-                partition,
-                &table,
-                mutation,
-                &self.config.map_config(map),
-                &mut acks,
-            );
+            let map_config = self.config.map_config(map);
+            let ctx = (partition, &*table, &map_config);
+            self.replicate_change(ctx, *seq, map, key.clone(), change, &mut acks);
         }
         drop(seq);
         if changed && let Some(signal) = self.lock_signal(partition) {

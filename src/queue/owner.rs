@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::map::listen::EntryEventKind;
 use crate::map::ops::{MapOp, OpResult};
 use crate::node::{Acks, Node, Outcome};
@@ -187,16 +187,11 @@ impl Node {
         map: &str,
         op: &MapOp,
     ) -> Result<(Outcome<OpResult>, Acks)> {
-        let data = self
-            .store
-            .partition(partition)
-            .ok_or(Error::NoOwner { partition })?;
-        let mut acks = Vec::new();
-        let mut seq = data.lock();
-        let table = match self.leading(data, partition) {
-            Ok(table) => table,
-            Err(outcome) => return Ok((outcome, acks)),
+        let (data, mut seq, table) = match self.lock_leading(partition)? {
+            Ok(locked) => locked,
+            Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        let mut acks = Vec::new();
         let entries = data.entries_or_create(map);
         let index = self.queue_index(map);
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());

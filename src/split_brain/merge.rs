@@ -338,15 +338,16 @@ impl Node {
         key: Bytes,
         op: MapOp,
     ) -> Result<Outcome<OpResult>> {
-        loop {
-            self.partition_ready(partition).await?;
-            let (outcome, acks) = self.merge_apply(partition, map, &key, &op)?;
-            if matches!(outcome, Outcome::Pending) {
-                continue;
-            }
-            self.await_acks(acks).await?;
-            return Ok(outcome);
-        }
+        // Nothing to wait for: applied once, as soon as the partition may be served.
+        let never = tokio::sync::Notify::new();
+        self.apply_waiting(
+            partition,
+            &never,
+            Duration::ZERO,
+            || self.merge_apply(partition, map, &key, &op),
+            |_| true,
+        )
+        .await
     }
 
     fn merge_apply(
@@ -370,16 +371,11 @@ impl Node {
                 message: "not a merge".to_string(),
             });
         };
-        let data = self
-            .store
-            .partition(partition)
-            .ok_or(Error::NoOwner { partition })?;
-        let mut acks = Vec::new();
-        let mut seq = data.lock();
-        let table = match self.leading(data, partition) {
-            Ok(table) => table,
-            Err(outcome) => return Ok((outcome, acks)),
+        let (data, mut seq, table) = match self.lock_leading(partition)? {
+            Ok(locked) => locked,
+            Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        let mut acks = Vec::new();
         let now = crate::store::now_ms();
         let merged = data.entries_or_create(MERGED);
         let token_key = Bytes::copy_from_slice(&token.to_be_bytes());
@@ -397,21 +393,9 @@ impl Node {
             };
             merged.insert(&token_key, &record);
             *seq += 1;
-            let mutation = proto::Mutation {
-                seq: *seq,
-                map: MERGED.to_string(),
-                key: token_key.clone(),
-                change: Some(proto::mutation::Change::Upsert(proto::Record::from(
-                    &record,
-                ))),
-            };
-            self.replicate(
-                partition,
-                &table,
-                mutation,
-                &self.config.map_config(MERGED),
-                acks,
-            );
+            let change = proto::mutation::Change::Upsert(proto::Record::from(&record));
+            let ctx = (partition, &*table, &self.config.map_config(MERGED));
+            self.replicate_change(ctx, *seq, MERGED, token_key.clone(), change, acks);
         };
         if previous_token.is_some() {
             write_token(&mut seq, &mut acks);
@@ -519,13 +503,8 @@ impl Node {
             partition,
             *seq,
         );
-        let mutation = proto::Mutation {
-            seq: *seq,
-            map: map.to_string(),
-            key: key.clone(),
-            change: Some(change),
-        };
-        self.replicate(partition, &table, mutation, &map_config, &mut acks);
+        let ctx = (partition, &*table, &map_config);
+        self.replicate_change(ctx, *seq, map, key.clone(), change, &mut acks);
         Ok((Outcome::Done(result), acks))
     }
 }
