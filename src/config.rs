@@ -135,6 +135,24 @@ pub struct GridConfig {
     /// Largest encoded map key, in bytes. 1 byte to 1 MiB. Default 64 KiB.
     pub max_key_size: usize,
 
+    /// Most keys one [`crate::Map::get_all`] or [`crate::Map::put_all`] call may carry. Larger
+    /// calls are refused with [`crate::Error::TooManyKeys`] before anything is sent, and a member
+    /// refuses a batch call from a peer that carries more. 1 to 1,000,000. Default 10,000.
+    /// `PEERGRID_MAX_BATCH_KEYS`.
+    pub max_batch_keys: usize,
+
+    /// Largest gRPC message a member sends or accepts, in bytes. A larger message is refused by
+    /// the receiver's transport, which answers with an error and keeps the connection. It must
+    /// hold an operation on a maximum-size key and two maximum-size values (a compare-and-set)
+    /// and a copy chunk holding one; a batch that would exceed it is split. Default 64 MiB.
+    /// `PEERGRID_MAX_RPC_MESSAGE_SIZE`.
+    pub max_rpc_message_size: usize,
+
+    /// Who may talk to this member: the cluster secret that authenticates gossip datagrams and
+    /// rpc calls, and TLS for rpc. Default: no secret and no TLS, which is only safe while the
+    /// member binds loopback (the default). See [`SecurityConfig`].
+    pub security: SecurityConfig,
+
     /// How often the coordinator of a cluster probes the seeds and the members it saw go down
     /// (within `swim.remove_down_after`) for another cluster of the same name: the other side of
     /// a network split that healed. Two clusters that find each other merge, the smaller into
@@ -488,6 +506,38 @@ impl GridConfig {
                 reason: "must be 1 byte to 1 MiB",
             });
         }
+        if !(1..=1_000_000).contains(&self.max_batch_keys) {
+            return Err(ConfigError::Range {
+                field: "max_batch_keys",
+                reason: "must be 1 to 1,000,000",
+            });
+        }
+        if self.max_rpc_message_size < self.min_rpc_message_size()
+            || self.max_rpc_message_size > 1 << 30
+        {
+            return Err(ConfigError::Range {
+                field: "max_rpc_message_size",
+                reason: "must be at most 1 GiB and hold two maximum-size values and a key, and a \
+                         copy chunk with one entry (see GridConfig::min_rpc_message_size)",
+            });
+        }
+        self.security.validate()?;
+        if self.security.secret.is_none() && !self.security.allow_unauthenticated {
+            for (field, addr) in [
+                ("gossip_bind", self.gossip_bind),
+                ("rpc_bind", self.rpc_bind),
+            ] {
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::Address {
+                        field,
+                        addr,
+                        reason: "binding beyond loopback needs a cluster secret \
+                                 (security.secret, PEERGRID_SECRET), or \
+                                 security.allow_unauthenticated",
+                    });
+                }
+            }
+        }
         for (_, queue) in &self.queues {
             if queue.backup_count.is_some_and(|n| n > self.backup_count) {
                 return Err(ConfigError::Range {
@@ -610,9 +660,17 @@ impl GridConfig {
                 .any(|(_, l)| l.split_brain_protection.is_some())
     }
 
-    /// Largest gRPC message between members: room for a batch of maximum-size values.
+    /// Largest gRPC message between members ([`GridConfig::max_rpc_message_size`]).
     pub(crate) fn max_message_size(&self) -> usize {
-        (self.max_value_size + self.max_key_size) * 2 + (4 << 20) + self.snapshot_chunk_size
+        self.max_rpc_message_size
+    }
+
+    /// The smallest `max_rpc_message_size` that carries every operation the other limits allow:
+    /// a compare-and-set of a maximum-size key with two maximum-size values, or a copy chunk
+    /// holding one maximum-size entry, plus room for the message's other fields.
+    pub fn min_rpc_message_size(&self) -> usize {
+        let entry = self.max_key_size + self.max_value_size;
+        (entry + self.max_value_size).max(self.snapshot_chunk_size + entry) + (64 << 10)
     }
 
     /// The default configuration with `PEERGRID_*` environment variables applied. See each field
@@ -635,9 +693,14 @@ impl GridConfig {
         // PEERGRID_BIND first, so the specific *_BIND variables override it.
         vars.sort_by_key(|(name, _)| name != "PEERGRID_BIND");
         for (name, value) in vars {
+            let secret = name.contains("SECRET");
             let bad = |reason: String| ConfigError::Env {
                 name: name.clone(),
-                value: value.clone(),
+                value: if secret {
+                    "<redacted>".to_string()
+                } else {
+                    value.clone()
+                },
                 reason,
             };
             let v = value.trim();
@@ -686,6 +749,50 @@ impl GridConfig {
                 "PEERGRID_ANTI_ENTROPY_INTERVAL_MS" => {
                     self.anti_entropy_interval = Duration::from_millis(parse_num(v).map_err(bad)?)
                 }
+                "PEERGRID_MAX_VALUE_SIZE" => self.max_value_size = parse_num(v).map_err(bad)?,
+                "PEERGRID_MAX_KEY_SIZE" => self.max_key_size = parse_num(v).map_err(bad)?,
+                "PEERGRID_MAX_BATCH_KEYS" => self.max_batch_keys = parse_num(v).map_err(bad)?,
+                "PEERGRID_MAX_RPC_MESSAGE_SIZE" => {
+                    self.max_rpc_message_size = parse_num(v).map_err(bad)?
+                }
+                "PEERGRID_MAX_DATAGRAM_SIZE" => {
+                    self.max_datagram_size = parse_num(v).map_err(bad)?
+                }
+                "PEERGRID_SECRET" => {
+                    self.security.secret = (!v.is_empty()).then(|| Secret::new(v));
+                }
+                "PEERGRID_ACCEPTED_SECRETS" => {
+                    self.security.accepted_secrets = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(Secret::new)
+                        .collect();
+                }
+                "PEERGRID_REPLAY_WINDOW_MS" => {
+                    self.security.replay_window = Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
+                "PEERGRID_TLS_CERT" | "PEERGRID_TLS_KEY" | "PEERGRID_TLS_CA" => {
+                    let tls = self.security.tls.get_or_insert_with(TlsConfig::default);
+                    let path = std::path::PathBuf::from(v);
+                    match name.as_str() {
+                        "PEERGRID_TLS_CERT" => tls.cert = path,
+                        "PEERGRID_TLS_KEY" => tls.key = path,
+                        _ => tls.ca = path,
+                    }
+                }
+                "PEERGRID_TLS_MUTUAL" => {
+                    self.security
+                        .tls
+                        .get_or_insert_with(TlsConfig::default)
+                        .mutual = parse_bool(v).map_err(bad)?
+                }
+                "PEERGRID_TLS_SERVER_NAME" => {
+                    self.security
+                        .tls
+                        .get_or_insert_with(TlsConfig::default)
+                        .server_name = (!v.is_empty()).then(|| v.to_string())
+                }
                 // Reserved for the logging setup of binaries, not the member itself.
                 "PEERGRID_LOG" => {}
                 _ => return Err(bad("unknown PEERGRID_ variable".to_string())),
@@ -731,6 +838,9 @@ impl Default for GridConfig {
             split_brain_probe_interval: Duration::from_secs(1),
             max_value_size: 16 << 20,
             max_key_size: 64 << 10,
+            max_batch_keys: 10_000,
+            max_rpc_message_size: 64 << 20,
+            security: SecurityConfig::default(),
             maps: Vec::new(),
             queues: Vec::new(),
             locks: Vec::new(),
@@ -782,11 +892,181 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| "host name resolves to no address".to_string())
 }
 
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".to_string()),
+    }
+}
+
 fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
     s.parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// Who may talk to a member (in [`GridConfig::security`]). See the README's "Security" section
+/// for what each defence covers.
+///
+/// With a [`Secret`], every gossip datagram carries an HMAC-SHA256 tag (truncated to 128 bits)
+/// over its header and payload, under a key derived from the secret and the cluster name, plus
+/// the key's id, the sender's instance number, a counter and a timestamp. Datagrams without a
+/// valid tag, replayed, or older than [`SecurityConfig::replay_window`] are dropped and
+/// counted ([`crate::DatagramStats`]). Every rpc call carries a credential derived the same way,
+/// and a call without a valid one is refused with `UNAUTHENTICATED` before its body is read.
+///
+/// With [`TlsConfig`], rpc runs over TLS (rustls), and with `mutual` only peers that present a
+/// certificate signed by the configured CA are served.
+///
+/// ```
+/// use peergrid::{GridConfig, Secret, SecurityConfig};
+/// let config = GridConfig {
+///     security: SecurityConfig {
+///         secret: Some(Secret::new("a long random string nobody guesses")),
+///         ..SecurityConfig::default()
+///     },
+///     ..GridConfig::default()
+/// };
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// The cluster secret: datagrams and rpc calls are signed with it, and it is accepted.
+    /// At least 16 bytes. Default `None`. `PEERGRID_SECRET`.
+    pub secret: Option<Secret>,
+
+    /// Further secrets that are accepted but not used to sign, for a rotation without downtime:
+    /// (1) add the new secret here on every member, one member at a time; (2) make it `secret`
+    /// and the old one accepted, one member at a time; (3) drop the old one. Each datagram names
+    /// the key that signed it, so members of both steps understand each other. Needs `secret`.
+    /// Default empty. `PEERGRID_ACCEPTED_SECRETS`, comma-separated.
+    pub accepted_secrets: Vec<Secret>,
+
+    /// How far a datagram's timestamp may be from the receiver's clock before it is dropped as
+    /// a replay; within the window, each datagram is accepted once. The members' clocks must
+    /// agree to within this. 1 s to 1 hour. Default 60 s. `PEERGRID_REPLAY_WINDOW_MS`.
+    pub replay_window: Duration,
+
+    /// TLS for rpc. Default `None` (plain TCP). `PEERGRID_TLS_CERT`, `PEERGRID_TLS_KEY`,
+    /// `PEERGRID_TLS_CA`, `PEERGRID_TLS_MUTUAL`, `PEERGRID_TLS_SERVER_NAME`.
+    pub tls: Option<TlsConfig>,
+
+    /// Allows binding beyond loopback without a secret, where every process that reaches the
+    /// ports can join the cluster and read and write all its data. [`GridConfig::validate`]
+    /// refuses that unless this is set (as Redis' protected mode). Default `false`.
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            secret: None,
+            accepted_secrets: Vec::new(),
+            replay_window: Duration::from_secs(60),
+            tls: None,
+            allow_unauthenticated: false,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Shortest accepted secret, in bytes.
+    pub const MIN_SECRET_LEN: usize = 16;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for secret in self.secret.iter().chain(&self.accepted_secrets) {
+            if secret.0.len() < Self::MIN_SECRET_LEN {
+                return Err(ConfigError::Range {
+                    field: "security.secret",
+                    reason: "a secret must be at least 16 bytes",
+                });
+            }
+        }
+        if self.secret.is_none() && !self.accepted_secrets.is_empty() {
+            return Err(ConfigError::Range {
+                field: "security.accepted_secrets",
+                reason: "accepted secrets need a signing secret (security.secret)",
+            });
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.replay_window) {
+            return Err(ConfigError::Range {
+                field: "security.replay_window",
+                reason: "must be 1 s to 1 hour",
+            });
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("security.tls.cert", &tls.cert),
+                ("security.tls.key", &tls.key),
+                ("security.tls.ca", &tls.ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(ConfigError::Range {
+                        field,
+                        reason: "TLS needs a certificate, its key and the CA, as PEM files",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cluster secret. Its bytes never appear in `Debug` output or error messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(std::sync::Arc<[u8]>);
+
+impl Secret {
+    /// A secret from a string or bytes. Use at least 16 random bytes (for instance
+    /// `openssl rand -base64 32`).
+    pub fn new(secret: impl AsRef<[u8]>) -> Self {
+        Secret(secret.as_ref().into())
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// TLS for rpc between members (in [`SecurityConfig::tls`]): each member serves with `cert`
+/// and `key`, and verifies the peers it calls against `ca`. PEM files, read when the member
+/// joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// This member's certificate chain (PEM). It must name the address peers call (an IP
+    /// address SAN) or [`TlsConfig::server_name`].
+    pub cert: std::path::PathBuf,
+    /// The certificate's private key (PEM).
+    pub key: std::path::PathBuf,
+    /// The CA certificate(s) that sign the members' certificates (PEM).
+    pub ca: std::path::PathBuf,
+    /// Mutual TLS: the member serves only peers that present a certificate signed by `ca`, and
+    /// presents its own when it calls. Default `true`.
+    pub mutual: bool,
+    /// The name a member's certificate is checked against when it is called, instead of its
+    /// address: give every member a certificate for one name (say `peergrid.internal`) and set
+    /// it here. Default `None` (the address).
+    pub server_name: Option<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: Default::default(),
+            key: Default::default(),
+            ca: Default::default(),
+            mutual: true,
+            server_name: None,
+        }
+    }
 }
 
 /// SWIM failure-detector timings, passed to foca.

@@ -77,16 +77,41 @@ pub enum Error {
     #[error("member {0} is not a live member of this cluster")]
     UnknownMember(MemberId),
 
-    /// A key or value is larger than the configured maximum ([`crate::GridConfig::max_value_size`]).
-    /// Nothing was sent or stored.
+    /// A key, value or rpc message is larger than the configured maximum
+    /// ([`crate::GridConfig::max_key_size`], [`crate::GridConfig::max_value_size`],
+    /// [`crate::GridConfig::max_rpc_message_size`]), here or on the member that owns the key.
+    /// Nothing was stored.
     #[error("{what} of {size} bytes exceeds the maximum of {max} bytes")]
     TooLarge {
-        /// `"key"` or `"value"`.
+        /// `"key"`, `"value"`, or `"rpc message"`.
         what: &'static str,
         /// Its encoded size.
         size: usize,
         /// The configured maximum.
         max: usize,
+    },
+
+    /// A [`crate::Map::get_all`] or [`crate::Map::put_all`] call carries more keys than
+    /// [`crate::GridConfig::max_batch_keys`] (or than the owning member accepts). Nothing was
+    /// sent or stored.
+    #[error("a batch of {count} keys exceeds the maximum of {max} keys")]
+    TooManyKeys {
+        /// The keys in the call.
+        count: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// A peer refused this member's call for lack of a valid cluster credential: the members
+    /// are configured with different secrets ([`crate::SecurityConfig`]). Nothing was processed.
+    #[error("member {member} at {addr} refused the call: {reason}")]
+    Unauthenticated {
+        /// The member that was called.
+        member: MemberId,
+        /// Its rpc address.
+        addr: SocketAddr,
+        /// The peer's explanation.
+        reason: String,
     },
 
     /// A key or value could not be encoded by its `Serialize` implementation.
@@ -317,6 +342,17 @@ pub enum ConfigError {
         field: &'static str,
         /// The allowed range.
         reason: &'static str,
+    },
+
+    /// A TLS file cannot be read or does not hold what it should.
+    #[error("TLS {field} at {path}: {reason}")]
+    Tls {
+        /// The configuration field.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
     },
 
     /// An environment variable holds a value that does not parse.

@@ -24,9 +24,10 @@ use crate::node::Node;
 use crate::partition::coordinator;
 use crate::partition::table::TableHolder;
 use crate::partition::{PartitionEvent, PartitionStats};
-use crate::rpc::client::RpcClients;
+use crate::rpc::client::{ClientSecurity, RpcClients};
 use crate::rpc::proto::MemberInfoRequest;
-use crate::rpc::server::{self, PeerGridService};
+use crate::rpc::server::{self, PeerGridService, ServerSecurity};
+use crate::security::Keyring;
 use crate::store::Store;
 use crate::store::replication::{Deps, Replication};
 
@@ -76,6 +77,13 @@ impl Grid {
     /// Must be called within a tokio runtime.
     pub async fn join(config: GridConfig) -> Result<Grid> {
         config.validate()?;
+        let keys = Arc::new(Keyring::new(&config.cluster_name, &config.security));
+        let tls = config
+            .security
+            .tls
+            .as_ref()
+            .map(crate::security::load_tls)
+            .transpose()?;
         let (udp, tcp) = bind(&config).await?;
         let gossip_addr = match config.gossip_advertise {
             Some(addr) => addr,
@@ -102,6 +110,10 @@ impl Grid {
             config.rpc_connect_timeout,
             config.fault_switch.clone(),
             config.max_message_size(),
+            ClientSecurity {
+                credential: keys.rpc_credential().map(str::to_string),
+                tls: tls.as_ref().map(|t| t.client.clone()),
+            },
         ));
         let table = Arc::new(TableHolder::new(config.partition_count));
         let store = Arc::new(Store::new(config.partition_count));
@@ -156,6 +168,10 @@ impl Grid {
             },
             cancel.clone(),
             config.max_message_size(),
+            ServerSecurity {
+                keys: keys.clone(),
+                tls: tls.map(|t| t.server),
+            },
         );
 
         let (commands, command_rx) = mpsc::channel(8);
@@ -164,7 +180,7 @@ impl Grid {
                 identity,
                 swim: config
                     .swim
-                    .to_foca(config.max_datagram_size - frame::HEADER_LEN),
+                    .to_foca(config.max_datagram_size - frame::OVERHEAD),
                 cluster_hash,
                 seeds: config.seeds.clone(),
                 seed_retry_interval: config.seed_retry_interval,
@@ -172,6 +188,8 @@ impl Grid {
                 fault_switch: config.fault_switch.clone(),
                 probe_interval: config.split_brain_probe_interval,
                 remember_down: config.swim.remove_down_after,
+                keys,
+                replay_window: config.security.replay_window,
             },
             udp,
             membership.clone(),

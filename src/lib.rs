@@ -85,12 +85,14 @@ mod partition;
 mod queue;
 mod routing;
 mod rpc;
+mod security;
 mod split_brain;
 mod store;
 
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, LockConfig, MapConfig,
-    NearCacheConfig, QueueConfig, QuorumOn, SplitBrainProtection, SwimConfig,
+    NearCacheConfig, QueueConfig, QuorumOn, Secret, SecurityConfig, SplitBrainProtection,
+    SwimConfig, TlsConfig,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;

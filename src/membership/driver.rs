@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, FrameError, Kind};
+use crate::security::{Keyring, ReplayGuard, TAG_LEN};
 use super::identity::Identity;
 use super::timers::TimerQueue;
 use super::{Counters, MemberId, MembershipState};
@@ -62,6 +63,10 @@ pub(crate) struct DriverConfig {
     pub(crate) probe_interval: Duration,
     /// How long members seen going down are probed.
     pub(crate) remember_down: Duration,
+    /// The cluster secret's keys: datagrams are sealed and checked with them.
+    pub(crate) keys: Arc<Keyring>,
+    /// How far a datagram's timestamp may be from this member's clock.
+    pub(crate) replay_window: Duration,
 }
 
 /// A verdict that this member's cluster merges into another, waiting for confirmation.
@@ -105,6 +110,11 @@ pub(crate) struct Driver {
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     /// The members of the cluster this member last merged into.
     rejoin_targets: Vec<SocketAddr>,
+    keys: Arc<Keyring>,
+    replay: ReplayGuard,
+    /// This driver's instance number, stamped on every datagram with a counter.
+    instance: u64,
+    counter: u64,
 }
 
 impl Driver {
@@ -143,6 +153,10 @@ impl Driver {
             merge_ordered: false,
             outbox: Vec::new(),
             rejoin_targets: Vec::new(),
+            keys: config.keys,
+            replay: ReplayGuard::new(config.replay_window),
+            instance: rand::random(),
+            counter: 0,
         }
     }
 
@@ -274,7 +288,14 @@ impl Driver {
             Counters::bump(&counters.dropped_by_fault_switch);
             return;
         }
-        let (kind, payload) = match frame::read(datagram, self.cluster_hash) {
+        let (kind, payload) = match frame::open(
+            datagram,
+            self.cluster_hash,
+            &self.keys,
+            &mut self.replay,
+            unix_ms(),
+            std::time::Instant::now(),
+        ) {
             Ok(ok) => ok,
             Err(FrameError::Malformed) => {
                 Counters::bump(&counters.dropped_malformed);
@@ -284,6 +305,16 @@ impl Driver {
             Err(FrameError::ForeignCluster) => {
                 Counters::bump(&counters.dropped_foreign_cluster);
                 tracing::trace!(%from, "dropped datagram of another cluster");
+                return;
+            }
+            Err(FrameError::Unauthenticated(why)) => {
+                Counters::bump(&counters.dropped_unauthenticated);
+                tracing::debug!(%from, ?why, "dropped datagram without a valid tag");
+                return;
+            }
+            Err(FrameError::Replayed(why)) => {
+                Counters::bump(&counters.dropped_replayed);
+                tracing::debug!(%from, ?why, "dropped replayed or stale datagram (clock skew?)");
                 return;
             }
         };
@@ -414,7 +445,7 @@ impl Driver {
         let mut datagram = Vec::new();
         frame::write_header(&mut datagram, kind, self.cluster_hash);
         match postcard::to_extend(payload, datagram) {
-            Ok(datagram) if datagram.len() <= self.max_datagram_size => {
+            Ok(datagram) if datagram.len() + TAG_LEN <= self.max_datagram_size => {
                 self.outbox.push((to, datagram))
             }
             Ok(_) => tracing::debug!(?kind, "datagram too large; not sent"),
@@ -436,7 +467,7 @@ impl Driver {
                 .map(|m| m.gossip_addr)
                 .collect(),
         };
-        let room = self.max_datagram_size.saturating_sub(frame::HEADER_LEN);
+        let room = self.max_datagram_size.saturating_sub(frame::OVERHEAD);
         while !view.members.is_empty()
             && postcard::experimental::serialized_size(&view).map_or(true, |n| n > room)
         {
@@ -627,10 +658,10 @@ impl Driver {
         match postcard::to_stdvec(&me) {
             Ok(notice) => {
                 for peer in self.state.peer_identities() {
-                    frame::write_header(&mut self.send_buf, Kind::Leave, self.cluster_hash);
-                    self.send_buf.extend_from_slice(&notice);
-                    let datagram = std::mem::take(&mut self.send_buf);
-                    self.send(&datagram, peer.gossip).await;
+                    let mut datagram = std::mem::take(&mut self.send_buf);
+                    frame::write_header(&mut datagram, Kind::Leave, self.cluster_hash);
+                    datagram.extend_from_slice(&notice);
+                    self.send(&mut datagram, peer.gossip).await;
                     self.send_buf = datagram;
                 }
             }
@@ -654,28 +685,36 @@ impl Driver {
                 None => break,
             }
         }
-        for (to, datagram) in std::mem::take(&mut self.outbox) {
-            self.send(&datagram, to).await;
+        for (to, mut datagram) in std::mem::take(&mut self.outbox) {
+            self.send(&mut datagram, to).await;
         }
         let now = Instant::now();
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.timers.schedule(now, after, timer);
         }
         while let Some((to, data)) = self.runtime.to_send() {
-            frame::write_header(&mut self.send_buf, Kind::Swim, self.cluster_hash);
-            self.send_buf.extend_from_slice(&data);
-            let datagram = std::mem::take(&mut self.send_buf);
-            self.send(&datagram, to.gossip).await;
+            let mut datagram = std::mem::take(&mut self.send_buf);
+            frame::write_header(&mut datagram, Kind::Swim, self.cluster_hash);
+            datagram.extend_from_slice(&data);
+            self.send(&mut datagram, to.gossip).await;
             self.send_buf = datagram;
         }
     }
 
-    async fn send(&self, datagram: &[u8], to: SocketAddr) {
+    /// Stamps and seals `datagram` (header and payload) and sends it.
+    async fn send(&mut self, datagram: &mut Vec<u8>, to: SocketAddr) {
         let counters = &self.state.counters;
         if self.is_cut(to) {
             Counters::bump(&counters.dropped_by_fault_switch);
             return;
         }
+        self.counter += 1;
+        let stamp = frame::Stamp {
+            instance: self.instance,
+            counter: self.counter,
+            sent_ms: unix_ms(),
+        };
+        frame::seal(datagram, &self.keys, &stamp);
         match self.socket.send_to(datagram, to).await {
             Ok(_) => Counters::bump(&counters.sent),
             Err(e) => {
@@ -728,6 +767,13 @@ impl Driver {
             }
         }
     }
+}
+
+/// The wall clock in Unix milliseconds, stamped on datagrams for the replay window.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

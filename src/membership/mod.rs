@@ -133,6 +133,10 @@ pub struct DatagramStats {
     pub dropped_invalid_payload: u64,
     /// Dropped or not sent because the fault switch cuts the link.
     pub dropped_by_fault_switch: u64,
+    /// Dropped: no valid authentication tag (no secret, another secret, or tampered with).
+    pub dropped_unauthenticated: u64,
+    /// Dropped: accepted before (a replay), or stamped outside the replay window.
+    pub dropped_replayed: u64,
     /// Sends that failed at the socket.
     pub send_errors: u64,
 }
@@ -146,6 +150,8 @@ pub(crate) struct Counters {
     pub(crate) dropped_oversized: AtomicU64,
     pub(crate) dropped_invalid_payload: AtomicU64,
     pub(crate) dropped_by_fault_switch: AtomicU64,
+    pub(crate) dropped_unauthenticated: AtomicU64,
+    pub(crate) dropped_replayed: AtomicU64,
     pub(crate) send_errors: AtomicU64,
 }
 
@@ -164,6 +170,8 @@ impl Counters {
             dropped_oversized: get(&self.dropped_oversized),
             dropped_invalid_payload: get(&self.dropped_invalid_payload),
             dropped_by_fault_switch: get(&self.dropped_by_fault_switch),
+            dropped_unauthenticated: get(&self.dropped_unauthenticated),
+            dropped_replayed: get(&self.dropped_replayed),
             send_errors: get(&self.send_errors),
         }
     }

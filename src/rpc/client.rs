@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::proto::peer_grid_client::PeerGridClient;
-use super::{CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
+use super::{AUTH_HEADER, CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
 use crate::error::{Error, Result};
 use crate::fault::FaultSwitch;
 use crate::membership::MemberId;
@@ -24,9 +25,10 @@ pub(crate) struct RpcClients {
     /// ahead of map operations, and no per-request timeout (each stream sets a deadline that
     /// grows with its size).
     bulk: DashMap<(MemberId, u64), Channel>,
-    cluster_hash: String,
-    local_id: String,
+    /// The metadata every call carries: cluster hash, caller id, gossip address, credential.
+    metadata: Vec<(&'static str, MetadataValue<Ascii>)>,
     local_gossip: SocketAddr,
+    tls: Option<ClientTlsConfig>,
     timeout: Duration,
     connect_timeout: Duration,
     fault_switch: Option<FaultSwitch>,
@@ -41,6 +43,12 @@ pub(crate) struct PeerClient {
     timeout: Duration,
 }
 
+/// How a member proves itself to its peers: the secret's credential and TLS.
+pub(crate) struct ClientSecurity {
+    pub(crate) credential: Option<String>,
+    pub(crate) tls: Option<ClientTlsConfig>,
+}
+
 impl RpcClients {
     pub(crate) fn new(
         cluster_hash: u64,
@@ -49,13 +57,25 @@ impl RpcClients {
         connect_timeout: Duration,
         fault_switch: Option<FaultSwitch>,
         max_message_size: usize,
+        security: ClientSecurity,
     ) -> Self {
+        let mut metadata = Vec::new();
+        for (key, value) in [
+            (CLUSTER_HEADER, Some(format!("{cluster_hash:016x}"))),
+            (FROM_HEADER, Some(local.id.to_string())),
+            (GOSSIP_HEADER, Some(local.gossip.to_string())),
+            (AUTH_HEADER, security.credential),
+        ] {
+            if let Some(value) = value.and_then(|v| v.parse().ok()) {
+                metadata.push((key, value));
+            }
+        }
         RpcClients {
             channels: DashMap::new(),
             bulk: DashMap::new(),
-            cluster_hash: format!("{cluster_hash:016x}"),
-            local_id: local.id.to_string(),
+            metadata,
             local_gossip: local.gossip,
+            tls: security.tls,
             timeout,
             connect_timeout,
             fault_switch,
@@ -144,35 +164,34 @@ impl RpcClients {
     pub(crate) fn request_untimed<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         let metadata = request.metadata_mut();
-        if let Ok(v) = self.cluster_hash.parse() {
-            metadata.insert(CLUSTER_HEADER, v);
-        }
-        if let Ok(v) = self.local_id.parse() {
-            metadata.insert(FROM_HEADER, v);
-        }
-        if let Ok(v) = self.local_gossip.to_string().parse() {
-            metadata.insert(GOSSIP_HEADER, v);
+        for (key, value) in &self.metadata {
+            metadata.insert(*key, value.clone());
         }
         request
     }
 
     fn endpoint(&self, rpc: SocketAddr, timed: bool) -> Endpoint {
-        let endpoint = Endpoint::from(
-            http_uri(rpc)
-                .unwrap_or_else(|| tonic::codegen::http::Uri::from_static("http://0.0.0.0:1")),
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from(
+            format!("{scheme}://{rpc}")
+                .parse::<tonic::codegen::http::Uri>()
+                .unwrap_or_else(|_| tonic::codegen::http::Uri::from_static("http://0.0.0.0:1")),
         )
         .connect_timeout(self.connect_timeout)
         .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            // Checked when the member joined (`security::load_tls`), so this does not fail.
+            match endpoint.clone().tls_config(tls.clone()) {
+                Ok(with_tls) => endpoint = with_tls,
+                Err(e) => tracing::error!(error = %e, "TLS configuration refused"),
+            }
+        }
         if timed {
             endpoint.timeout(self.timeout)
         } else {
             endpoint
         }
     }
-}
-
-fn http_uri(addr: SocketAddr) -> Option<tonic::codegen::http::Uri> {
-    format!("http://{addr}").parse().ok()
 }
 
 impl PeerClient {
@@ -196,6 +215,16 @@ impl PeerClient {
                 addr: self.addr,
                 reason: status.message().to_string(),
             },
+            Code::Unauthenticated => Error::Unauthenticated {
+                member: self.member,
+                addr: self.addr,
+                reason: status.message().to_string(),
+            },
+            Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+                if limit_error(status.message()).is_some() =>
+            {
+                limit_error(status.message()).unwrap_or(Error::Shutdown)
+            }
             Code::DataLoss => match status
                 .message()
                 .strip_prefix("not backed up: ")
@@ -222,6 +251,46 @@ impl PeerClient {
             },
         }
     }
+}
+
+/// Parses a limit the peer enforced: `"too large: {what} {size} {max}"` and
+/// `"too many keys: {count} {max}"` from a member, and tonic's "message length too large:
+/// found {size} bytes, the limit is: {max} bytes" from either end's transport.
+fn limit_error(message: &str) -> Option<Error> {
+    let numbers = |text: &str| -> Vec<usize> {
+        text.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    if let Some(rest) = message.strip_prefix("too large: ") {
+        let (what, rest) = rest.split_once(' ')?;
+        let what = match what {
+            "key" => "key",
+            "value" => "value",
+            _ => return None,
+        };
+        let [size, max] = numbers(rest)[..] else {
+            return None;
+        };
+        return Some(Error::TooLarge { what, size, max });
+    }
+    if let Some(rest) = message.strip_prefix("too many keys: ") {
+        let [count, max] = numbers(rest)[..] else {
+            return None;
+        };
+        return Some(Error::TooManyKeys { count, max });
+    }
+    if message.contains("message length too large") {
+        let [size, max] = numbers(message)[..] else {
+            return None;
+        };
+        return Some(Error::TooLarge {
+            what: "rpc message",
+            size,
+            max,
+        });
+    }
+    None
 }
 
 /// Parses `"quorum not present: {structure} {min} {present} {name}"`.

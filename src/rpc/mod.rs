@@ -3,8 +3,10 @@
 //! - [`server`]: the tonic service every member runs on its rpc address.
 //! - [`client`]: one lazily connected channel per peer, with deadlines and error mapping.
 //!
-//! Every call carries the cluster hash and the caller's id as metadata (see `proto/peergrid.proto`);
-//! the server refuses calls from another cluster.
+//! Every call carries the cluster hash and the caller's id as metadata (see `proto/peergrid.proto`),
+//! and with a cluster secret a credential derived from it; the server refuses calls from another
+//! cluster, and without a valid credential before the call's body is read. With
+//! [`crate::TlsConfig`], calls run over TLS, mutual by default.
 
 pub(crate) mod client;
 pub(crate) mod server;
@@ -21,3 +23,6 @@ pub(crate) const CLUSTER_HEADER: &str = "x-peergrid-cluster";
 pub(crate) const FROM_HEADER: &str = "x-peergrid-from";
 /// Metadata key: the caller's gossip address, which names it to the fault switch.
 pub(crate) const GOSSIP_HEADER: &str = "x-peergrid-gossip";
+/// Metadata key: the caller's cluster credential, derived from the cluster secret (see
+/// [`crate::security`]).
+pub(crate) const AUTH_HEADER: &str = "x-peergrid-auth";

@@ -9,13 +9,14 @@ use tonic::{Request, Response, Status};
 
 use super::proto::peer_grid_server::{PeerGrid, PeerGridServer};
 use super::proto::{self, MemberInfoRequest, MemberInfoResponse};
-use super::{CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
+use super::{AUTH_HEADER, CLUSTER_HEADER, FROM_HEADER, GOSSIP_HEADER};
 use crate::error::Error;
 use crate::map::ops::MapOp;
 use crate::membership::{MemberId, MembershipState};
 use crate::node::{FetchRefused, Node, Outcome};
 use crate::partition::coordinator;
 use crate::routing::op_from_proto;
+use crate::security::Keyring;
 use crate::store::snapshot::Staging;
 
 /// The service state. Cheap to clone: tonic clones it per connection.
@@ -92,6 +93,24 @@ impl PeerGridService {
             return Err(Status::aborted(
                 "link cut by the fault switch while answering; outcome unknown",
             ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a key or value beyond the configured limits (`"too large: {what} {size} {max}"`,
+    /// parsed back into [`Error::TooLarge`] by the caller). Internal keys (lock names, a map name
+    /// with a key) may exceed the key limit by a little.
+    fn check_sizes(&self, key: &[u8], value: &[u8]) -> Result<(), Status> {
+        let config = &self.node.config;
+        for (what, size, max) in [
+            ("key", key.len(), config.max_key_size + 1024),
+            ("value", value.len(), config.max_value_size),
+        ] {
+            if size > max {
+                return Err(Status::invalid_argument(format!(
+                    "too large: {what} {size} {max}"
+                )));
+            }
         }
         Ok(())
     }
@@ -176,6 +195,8 @@ impl PeerGrid for PeerGridService {
         self.admit(&request, "map_call")?;
         let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
+        self.check_sizes(&request.key, &request.value)?;
+        self.check_sizes(&[], &request.expected)?;
         let op = op_from_proto(&request)
             .ok_or_else(|| Status::invalid_argument("unknown map operation"))?;
         let outcome = self
@@ -232,6 +253,17 @@ impl PeerGrid for PeerGridService {
         self.admit(&request, "map_batch")?;
         let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
+        // Every limit is checked before any entry is applied: a refused batch stores nothing.
+        let max = self.node.config.max_batch_keys;
+        if request.entries.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "too many keys: {} {max}",
+                request.entries.len()
+            )));
+        }
+        for entry in &request.entries {
+            self.check_sizes(&entry.key, &entry.value)?;
+        }
         self.node.catch_up(request.table_version).await;
         self.node
             .check_map_quorum(&request.map, request.put)
@@ -511,22 +543,57 @@ fn to_status(error: Error) -> Status {
     }
 }
 
+/// Who the server lets in: holders of the cluster secret, over TLS when configured.
+pub(crate) struct ServerSecurity {
+    pub(crate) keys: Arc<Keyring>,
+    pub(crate) tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
 /// Serves `service` on `listener` until `cancel` fires. Aborting the returned task also closes the
 /// listener and starts a graceful shutdown of open connections.
+///
+/// Every call first passes an interceptor that checks the caller's cluster credential from the
+/// call's metadata, before the body is read: a caller without the secret gets `UNAUTHENTICATED`
+/// and costs the member no decoding.
 pub(crate) fn spawn(
     listener: TcpListener,
     service: PeerGridService,
     cancel: CancellationToken,
     max_message_size: usize,
+    security: ServerSecurity,
 ) -> JoinHandle<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let keys = security.keys;
+    let authenticate = move |request: Request<()>| -> Result<Request<()>, Status> {
+        let credential = request.metadata().get(AUTH_HEADER).map(|v| v.as_bytes());
+        if keys.admits_rpc(credential) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong cluster credential: the caller does not hold this cluster's secret",
+            ))
+        }
+    };
+    let service = tonic::service::interceptor::InterceptedService::new(
+        PeerGridServer::new(service)
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size),
+        authenticate,
+    );
     tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .add_service(
-                PeerGridServer::new(service)
-                    .max_decoding_message_size(max_message_size)
-                    .max_encoding_message_size(max_message_size),
-            )
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = match builder.tls_config(tls) {
+                Ok(builder) => builder,
+                Err(e) => {
+                    // Checked when the member joined (`security::load_tls`).
+                    tracing::error!(error = %e, "rpc server TLS configuration refused");
+                    return;
+                }
+            };
+        }
+        let result = builder
+            .add_service(service)
             .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
             .await;
         if let Err(e) = result {
