@@ -100,7 +100,12 @@ impl Keyring {
     }
 
     /// Checks `tag` over `data` under the key `key_id` names.
-    pub(crate) fn verify(&self, key_id: u32, data: &[u8], tag_bytes: &[u8]) -> Result<(), AuthError> {
+    pub(crate) fn verify(
+        &self,
+        key_id: u32,
+        data: &[u8],
+        tag_bytes: &[u8],
+    ) -> Result<(), AuthError> {
         if key_id == 0 || !self.is_enabled() {
             return Err(AuthError::Missing);
         }
@@ -147,10 +152,12 @@ fn tag(key: &Key, data: &[u8]) -> [u8; TAG_LEN] {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Why a datagram was taken for a replay.
@@ -358,10 +365,19 @@ mod tests {
         let b = ring(&["0123456789abcdef-two"]);
         let tag = a.sign(b"datagram").unwrap();
         assert_eq!(a.verify(a.signing_id(), b"datagram", &tag), Ok(()));
-        assert_eq!(a.verify(a.signing_id(), b"datagrax", &tag), Err(AuthError::BadTag));
-        assert_eq!(b.verify(a.signing_id(), b"datagram", &tag), Err(AuthError::UnknownKey));
+        assert_eq!(
+            a.verify(a.signing_id(), b"datagrax", &tag),
+            Err(AuthError::BadTag)
+        );
+        assert_eq!(
+            b.verify(a.signing_id(), b"datagram", &tag),
+            Err(AuthError::UnknownKey)
+        );
         assert_eq!(b.verify(0, b"datagram", &tag), Err(AuthError::Missing));
-        assert_eq!(ring(&[]).verify(a.signing_id(), b"datagram", &tag), Err(AuthError::Missing));
+        assert_eq!(
+            ring(&[]).verify(a.signing_id(), b"datagram", &tag),
+            Err(AuthError::Missing)
+        );
         // The same secret in another cluster is another key.
         let other = Keyring::new(
             "other",
@@ -403,10 +419,18 @@ mod tests {
         // Another instance has its own counters.
         assert_eq!(guard.check(8, 5, t, t, now), Ok(()));
         // Outside the window, either way.
-        assert_eq!(guard.check(9, 1, t - 10_001, t, now), Err(ReplayError::OutsideWindow));
-        assert_eq!(guard.check(9, 1, t + 10_001, t, now), Err(ReplayError::OutsideWindow));
+        assert_eq!(
+            guard.check(9, 1, t - 10_001, t, now),
+            Err(ReplayError::OutsideWindow)
+        );
+        assert_eq!(
+            guard.check(9, 1, t + 10_001, t, now),
+            Err(ReplayError::OutsideWindow)
+        );
         // Silent senders are forgotten.
-        guard.check(10, 1, t, t, now + Duration::from_secs(30)).unwrap();
+        guard
+            .check(10, 1, t, t, now + Duration::from_secs(30))
+            .unwrap();
         assert_eq!(guard.tracked(), 1);
     }
 }

@@ -233,9 +233,12 @@ async fn foreign_and_garbage_datagrams_are_dropped_and_counted() {
         .unwrap();
     socket.send_to(&vec![0u8; 3000], target).await.unwrap();
     // A valid header for our cluster followed by a payload foca cannot decode.
-    let mut bad_payload = b"PG\x01\x00".to_vec();
+    // (Version 2: the cluster hash, then key id 0, as an unsigned datagram of a cluster without
+    // a secret has, and the sender's instance, counter and clock.)
+    let mut bad_payload = b"PG\x02\x00".to_vec();
     bad_payload
         .extend_from_slice(&xxhash_rust::xxh3::xxh3_64(cluster.name.as_bytes()).to_be_bytes());
+    bad_payload.extend_from_slice(&[0u8; 28]);
     bad_payload.extend_from_slice(&[0xff; 40]);
     socket.send_to(&bad_payload, target).await.unwrap();
 

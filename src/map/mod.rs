@@ -530,6 +530,8 @@ where
         I: IntoIterator<Item = &'a K>,
         K: Clone + Eq + Hash + 'a,
     {
+        let keys: Vec<&K> = keys.into_iter().collect();
+        self.check_batch(keys.len())?;
         let mut encoded = Vec::new();
         let mut out = HashMap::new();
         let table = self.near.as_ref().map(|_| self.node.table.current());
@@ -553,8 +555,20 @@ where
         Ok(out)
     }
 
+    /// Refuses a batch of more than [`crate::GridConfig::max_batch_keys`] keys.
+    fn check_batch(&self, count: usize) -> Result<()> {
+        let max = self.node.config.max_batch_keys;
+        if count > max {
+            return Err(Error::TooManyKeys { count, max });
+        }
+        Ok(())
+    }
+
     /// Stores every entry, grouped by owning member, one call per member, sent concurrently.
     /// Each entry is stored (and backed up) on its own; on an error, some entries may be stored.
+    /// A call with more than [`crate::GridConfig::max_batch_keys`] entries, or a key or value
+    /// beyond its limit, is refused before anything is sent
+    /// ([`Error::TooManyKeys`], [`Error::TooLarge`]).
     pub async fn put_all<I>(&self, entries: I) -> Result<()>
     where
         I: IntoIterator<Item = (K, V)>,
@@ -564,6 +578,7 @@ where
             let (partition, bytes) = self.key(&key)?;
             encoded.push(((), partition, bytes, self.value(&value)?));
         }
+        self.check_batch(encoded.len())?;
         let Some(near) = &self.near else {
             return self.batch(true, &encoded).await.map(|_| ());
         };
@@ -679,6 +694,37 @@ where
     }
 
     async fn remote_batch<T>(
+        &self,
+        owner: MemberId,
+        put: bool,
+        entries: &[(T, u32, Bytes, Bytes)],
+        indexes: &[usize],
+        table_version: u64,
+    ) -> Result<Vec<Option<Option<Bytes>>>> {
+        // Calls stay within half the rpc message limit: a large batch goes as several calls.
+        let budget = self.node.config.max_message_size() / 2;
+        let mut chunks: Vec<&[usize]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (n, &i) in indexes.iter().enumerate() {
+            let size = entries[i].2.len() + entries[i].3.len() + 16;
+            if n > start && bytes + size > budget {
+                chunks.push(&indexes[start..n]);
+                (start, bytes) = (n, 0);
+            }
+            bytes += size;
+        }
+        chunks.push(&indexes[start..]);
+        let calls = chunks
+            .into_iter()
+            .map(|chunk| self.remote_batch_call(owner, put, entries, chunk, table_version));
+        let mut out = Vec::with_capacity(indexes.len());
+        for answers in futures::future::join_all(calls).await {
+            out.extend(answers?);
+        }
+        Ok(out)
+    }
+
+    async fn remote_batch_call<T>(
         &self,
         owner: MemberId,
         put: bool,

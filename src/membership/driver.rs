@@ -20,11 +20,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, FrameError, Kind};
-use crate::security::{Keyring, ReplayGuard, TAG_LEN};
 use super::identity::Identity;
 use super::timers::TimerQueue;
 use super::{Counters, MemberId, MembershipState};
 use crate::fault::FaultSwitch;
+use crate::security::{Keyring, ReplayGuard, TAG_LEN};
 use crate::split_brain::discovery::{self, ClusterView, Verdict};
 
 /// Ends the member's event streams when dropped.

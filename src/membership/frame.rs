@@ -165,7 +165,10 @@ pub(crate) fn open<'a>(
             Err(FrameError::Unauthenticated(AuthError::Missing))
         };
     }
-    let Some(signed_len) = datagram.len().checked_sub(TAG_LEN).filter(|n| *n >= HEADER_LEN)
+    let Some(signed_len) = datagram
+        .len()
+        .checked_sub(TAG_LEN)
+        .filter(|n| *n >= HEADER_LEN)
     else {
         return Err(FrameError::Unauthenticated(AuthError::Missing));
     };
@@ -273,7 +276,10 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = d.clone();
                 bad[i] ^= 1 << bit;
-                assert!(open(&bad, c, &keys, &mut guard, t, now).is_err(), "byte {i} bit {bit}");
+                assert!(
+                    open(&bad, c, &keys, &mut guard, t, now).is_err(),
+                    "byte {i} bit {bit}"
+                );
             }
         }
         assert!(open(&d, c, &keys, &mut guard, t, now).is_ok());
@@ -287,12 +293,26 @@ mod tests {
         let mut open_guard = ReplayGuard::new(std::time::Duration::from_secs(60));
         assert!(open(&plain, c, &keyring(None), &mut open_guard, t, now).is_ok());
         assert_eq!(
-            open(&sealed(&keys, 4, t), c, &keyring(None), &mut open_guard, t, now),
+            open(
+                &sealed(&keys, 4, t),
+                c,
+                &keyring(None),
+                &mut open_guard,
+                t,
+                now
+            ),
             Err(FrameError::Unauthenticated(AuthError::Missing))
         );
         // Another secret.
         assert_eq!(
-            open(&sealed(&keyring(Some("another sixteen bytes")), 5, t), c, &keys, &mut guard, t, now),
+            open(
+                &sealed(&keyring(Some("another sixteen bytes")), 5, t),
+                c,
+                &keys,
+                &mut guard,
+                t,
+                now
+            ),
             Err(FrameError::Unauthenticated(AuthError::UnknownKey))
         );
         // Stale.
