@@ -1272,13 +1272,75 @@ mod tests {
     }
 
     #[test]
-    fn wildcard_bind_is_fine_with_an_advertised_address() {
-        let c = GridConfig {
+    fn wildcard_bind_is_fine_with_an_advertised_address_and_a_secret() {
+        let mut c = GridConfig {
             gossip_bind: "0.0.0.0:5701".parse().unwrap(),
             gossip_advertise: Some("10.1.2.3:5701".parse().unwrap()),
             ..GridConfig::default()
         };
+        // Beyond loopback, a secret is needed (or an explicit opt-out).
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Address {
+                field: "gossip_bind",
+                ..
+            })
+        ));
+        c.security.secret = Some(Secret::new("sixteen bytes or more"));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn security_settings_come_from_the_environment_and_secrets_stay_hidden() {
+        let c = GridConfig::default()
+            .with_env_vars(env(&[
+                ("PEERGRID_SECRET", "sixteen bytes or more"),
+                (
+                    "PEERGRID_ACCEPTED_SECRETS",
+                    "the previous secret 1, the previous secret 2",
+                ),
+                ("PEERGRID_REPLAY_WINDOW_MS", "30000"),
+                ("PEERGRID_TLS_CERT", "/etc/peergrid/member.pem"),
+                ("PEERGRID_TLS_KEY", "/etc/peergrid/member.key"),
+                ("PEERGRID_TLS_CA", "/etc/peergrid/ca.pem"),
+                ("PEERGRID_TLS_MUTUAL", "false"),
+                ("PEERGRID_MAX_BATCH_KEYS", "500"),
+                ("PEERGRID_MAX_VALUE_SIZE", "1048576"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            c.security.secret,
+            Some(Secret::new("sixteen bytes or more"))
+        );
+        assert_eq!(c.security.accepted_secrets.len(), 2);
+        assert_eq!(c.security.replay_window, Duration::from_secs(30));
+        let tls = c.security.tls.as_ref().unwrap();
+        assert_eq!(tls.ca, std::path::PathBuf::from("/etc/peergrid/ca.pem"));
+        assert!(!tls.mutual);
+        assert_eq!((c.max_batch_keys, c.max_value_size), (500, 1 << 20));
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains("sixteen"));
+        let err = GridConfig::default()
+            .with_env_vars(env(&[("PEERGRID_REPLAY_WINDOW_MS", "soon")]))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Env { .. }));
+        let err = GridConfig::default()
+            .with_env_vars(env(&[("PEERGRID_TLS_MUTUAL", "sixteen bytes secret")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("sixteen"), "not a secret: shown");
+        // Accepted secrets alone, short secrets, and a message limit below what values need.
+        let mut bad = GridConfig::default();
+        bad.security.accepted_secrets = vec![Secret::new("sixteen bytes or more")];
+        assert!(bad.validate().is_err());
+        let mut bad = GridConfig::default();
+        bad.max_rpc_message_size = bad.max_value_size;
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Range {
+                field: "max_rpc_message_size",
+                ..
+            })
+        ));
     }
 
     #[test]

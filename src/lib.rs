@@ -76,6 +76,9 @@ mod config;
 mod error;
 mod events;
 mod fault;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod grid;
 mod lock;
 mod map;

@@ -36,7 +36,7 @@ impl Drop for CloseOnDrop {
     }
 }
 
-type SwimNode = Foca<Identity, PostcardCodec, SmallRng, NoCustomBroadcast>;
+pub(crate) type SwimNode = Foca<Identity, PostcardCodec, SmallRng, NoCustomBroadcast>;
 
 /// Requests to the membership task.
 pub(crate) enum Command {

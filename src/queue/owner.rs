@@ -33,7 +33,7 @@ const TAKEN: u8 = 1;
 const HEADER: usize = 17;
 
 /// One decoded item entry.
-struct Item {
+pub(crate) struct Item {
     taken: bool,
     offer_token: u64,
     poll_token: u64,
@@ -48,7 +48,7 @@ fn encode(taken: bool, offer_token: u64, poll_token: u64, payload: &[u8]) -> Byt
     out.freeze()
 }
 
-fn decode(value: &[u8]) -> Option<Item> {
+pub(crate) fn decode(value: &[u8]) -> Option<Item> {
     if value.len() < HEADER {
         return None;
     }
