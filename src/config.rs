@@ -143,8 +143,9 @@ pub struct GridConfig {
 
     /// Largest gRPC message a member sends or accepts, in bytes. A larger message is refused by
     /// the receiver's transport, which answers with an error and keeps the connection. It must
-    /// hold an operation on a maximum-size key and two maximum-size values (a compare-and-set)
-    /// and a copy chunk holding one; a batch that would exceed it is split. Default 64 MiB.
+    /// be at least [`GridConfig::min_rpc_message_size`]: an operation on a maximum-size key and
+    /// two maximum-size values (a compare-and-set), and a copy chunk or replication batch topped
+    /// by one such entry; a batch that would exceed it is split. Default 64 MiB.
     /// `PEERGRID_MAX_RPC_MESSAGE_SIZE`.
     pub max_rpc_message_size: usize,
 
@@ -517,8 +518,9 @@ impl GridConfig {
         {
             return Err(ConfigError::Range {
                 field: "max_rpc_message_size",
-                reason: "must be at most 1 GiB and hold two maximum-size values and a key, and a \
-                         copy chunk with one entry (see GridConfig::min_rpc_message_size)",
+                reason: "must be at most 1 GiB and at least GridConfig::min_rpc_message_size() \
+                         (two maximum-size values and a key; a copy chunk or replication batch \
+                         with one more entry)",
             });
         }
         self.security.validate()?;
@@ -665,12 +667,16 @@ impl GridConfig {
         self.max_rpc_message_size
     }
 
-    /// The smallest `max_rpc_message_size` that carries every operation the other limits allow:
-    /// a compare-and-set of a maximum-size key with two maximum-size values, or a copy chunk
-    /// holding one maximum-size entry, plus room for the message's other fields.
+    /// The smallest `max_rpc_message_size` that carries every message the other limits allow:
+    /// a compare-and-set of a maximum-size key with two maximum-size values, a copy chunk or a
+    /// replication batch (up to 4 MiB) topped by one maximum-size entry, plus room for the
+    /// message's other fields.
     pub fn min_rpc_message_size(&self) -> usize {
         let entry = self.max_key_size + self.max_value_size;
-        (entry + self.max_value_size).max(self.snapshot_chunk_size + entry) + (64 << 10)
+        let stream = self
+            .snapshot_chunk_size
+            .max(crate::store::replication::MAX_BATCH_BYTES);
+        (entry + self.max_value_size).max(stream + entry) + (64 << 10)
     }
 
     /// The default configuration with `PEERGRID_*` environment variables applied. See each field

@@ -262,8 +262,16 @@ mod tests {
             raw: vec![0, 1, 2],
         };
         out.push(crate::codec::encode(&sample).unwrap().to_vec());
-        out.push(crate::codec::encode(&vec![Some(3u64), None]).unwrap().to_vec());
-        out.push(crate::codec::encode(&(5u64, "s", vec![1u32])).unwrap().to_vec());
+        out.push(
+            crate::codec::encode(&vec![Some(3u64), None])
+                .unwrap()
+                .to_vec(),
+        );
+        out.push(
+            crate::codec::encode(&(5u64, "s", vec![1u32]))
+                .unwrap()
+                .to_vec(),
+        );
         out.push(
             proto::MapRequest {
                 table_version: 3,

@@ -59,11 +59,17 @@
 //!   primary's side of a merged entry under the map's [`MergePolicy`].
 //! - `membership`: SWIM membership with foca. `membership::driver` is the one task that owns
 //!   the `Foca` value, the UDP socket and the ordered timer queue (`membership::timers`);
-//!   `membership::frame` is the datagram header (magic, version, cluster hash);
+//!   `membership::frame` is the datagram header (magic, version, cluster hash, key id, sender
+//!   instance, counter, clock) and its sealing and opening;
 //!   `membership::identity` is what foca gossips about a member.
 //! - `rpc`: member-to-member gRPC from `proto/peergrid.proto`: `rpc::server` and `rpc::client`
 //!   (one lazily connected channel per peer, deadlines, size limits, and the mapping of failures
-//!   onto [`Error`]).
+//!   onto [`Error`]). Every call passes an interceptor that checks the cluster credential; TLS
+//!   and mutual TLS come from [`TlsConfig`].
+//! - `security`: the cluster [`Secret`] at work ([`SecurityConfig`]): HKDF-derived key ids,
+//!   gossip keys and rpc credentials, datagram tags, the replay window, and loading TLS files.
+//! - `fuzzing` (feature `fuzzing` and tests only): every decoder of network input, for the
+//!   cargo-fuzz targets in `fuzz/` and the property test CI runs.
 //! - `events`: [`EventStream`], the stream type of membership and partition events.
 //! - `fault`: [`FaultSwitch`], which cuts gossip and rpc links between chosen members for
 //!   failure tests. `error`: [`Error`] and [`ConfigError`].

@@ -302,7 +302,7 @@ async fn oversized_values_and_batches_are_refused_and_nothing_is_stored() {
     })
     .await;
     let mut config = cluster.config();
-    config.max_value_size = 4 << 20;
+    config.max_value_size = 16 << 20;
     config.max_batch_keys = 1000;
     config.max_rpc_message_size = config.min_rpc_message_size();
     cluster.add_with(config).await;
@@ -344,7 +344,8 @@ async fn oversized_values_and_batches_are_refused_and_nothing_is_stored() {
         other => panic!("expected the owner's TooLarge, got {other:?}"),
     }
     // Beyond the owner's rpc message limit: its transport refuses the message.
-    match large.put(&owned_by_0, &vec![7u8; 2 << 20]).await {
+    // (About 4.2 MB for member 0: a replication batch and one entry.)
+    match large.put(&owned_by_0, &vec![7u8; 6 << 20]).await {
         Err(Error::TooLarge {
             what: "rpc message",
             ..
