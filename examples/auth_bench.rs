@@ -19,6 +19,9 @@ use bytes::Bytes;
 use peergrid::{Grid, GridConfig, Map, Secret, TlsConfig};
 use tokio::time::Instant;
 
+/// Adjusts the configuration of member 0 or 1 of a cluster.
+type Tune = dyn Fn(&mut GridConfig, usize);
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "quick");
@@ -30,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("peergrid-auth-bench-{}", std::process::id()));
     let pki = write_pki(&dir)?;
     let secret = Secret::new("an example secret of enough length");
-    let setups: Vec<(&str, Box<dyn Fn(&mut GridConfig, usize)>)> = vec![
+    let setups: Vec<(&str, Box<Tune>)> = vec![
         ("no secret (open)", Box::new(|_, _| {})),
         (
             "cluster secret",
@@ -89,7 +92,7 @@ struct Pair {
 }
 
 impl Pair {
-    async fn start(tune: &dyn Fn(&mut GridConfig, usize)) -> Result<Pair, peergrid::Error> {
+    async fn start(tune: &Tune) -> Result<Pair, peergrid::Error> {
         let name = format!("auth-bench-{}-{}", std::process::id(), rand_suffix());
         let mut config = GridConfig {
             cluster_name: name.clone(),
