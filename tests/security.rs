@@ -360,13 +360,30 @@ async fn oversized_values_and_batches_are_refused_and_nothing_is_stored() {
         .enumerate()
         .map(|(i, k)| (k, vec![1u8; if i == 3 { 3000 } else { 10 }]))
         .collect();
-    assert!(large.put_all(mixed.clone()).await.is_err());
+    match large.put_all(mixed.clone()).await {
+        Err(Error::TooLarge {
+            what: "value",
+            max: 1024,
+            ..
+        }) => {}
+        other => panic!("expected the owner's TooLarge, got {other:?}"),
+    }
     for (k, _) in &mixed {
-        if small.get(k).await.unwrap().is_some() {
-            // The batch is refused whole; a key may only be stored by the one-by-one retry,
-            // which refuses the oversized one alone.
-            assert_ne!(small.get(k).await.unwrap().unwrap().len(), 3000);
-        }
+        assert_eq!(small.get(k).await.unwrap(), None, "{k} was stored");
+    }
+    // So is a batch beyond the owner's key count.
+    let many: Vec<(String, Vec<u8>)> = (0..)
+        .map(|i| format!("many-{i}"))
+        .filter(|k| large.owner(k).unwrap() == Some(cluster.grid(0).local_member().id))
+        .take(11)
+        .map(|k| (k, vec![1u8]))
+        .collect();
+    match large.put_all(many.clone()).await {
+        Err(Error::TooManyKeys { count: 11, max: 10 }) => {}
+        other => panic!("expected the owner's TooManyKeys, got {other:?}"),
+    }
+    for (k, _) in &many {
+        assert_eq!(small.get(k).await.unwrap(), None, "{k} was stored");
     }
     assert_eq!(small.get(&owned_by_0).await.unwrap(), None);
 

@@ -29,6 +29,8 @@ use crate::partition::key::partition_of;
 use crate::rpc::proto;
 use ops::MapOp;
 
+/// Longest loader error message stored for the callers waiting on a load, in bytes.
+const MAX_LOAD_ERROR: usize = 512;
 /// A distributed map from `K` to `V`, from [`crate::Grid::map`].
 ///
 /// Entries live in the partition of their key, on its primary and backups. Every method is a
@@ -411,7 +413,16 @@ where
                 Err(e) => (ops::LoadOutcome::Failed(e.to_string()), Err(e)),
             },
             Err(e) => {
-                let message = e.to_string();
+                let mut message = e.to_string();
+                // The message travels as the entry's value to its owner: kept well within the
+                // value size limit.
+                if message.len() > MAX_LOAD_ERROR {
+                    let mut end = MAX_LOAD_ERROR;
+                    while !message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    message.truncate(end);
+                }
                 (
                     ops::LoadOutcome::Failed(message.clone()),
                     Err(Error::LoadFailed { message }),
@@ -612,10 +623,23 @@ where
         }
         let calls = by_owner.into_iter().map(|(owner, indexes)| async move {
             let answers = match owner {
-                Some(owner) if owner != self.node.me => self
-                    .remote_batch(owner, put, entries, &indexes, version)
-                    .await
-                    .unwrap_or_else(|_| vec![None; indexes.len()]),
+                Some(owner) if owner != self.node.me => {
+                    match self
+                        .remote_batch(owner, put, entries, &indexes, version)
+                        .await
+                    {
+                        Ok(answers) => answers,
+                        // The owner refused the call: asking again key by key would get
+                        // around its limits.
+                        Err(
+                            e @ (Error::TooLarge { .. }
+                            | Error::TooManyKeys { .. }
+                            | Error::Unauthenticated { .. }),
+                        ) => return Err(e),
+                        // Moved, unreachable, timed out: retried one by one through the router.
+                        Err(_) => vec![None; indexes.len()],
+                    }
+                }
                 Some(_) => match self.local_batch(put, entries, &indexes).await {
                     // Setting again is harmless: retried one by one on the new primary.
                     Err(Error::NotBackedUp { .. }) if put => vec![None; indexes.len()],

@@ -98,12 +98,11 @@ impl PeerGridService {
     }
 
     /// Refuses a key or value beyond the configured limits (`"too large: {what} {size} {max}"`,
-    /// parsed back into [`Error::TooLarge`] by the caller). Internal keys (lock names, a map name
-    /// with a key) may exceed the key limit by a little.
+    /// parsed back into [`Error::TooLarge`] by the caller).
     fn check_sizes(&self, key: &[u8], value: &[u8]) -> Result<(), Status> {
         let config = &self.node.config;
         for (what, size, max) in [
-            ("key", key.len(), config.max_key_size + 1024),
+            ("key", key.len(), config.max_key_size),
             ("value", value.len(), config.max_value_size),
         ] {
             if size > max {
@@ -195,8 +194,12 @@ impl PeerGrid for PeerGridService {
         self.admit(&request, "map_call")?;
         let caller = Self::caller_gossip(&request);
         let request = request.into_inner();
-        self.check_sizes(&request.key, &request.value)?;
-        self.check_sizes(&[], &request.expected)?;
+        // Internal maps (locks, queue items, merges) carry keys and values peergrid built; their
+        // size is bounded by the message limit. User maps get the configured limits.
+        if !request.map.starts_with('\0') {
+            self.check_sizes(&request.key, &request.value)?;
+            self.check_sizes(&[], &request.expected)?;
+        }
         let op = op_from_proto(&request)
             .ok_or_else(|| Status::invalid_argument("unknown map operation"))?;
         let outcome = self

@@ -58,12 +58,14 @@ impl Item {
     fn bytes(&self) -> usize {
         match self {
             Item::Mutation { mutation, .. } => {
-                mutation.key.len()
+                // The encoded size, with room for the field tags and lengths.
+                mutation.map.len()
+                    + mutation.key.len()
                     + match &mutation.change {
                         Some(proto::mutation::Change::Upsert(r)) => r.value.len(),
                         _ => 0,
                     }
-                    + 32
+                    + 64
             }
             Item::Snapshot { .. } => 64,
         }
