@@ -1020,9 +1020,18 @@ impl SecurityConfig {
     }
 }
 
-/// A cluster secret. Its bytes never appear in `Debug` output or error messages.
-#[derive(Clone, PartialEq, Eq)]
+/// A cluster secret. Its bytes never appear in `Debug` output or error messages, and
+/// comparisons take the same time wherever two secrets differ.
+#[derive(Clone)]
 pub struct Secret(std::sync::Arc<[u8]>);
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     /// A secret from a string or bytes. Use at least 16 random bytes (for instance
