@@ -149,6 +149,12 @@ pub struct GridConfig {
     /// `PEERGRID_MAX_RPC_MESSAGE_SIZE`.
     pub max_rpc_message_size: usize,
 
+    /// Where the HTTP listener for `/metrics` (Prometheus text) and `/health` (200 when the
+    /// member is joined and the cluster safe, else 503) binds. Port 0 picks an ephemeral port
+    /// ([`crate::Grid::metrics_addr`] tells which). Default `None`: no listener.
+    /// `PEERGRID_METRICS_BIND`.
+    pub metrics_bind: Option<SocketAddr>,
+
     /// Who may talk to this member: the cluster secret that authenticates gossip datagrams and
     /// rpc calls, and TLS for rpc. Default: no secret and no TLS, which is only safe while the
     /// member binds loopback (the default). See [`SecurityConfig`].
@@ -764,6 +770,12 @@ impl GridConfig {
                 "PEERGRID_MAX_DATAGRAM_SIZE" => {
                     self.max_datagram_size = parse_num(v).map_err(bad)?
                 }
+                "PEERGRID_METRICS_BIND" => {
+                    self.metrics_bind = (!v.is_empty())
+                        .then(|| parse_addr(v))
+                        .transpose()
+                        .map_err(bad)?
+                }
                 "PEERGRID_SECRET" => {
                     self.security.secret = (!v.is_empty()).then(|| Secret::new(v));
                 }
@@ -847,6 +859,7 @@ impl Default for GridConfig {
             max_batch_keys: 10_000,
             max_rpc_message_size: 64 << 20,
             security: SecurityConfig::default(),
+            metrics_bind: None,
             maps: Vec::new(),
             queues: Vec::new(),
             locks: Vec::new(),

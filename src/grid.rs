@@ -52,6 +52,8 @@ struct Inner {
     /// Background tasks, taken by `leave` to await them. A std mutex: never held across `.await`.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     left: AtomicBool,
+    /// Where `/metrics` and `/health` are served, if they are.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Drop for Inner {
@@ -153,6 +155,7 @@ impl Grid {
                 .map(|_| tokio::sync::Notify::new())
                 .collect(),
             started: std::time::Instant::now(),
+            latency: crate::metrics::OpLatency::new(),
             quorum_guarded: config.has_split_brain_protection(),
             merge: Default::default(),
         });
@@ -202,6 +205,20 @@ impl Grid {
         ));
 
         let has_seeds = config.seeds.iter().any(|s| *s != gossip_addr);
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        what: "metrics (http)",
+                        tried: addr,
+                        attempts: 1,
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let grid = Grid {
             inner: Arc::new(Inner {
                 membership: membership.clone(),
@@ -212,8 +229,21 @@ impl Grid {
                 left: AtomicBool::new(false),
                 node: node.clone(),
                 config,
+                metrics_addr,
             }),
         };
+        if let Some(listener) = metrics_listener {
+            let task = tokio::spawn(serve_metrics(
+                listener,
+                Arc::downgrade(&grid.inner),
+                grid.inner.cancel.clone(),
+            ));
+            grid.inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
         tracing::info!(member = %id, %gossip_addr, %rpc_addr, "member started");
         if has_seeds {
             let mut connected = membership.subscribe_connected();
@@ -292,6 +322,71 @@ impl Grid {
     /// handed over.
     pub fn split_brain_stats(&self) -> crate::SplitBrainStats {
         self.inner.node.merge.stats()
+    }
+
+    /// A snapshot of this member's figures: members, partitions led and backed up, migrations,
+    /// per-map statistics (hits, misses, entries, bytes, near cache), replication lag, map
+    /// operation latency and gossip drops. Served as Prometheus text on `/metrics` when
+    /// [`GridConfig::metrics_bind`] is set. Counting each map's entries scans them: meant for a
+    /// scrape every few seconds, not a hot path.
+    pub fn metrics(&self) -> crate::Metrics {
+        let node = &self.inner.node;
+        let table = node.table.current();
+        let (mut owned, mut backed_up) = (0, 0);
+        for p in 0..table.partition_count() {
+            if table.primary(p) == Some(node.me) {
+                owned += 1;
+            } else if table.replicas(p).contains(&node.me) {
+                backed_up += 1;
+            }
+        }
+        let mut names: Vec<std::sync::Arc<str>> = node
+            .map_counters
+            .iter()
+            .map(|e| e.key().clone())
+            .chain(node.near_caches.iter().map(|e| e.key().clone()))
+            .filter(|name| !name.starts_with('\0'))
+            .collect();
+        names.sort();
+        names.dedup();
+        let maps = names
+            .into_iter()
+            .map(|name| {
+                let mut stats = node.map_stats(&name);
+                // Clone the cache out; no map guard outlives this statement.
+                let near = node.near_caches.get(&name).map(|n| n.value().clone());
+                if let Some(near) = near {
+                    stats.add_near_cache(&near.stats());
+                }
+                (name.to_string(), stats)
+            })
+            .collect();
+        crate::Metrics {
+            members: self.inner.membership.members().len(),
+            partition_count: table.partition_count(),
+            partitions_owned: owned,
+            partitions_backed_up: backed_up,
+            migrations: self.partition_stats(),
+            maps,
+            replication_lag: node.replication.lag(),
+            read_latency: crate::metrics::OpLatency::summary(&node.latency.reads),
+            write_latency: crate::metrics::OpLatency::summary(&node.latency.writes),
+            datagrams: self.datagram_stats(),
+        }
+    }
+
+    /// Where `/metrics` and `/health` are served ([`GridConfig::metrics_bind`]), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.inner.metrics_addr
+    }
+
+    /// Whether this member is ready to serve: running, joined (it holds a partition table), and
+    /// the cluster safe ([`Grid::is_safe`]: every partition led and backed up, backups in
+    /// sync). What `/health` answers.
+    pub async fn is_ready(&self) -> bool {
+        !self.inner.left.load(Ordering::SeqCst)
+            && self.inner.membership.is_established()
+            && self.is_safe().await.unwrap_or(false)
     }
 
     /// The configuration this member runs with.
@@ -724,5 +819,66 @@ impl Grid {
     /// The data-path core, for tests that drive table changes directly.
     pub(crate) fn node(&self) -> &Arc<Node> {
         &self.inner.node
+    }
+}
+
+/// Serves `/metrics` and `/health` until the member stops. Holds the member weakly: dropping
+/// the last [`Grid`] still stops it.
+async fn serve_metrics(
+    listener: TcpListener,
+    grid: std::sync::Weak<Inner>,
+    cancel: CancellationToken,
+) {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let upgrade = |grid: &std::sync::Weak<Inner>| grid.upgrade().map(|inner| Grid { inner });
+    let for_metrics = grid.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let grid = upgrade(&for_metrics);
+                async move {
+                    let Some(grid) = grid else {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            String::new(),
+                        );
+                    };
+                    let span = tracing::debug_span!("metrics_scrape");
+                    let _entered = span.enter();
+                    let ready = grid.is_ready().await;
+                    let text =
+                        crate::metrics::render(&grid.metrics(), &grid.inner.node.latency, ready);
+                    (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let grid = upgrade(&grid);
+                async move {
+                    match grid {
+                        Some(grid) if grid.is_ready().await => (StatusCode::OK, "ready\n"),
+                        Some(_) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: joining, or the cluster is not safe\n",
+                        ),
+                        None => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n"),
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "metrics listener stopped");
     }
 }

@@ -161,6 +161,8 @@ pub(crate) struct Node {
     pub(crate) lock_signals: Vec<tokio::sync::Notify>,
     /// When this member started (its membership view is complete an rpc timeout later).
     pub(crate) started: std::time::Instant,
+    /// Latency of the map operations called on this member.
+    pub(crate) latency: crate::metrics::OpLatency,
     /// Whether any structure has split-brain protection (else the check costs nothing).
     pub(crate) quorum_guarded: bool,
     /// This member's merges after network splits.
@@ -1255,6 +1257,7 @@ impl Node {
     /// skipped. A former replica whose sources are all gone keeps its own copy (promotion of a
     /// backup after a crash); a member that held none reports the loss. Gives up only when this
     /// member is no longer the partition's primary.
+    #[tracing::instrument(name = "migration", level = "debug", skip_all, fields(partition = partition, ?previous_primary, was_replica = was_replica))]
     async fn take_over(
         &self,
         partition: u32,
@@ -1320,6 +1323,7 @@ impl Node {
     }
 
     /// Pulls `partition` from the first of `sources` that answers.
+    #[tracing::instrument(name = "migration_pull", level = "debug", skip_all, fields(partition = partition))]
     async fn pull(&self, partition: u32, sources: &[MemberId], table: proto::Table) -> Pulled {
         let data = self.store.partition(partition).expect("partition in range");
         for (i, &source) in sources.iter().enumerate() {

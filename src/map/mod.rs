@@ -143,9 +143,19 @@ where
 
     async fn run<Q: Serialize + ?Sized>(&self, key: &Q, op: MapOp) -> Result<ops::OpResult> {
         let (partition, key) = self.key(key)?;
-        if op.is_read() {
-            return self.read(partition, key, op).await;
-        }
+        let read = op.is_read();
+        let start = std::time::Instant::now();
+        let result = if read {
+            self.read(partition, key, op).await
+        } else {
+            self.write(partition, key, op).await
+        };
+        self.node.latency.record(read, start.elapsed());
+        result
+    }
+
+    /// A write, with the near cache kept coherent around it.
+    async fn write(&self, partition: u32, key: Bytes, op: MapOp) -> Result<ops::OpResult> {
         let writer = Some(self.writer());
         let Some(near) = &self.near else {
             return self
@@ -236,14 +246,7 @@ where
     pub fn local_stats(&self) -> crate::MapStats {
         let mut stats = self.node.map_stats(&self.name);
         if let Some(near) = &self.near {
-            let n = near.stats();
-            stats.near_cache_hits = n.hits;
-            stats.near_cache_misses = n.misses;
-            stats.near_cache_entries = n.entries;
-            stats.near_cache_evictions = n.evictions;
-            stats.near_cache_expirations = n.expirations;
-            stats.near_cache_invalidations = n.invalidations;
-            stats.near_cache_partitions_dropped = n.partitions_dropped;
+            stats.add_near_cache(&near.stats());
         }
         stats
     }

@@ -52,6 +52,17 @@ pub struct MapStats {
 }
 
 impl MapStats {
+    /// Takes the near cache's figures.
+    pub(crate) fn add_near_cache(&mut self, n: &crate::map::near::NearStats) {
+        self.near_cache_hits = n.hits;
+        self.near_cache_misses = n.misses;
+        self.near_cache_entries = n.entries;
+        self.near_cache_evictions = n.evictions;
+        self.near_cache_expirations = n.expirations;
+        self.near_cache_invalidations = n.invalidations;
+        self.near_cache_partitions_dropped = n.partitions_dropped;
+    }
+
     /// Hits over gets; `None` before the first get.
     pub fn hit_ratio(&self) -> Option<f64> {
         (self.gets > 0).then(|| self.hits as f64 / self.gets as f64)

@@ -584,7 +584,9 @@ pub(crate) fn spawn(
         authenticate,
     );
     tokio::spawn(async move {
-        let mut builder = tonic::transport::Server::builder();
+        // One span per call, named after its method, around everything the call does.
+        let mut builder = tonic::transport::Server::builder()
+            .trace_fn(|request| tracing::debug_span!("rpc", method = %request.uri().path()));
         if let Some(tls) = security.tls {
             builder = match builder.tls_config(tls) {
                 Ok(builder) => builder,

@@ -184,6 +184,19 @@ impl Replication {
         .is_ok()
     }
 
+    /// Items queued for backups and not yet answered, over every backup.
+    pub(crate) fn lag(&self) -> u64 {
+        self.replicators
+            .iter()
+            .map(|r| {
+                r.progress
+                    .queued
+                    .load(Ordering::Acquire)
+                    .saturating_sub(r.progress.answered.load(Ordering::Acquire))
+            })
+            .sum()
+    }
+
     /// Whether everything queued for `member` has been answered.
     pub(crate) fn idle(&self, member: MemberId) -> bool {
         self.replicators.get(&member).is_none_or(|r| {
@@ -406,6 +419,7 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
 
 /// Installs a snapshot of `partition` on `peer`, streamed in chunks; `false` if the peer would
 /// not take it.
+#[tracing::instrument(name = "backup_snapshot", level = "debug", skip_all, fields(partition = partition, peer = %peer.id))]
 async fn install_snapshot(
     deps: &Deps,
     peer: &crate::membership::identity::Identity,

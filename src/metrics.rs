@@ -1,0 +1,310 @@
+//! Operating figures: [`Metrics`], the snapshot [`crate::Grid::metrics`] returns, the operation
+//! latency histograms behind it, and the optional HTTP listener that serves them as Prometheus
+//! text on `/metrics` with a readiness probe on `/health`.
+
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::map::stats::MapStats;
+use crate::membership::DatagramStats;
+use crate::partition::PartitionStats;
+
+/// A snapshot of one member's figures, from [`crate::Grid::metrics`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// Live members this member sees, itself included.
+    pub members: usize,
+    /// Partitions in the table.
+    pub partition_count: u32,
+    /// Partitions this member leads (primary).
+    pub partitions_owned: u32,
+    /// Partitions this member backs up.
+    pub partitions_backed_up: u32,
+    /// Migrations, partition losses and repairs since the member started.
+    pub migrations: PartitionStats,
+    /// Per map (internal maps excluded), by name: operations served as primary, hits and
+    /// misses, entries, bytes, near cache.
+    pub maps: Vec<(String, MapStats)>,
+    /// Mutations queued for this member's backups and not yet acknowledged: how far the
+    /// backups trail the primaries here.
+    pub replication_lag: u64,
+    /// Latency of map reads called on this member (local or remote, as the caller sees it).
+    pub read_latency: Latency,
+    /// Latency of map writes called on this member, backups included.
+    pub write_latency: Latency,
+    /// The gossip socket's counters, drops by reason included.
+    pub datagrams: DatagramStats,
+}
+
+impl Metrics {
+    /// Gossip datagrams dropped for any reason.
+    pub fn dropped_datagrams(&self) -> u64 {
+        let d = &self.datagrams;
+        d.dropped_malformed
+            + d.dropped_foreign_cluster
+            + d.dropped_oversized
+            + d.dropped_invalid_payload
+            + d.dropped_by_fault_switch
+            + d.dropped_unauthenticated
+            + d.dropped_replayed
+    }
+}
+
+/// Operations counted and their latency quantiles, estimated from histogram buckets (each
+/// bucket 1.5 times the last, from 2 µs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Latency {
+    /// Operations recorded since the member started.
+    pub count: u64,
+    /// Median, `None` before the first operation.
+    pub p50: Option<Duration>,
+    /// 99th percentile, `None` before the first operation.
+    pub p99: Option<Duration>,
+}
+
+/// The latency histograms of map operations, shared by every handle of a member.
+pub(crate) struct OpLatency {
+    pub(crate) reads: Histogram,
+    pub(crate) writes: Histogram,
+}
+
+impl OpLatency {
+    pub(crate) fn new() -> Self {
+        let histogram = |name: &str, help: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(
+                prometheus::exponential_buckets(0.000_002, 1.5, 36)
+                    .expect("constant, valid bucket parameters"),
+            );
+            Histogram::with_opts(opts).expect("constant, valid histogram options")
+        };
+        OpLatency {
+            reads: histogram(
+                "peergrid_map_read_seconds",
+                "Latency of map reads called on this member",
+            ),
+            writes: histogram(
+                "peergrid_map_write_seconds",
+                "Latency of map writes called on this member, backups included",
+            ),
+        }
+    }
+
+    pub(crate) fn record(&self, read: bool, elapsed: Duration) {
+        let h = if read { &self.reads } else { &self.writes };
+        h.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn summary(histogram: &Histogram) -> Latency {
+        let count = histogram.get_sample_count();
+        let families = histogram.collect();
+        let Some(h) = families
+            .first()
+            .and_then(|f| f.get_metric().first())
+            .map(|m| m.get_histogram().clone())
+        else {
+            return Latency::default();
+        };
+        let buckets: Vec<(f64, u64)> = h
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        let quantile = |q: f64| -> Option<Duration> {
+            if count == 0 {
+                return None;
+            }
+            let rank = (q * count as f64).ceil().max(1.0) as u64;
+            let mut lower = (0.0, 0u64);
+            for &(bound, cumulative) in &buckets {
+                if cumulative >= rank {
+                    // Linear within the bucket.
+                    let within = (rank - lower.1) as f64 / (cumulative - lower.1).max(1) as f64;
+                    return Some(Duration::from_secs_f64(
+                        lower.0 + (bound - lower.0) * within,
+                    ));
+                }
+                lower = (bound, cumulative);
+            }
+            // Beyond the last bucket: its bound is the best estimate.
+            Some(Duration::from_secs_f64(lower.0))
+        };
+        Latency {
+            count,
+            p50: quantile(0.5),
+            p99: quantile(0.99),
+        }
+    }
+}
+
+/// Gauges registered while rendering one scrape.
+struct Families {
+    registry: Registry,
+    labelled: std::collections::HashMap<String, IntGaugeVec>,
+}
+
+impl Families {
+    fn gauge(&self, name: &str, help: &str, value: u64) {
+        if let Ok(g) = IntGauge::with_opts(Opts::new(name, help)) {
+            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            let _ = self.registry.register(Box::new(g));
+        }
+    }
+
+    /// One sample of `name` labelled `label=value_label`; the family is created on first use.
+    fn labelled(&mut self, name: &str, help: &str, label: &str, value_label: &str, value: u64) {
+        if !self.labelled.contains_key(name) {
+            let Ok(vec) = IntGaugeVec::new(Opts::new(name, help), &[label]) else {
+                return;
+            };
+            if self.registry.register(Box::new(vec.clone())).is_err() {
+                return;
+            }
+            self.labelled.insert(name.to_string(), vec);
+        }
+        if let Some(vec) = self.labelled.get(name) {
+            vec.with_label_values(&[value_label])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Renders `metrics` and the latency histograms as Prometheus text (format 0.0.4).
+pub(crate) fn render(metrics: &Metrics, latency: &OpLatency, ready: bool) -> String {
+    let mut f = Families {
+        registry: Registry::new(),
+        labelled: std::collections::HashMap::new(),
+    };
+    f.gauge(
+        "peergrid_ready",
+        "1 when the member is joined and the cluster is safe",
+        u64::from(ready),
+    );
+    f.gauge(
+        "peergrid_members",
+        "Live members this member sees",
+        metrics.members as u64,
+    );
+    f.gauge(
+        "peergrid_partitions",
+        "Partitions in the table",
+        u64::from(metrics.partition_count),
+    );
+    f.gauge(
+        "peergrid_partitions_owned",
+        "Partitions this member leads",
+        u64::from(metrics.partitions_owned),
+    );
+    f.gauge(
+        "peergrid_partitions_backed_up",
+        "Partitions this member backs up",
+        u64::from(metrics.partitions_backed_up),
+    );
+    f.gauge(
+        "peergrid_replication_lag",
+        "Mutations queued for backups, not yet acknowledged",
+        metrics.replication_lag,
+    );
+    let m = &metrics.migrations;
+    f.gauge(
+        "peergrid_migrations_started",
+        "Takeovers started since the member started",
+        m.migrations_started,
+    );
+    f.gauge(
+        "peergrid_migrations_finished",
+        "Takeovers finished since the member started",
+        m.migrations_finished,
+    );
+    f.gauge(
+        "peergrid_partitions_lost",
+        "Partitions taken over with no replica left",
+        m.partitions_lost,
+    );
+    f.gauge(
+        "peergrid_migration_bytes_received",
+        "Bytes pulled from previous primaries",
+        m.migration_bytes_received,
+    );
+    f.gauge(
+        "peergrid_migration_bytes_sent",
+        "Bytes streamed to new primaries",
+        m.migration_bytes_sent,
+    );
+    let d = &metrics.datagrams;
+    f.gauge(
+        "peergrid_datagrams_received",
+        "Gossip datagrams accepted",
+        d.received,
+    );
+    f.gauge("peergrid_datagrams_sent", "Gossip datagrams sent", d.sent);
+    for (reason, value) in [
+        ("malformed", d.dropped_malformed),
+        ("foreign_cluster", d.dropped_foreign_cluster),
+        ("oversized", d.dropped_oversized),
+        ("invalid_payload", d.dropped_invalid_payload),
+        ("fault_switch", d.dropped_by_fault_switch),
+        ("unauthenticated", d.dropped_unauthenticated),
+        ("replayed", d.dropped_replayed),
+    ] {
+        f.labelled(
+            "peergrid_datagrams_dropped",
+            "Gossip datagrams dropped, by reason",
+            "reason",
+            reason,
+            value,
+        );
+    }
+    for (name, s) in &metrics.maps {
+        for (metric, help, value) in [
+            ("peergrid_map_gets", "Reads served as primary", s.gets),
+            ("peergrid_map_hits", "Reads that found an entry", s.hits),
+            ("peergrid_map_misses", "Reads that found none", s.misses),
+            ("peergrid_map_puts", "Writes served as primary", s.puts),
+            (
+                "peergrid_map_entries",
+                "Live entries this member leads",
+                s.owned_entries,
+            ),
+            (
+                "peergrid_map_backup_entries",
+                "Entries this member backs up",
+                s.backup_entries,
+            ),
+            (
+                "peergrid_map_bytes",
+                "Key and value bytes this member leads",
+                s.owned_bytes,
+            ),
+            (
+                "peergrid_map_near_cache_hits",
+                "Reads the near cache answered",
+                s.near_cache_hits,
+            ),
+            (
+                "peergrid_map_near_cache_misses",
+                "Reads the near cache could not answer",
+                s.near_cache_misses,
+            ),
+            (
+                "peergrid_map_near_cache_entries",
+                "Entries in the near cache",
+                s.near_cache_entries,
+            ),
+        ] {
+            f.labelled(metric, help, "map", name, value);
+        }
+    }
+    let _ = f.registry.register(Box::new(latency.reads.clone()));
+    let _ = f.registry.register(Box::new(latency.writes.clone()));
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&f.registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "could not encode metrics");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
