@@ -86,11 +86,12 @@ async fn metrics_count_what_the_member_did_and_serve_as_prometheus_text() {
     let owned_everywhere: u32 = cluster.live().map(|g| g.metrics().partitions_owned).sum();
     assert_eq!(owned_everywhere, metrics.partition_count);
     assert!(
-        metrics.read_latency.count >= 301,
+        // One operation in 16 is timed, counted per thread: about 19 of 302 reads.
+        metrics.read_latency.count >= 10,
         "{:?}",
         metrics.read_latency
     );
-    assert!(metrics.write_latency.count >= 201);
+    assert!(metrics.write_latency.count >= 6);
     let (p50, p99) = (
         metrics.read_latency.p50.unwrap(),
         metrics.read_latency.p99.unwrap(),

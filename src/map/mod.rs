@@ -144,13 +144,15 @@ where
     async fn run<Q: Serialize + ?Sized>(&self, key: &Q, op: MapOp) -> Result<ops::OpResult> {
         let (partition, key) = self.key(key)?;
         let read = op.is_read();
-        let start = std::time::Instant::now();
+        let timer = self.node.latency.start();
         let result = if read {
             self.read(partition, key, op).await
         } else {
             self.write(partition, key, op).await
         };
-        self.node.latency.record(read, start.elapsed());
+        if let Some(start) = timer {
+            self.node.latency.record(read, start.elapsed());
+        }
         result
     }
 
