@@ -16,16 +16,14 @@
 //! each, waits until the counter reaches its final value, prints `final VALUE`, and leaves
 //! when its standard input closes.
 
-use std::process::Stdio;
+mod support;
+
 use std::time::Duration;
 
 use peergrid::{Grid, GridConfig};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use support::{BoxError, mark, next, spawn_worker, wait};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -76,25 +74,8 @@ async fn worker(members: usize, increments: u64) -> Result<(), BoxError> {
     })
     .await?;
     println!("final {}", map.get("counter").await?.unwrap_or(0));
-    // Leave once the demo closes standard input.
-    let mut rest = Vec::new();
-    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    support::until_stdin_closes().await;
     grid.leave().await?;
-    Ok(())
-}
-
-async fn wait<F, Fut>(deadline: Duration, what: &str, check: F) -> Result<(), BoxError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + deadline;
-    while !check().await {
-        if Instant::now() > until {
-            return Err(format!("timed out waiting for {what}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     Ok(())
 }
 
@@ -104,15 +85,15 @@ async fn demo(processes: usize, increments: u64) -> Result<(), BoxError> {
     let (tx, mut lines) = mpsc::unbounded_channel::<(usize, String)>();
     let start = Instant::now();
     // The first process on an ephemeral port; the others seeded with it.
-    let mut children = vec![spawn(0, processes, increments, &cluster, None, &tx)?];
-    let seed = loop {
-        let (_, line) = next(&mut lines).await?;
-        if let Some(addr) = line.strip_prefix("joined ") {
-            break addr.to_string();
-        }
-    };
+    let args = [
+        "worker".to_string(),
+        processes.to_string(),
+        increments.to_string(),
+    ];
+    let mut children = vec![spawn_worker(0, &args, &cluster, None, &tx)?];
+    let seed = support::first_seed(&mut lines).await?;
     for i in 1..processes {
-        children.push(spawn(i, processes, increments, &cluster, Some(&seed), &tx)?);
+        children.push(spawn_worker(i, &args, &cluster, Some(&seed), &tx)?);
     }
     let mut ops: Vec<(u64, u64, usize)> = Vec::new();
     let mut finals = Vec::new();
@@ -142,12 +123,7 @@ async fn demo(processes: usize, increments: u64) -> Result<(), BoxError> {
     }
     let elapsed = start.elapsed();
     // Closing standard input makes every process leave.
-    for child in &mut children {
-        drop(child.stdin.take());
-    }
-    for child in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    }
+    support::finish(&mut children).await;
 
     let expected = processes as u64 * increments;
     ops.sort();
@@ -185,52 +161,4 @@ async fn demo(processes: usize, increments: u64) -> Result<(), BoxError> {
     } else {
         Err("the lock counter lost an increment or a fence went backwards".into())
     }
-}
-
-fn mark(ok: bool) -> &'static str {
-    if ok { "ok" } else { "FAILED" }
-}
-
-fn spawn(
-    index: usize,
-    processes: usize,
-    increments: u64,
-    cluster: &str,
-    seed: Option<&str>,
-    lines: &mpsc::UnboundedSender<(usize, String)>,
-) -> Result<Child, BoxError> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["worker", &processes.to_string(), &increments.to_string()])
-        .env("PEERGRID_CLUSTER_NAME", cluster)
-        .env("PEERGRID_GOSSIP_BIND", "127.0.0.1:0")
-        .env("PEERGRID_RPC_BIND", "127.0.0.1:0")
-        .env("PEERGRID_SEEDS", seed.unwrap_or(""))
-        .env(
-            "PEERGRID_JOIN_TIMEOUT_MS",
-            if seed.is_some() { "5000" } else { "1" },
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let tx = lines.clone();
-    tokio::spawn(async move {
-        let mut out = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = out.next_line().await {
-            if tx.send((index, line)).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(child)
-}
-
-async fn next(
-    lines: &mut mpsc::UnboundedReceiver<(usize, String)>,
-) -> Result<(usize, String), BoxError> {
-    tokio::time::timeout(Duration::from_secs(120), lines.recv())
-        .await
-        .map_err(|_| "timed out waiting for the processes")?
-        .ok_or_else(|| "every process exited".into())
 }
