@@ -20,7 +20,7 @@ mod support;
 
 use std::time::Duration;
 
-use peergrid::{Grid, GridConfig};
+use peergrid::GridConfig;
 use support::{BoxError, mark, next, spawn_worker, wait};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -49,14 +49,7 @@ async fn main() -> Result<(), BoxError> {
 }
 
 async fn worker(members: usize, increments: u64) -> Result<(), BoxError> {
-    let grid = Grid::join(GridConfig::from_env()?).await?;
-    println!("joined {}", grid.local_member().gossip_addr);
-    wait(Duration::from_secs(30), "every member", || {
-        let grid = grid.clone();
-        async move { grid.members().len() >= members }
-    })
-    .await?;
-    grid.wait_safe(Duration::from_secs(30)).await?;
+    let grid = support::join(GridConfig::from_env()?, members).await?;
     let lock = grid.lock("counter");
     let map = grid.map::<String, u64>("counter");
     for _ in 0..increments {

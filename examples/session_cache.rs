@@ -21,10 +21,10 @@ mod support;
 
 use std::time::Duration;
 
-use peergrid::{Grid, GridConfig, MapConfig, NearCacheConfig};
+use peergrid::{GridConfig, MapConfig, NearCacheConfig};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use support::{BoxError, mark, next, spawn_worker, wait};
+use support::{BoxError, mark, next, spawn_worker};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -80,14 +80,7 @@ async fn worker(index: usize, members: usize, sessions: u64) -> Result<(), BoxEr
         )],
         ..GridConfig::from_env()?
     };
-    let grid = Grid::join(config).await?;
-    println!("joined {}", grid.local_member().gossip_addr);
-    wait(Duration::from_secs(30), "every member", || {
-        let grid = grid.clone();
-        async move { grid.members().len() >= members }
-    })
-    .await?;
-    grid.wait_safe(Duration::from_secs(30)).await?;
+    let grid = support::join(config, members).await?;
     let map = grid.map::<String, Session>("sessions");
     let mut rng = rand::rng();
     for n in 0..sessions {

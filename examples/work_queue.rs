@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use peergrid::{Grid, GridConfig};
-use support::{BoxError, mark, next, spawn_worker, wait};
+use support::{BoxError, mark, next, spawn_worker};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -45,17 +45,8 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
-/// Joins and waits until `members` members see each other and the cluster is safe.
 async fn join(members: usize) -> Result<Grid, BoxError> {
-    let grid = Grid::join(GridConfig::from_env()?).await?;
-    println!("joined {}", grid.local_member().gossip_addr);
-    wait(Duration::from_secs(30), "every member", || {
-        let grid = grid.clone();
-        async move { grid.members().len() >= members }
-    })
-    .await?;
-    grid.wait_safe(Duration::from_secs(30)).await?;
-    Ok(grid)
+    support::join(GridConfig::from_env()?, members).await
 }
 
 async fn produce(members: usize, jobs: u64) -> Result<(), BoxError> {

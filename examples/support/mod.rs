@@ -71,6 +71,23 @@ pub async fn first_seed(lines: &mut Lines) -> Result<String, BoxError> {
     }
 }
 
+/// Joins with `config`, prints `joined GOSSIP_ADDR` (the first worker's line is the others'
+/// seed), and waits until `members` members see each other and the cluster is safe.
+pub async fn join(
+    config: peergrid::GridConfig,
+    members: usize,
+) -> Result<peergrid::Grid, BoxError> {
+    let grid = peergrid::Grid::join(config).await?;
+    println!("joined {}", grid.local_member().gossip_addr);
+    wait(Duration::from_secs(30), "every member", || {
+        let grid = grid.clone();
+        async move { grid.members().len() >= members }
+    })
+    .await?;
+    grid.wait_safe(Duration::from_secs(30)).await?;
+    Ok(grid)
+}
+
 /// Polls `check` every 20 ms until it holds, or fails after `deadline`.
 pub async fn wait<F, Fut>(deadline: Duration, what: &str, check: F) -> Result<(), BoxError>
 where
