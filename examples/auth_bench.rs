@@ -11,12 +11,15 @@
 //! report gives the median over rounds and the ratio to the open cluster. Nothing asserts on
 //! time.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use peergrid::{Grid, GridConfig, Map, Secret, TlsConfig};
+use support::median;
 use tokio::time::Instant;
 
 /// Adjusts the configuration of member 0 or 1 of a cluster.
@@ -137,26 +140,7 @@ impl Pair {
     }
 
     async fn concurrent(&self, tasks: usize, duration: Duration) -> Result<f64, peergrid::Error> {
-        let start = Instant::now();
-        let handles: Vec<_> = (0..tasks)
-            .map(|t| {
-                let (map, keys) = (self.map.clone(), self.remote.clone());
-                tokio::spawn(async move {
-                    let (mut done, mut i) = (0u64, t);
-                    while start.elapsed() < duration {
-                        map.get(&keys[i % keys.len()]).await?;
-                        done += 1;
-                        i += tasks;
-                    }
-                    Ok::<u64, peergrid::Error>(done)
-                })
-            })
-            .collect();
-        let mut total = 0;
-        for h in handles {
-            total += h.await.expect("task")?;
-        }
-        Ok(total as f64 / start.elapsed().as_secs_f64())
+        support::gets_per_sec(tasks, duration, &self.map, &self.remote).await
     }
 }
 
@@ -164,12 +148,6 @@ fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// A CA and two member certificates for 127.0.0.1, written to `dir`.

@@ -11,11 +11,14 @@
 //! gives the median over rounds. The echo is the member-to-member gRPC path with no map work:
 //! the floor a remote operation cannot beat. Nothing here asserts on time.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use peergrid::{Grid, GridConfig, Map, MapConfig, MemberId, NearCacheConfig};
+use peergrid::{Grid, GridConfig, Map, MapConfig, NearCacheConfig};
+use support::median;
 use tokio::time::Instant;
 
 const VALUE: [u8; 100] = [7; 100];
@@ -154,22 +157,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await?,
         );
-        throughput[0].1.push(
-            concurrent_run(64, concurrent_for, remote.clone(), map.clone(), Mode::Get).await?,
-        );
+        throughput[0]
+            .1
+            .push(support::gets_per_sec(64, concurrent_for, &map, &remote).await?);
+        let echo = (a.clone(), value.clone());
         throughput[1].1.push(
-            concurrent_run(
+            support::ops_per_sec(
                 64,
                 concurrent_for,
-                remote.clone(),
-                map.clone(),
-                Mode::Echo(a.clone(), idb, value.clone()),
+                echo,
+                move |(grid, payload), _| async move {
+                    let result = grid.echo(idb, payload.clone()).await.map(|_| ());
+                    ((grid, payload), result)
+                },
             )
             .await?,
         );
         throughput[2]
             .1
-            .push(concurrent_run(64, concurrent_for, local.clone(), map.clone(), Mode::Get).await?);
+            .push(support::gets_per_sec(64, concurrent_for, &map, &local).await?);
     }
 
     println!(
@@ -261,12 +267,6 @@ impl Stats {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 async fn sequential_run<F, Fut>(ops: usize, keys: &[String], op: F) -> peergrid::Result<Stats>
 where
     F: Fn(String) -> Fut,
@@ -288,47 +288,4 @@ where
         p50_us: at(0.5),
         p99_us: at(0.99),
     })
-}
-
-#[derive(Clone)]
-enum Mode {
-    Get,
-    Echo(Grid, MemberId, Bytes),
-}
-
-async fn concurrent_run(
-    tasks: usize,
-    duration: Duration,
-    keys: Arc<Vec<String>>,
-    map: Map<String, Bytes>,
-    mode: Mode,
-) -> peergrid::Result<f64> {
-    let start = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let (keys, map, mode) = (keys.clone(), map.clone(), mode.clone());
-            tokio::spawn(async move {
-                let mut done = 0u64;
-                let mut i = t;
-                while start.elapsed() < duration {
-                    match &mode {
-                        Mode::Get => {
-                            map.get(&keys[i % keys.len()]).await?;
-                        }
-                        Mode::Echo(grid, to, payload) => {
-                            grid.echo(*to, payload.clone()).await?;
-                        }
-                    }
-                    done += 1;
-                    i += tasks;
-                }
-                Ok::<u64, peergrid::Error>(done)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for h in handles {
-        total += h.await.expect("task")?;
-    }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
 }

@@ -10,6 +10,8 @@
 //! stdout (`joined`, `members N`, `up`, `down`, `left`) and leaves gracefully when its standard
 //! input closes or reads `leave`. Settings come from `PEERGRID_*` environment variables.
 
+mod support;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -99,8 +101,7 @@ struct Proc {
     safe_with: usize,
 }
 
-/// Lines from every member process: (process index, line).
-type Lines = mpsc::UnboundedReceiver<(usize, String)>;
+use support::Lines;
 
 async fn spawn_member(
     index: usize,
@@ -114,16 +115,7 @@ async fn spawn_member(
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let tx = lines.clone();
-    tokio::spawn(async move {
-        let mut out = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = out.next_line().await {
-            if tx.send((index, line)).is_err() {
-                break;
-            }
-        }
-    });
+    support::forward_lines(child.stdout.take().ok_or("no stdout")?, index, lines);
     Ok(Proc {
         child,
         id: String::new(),

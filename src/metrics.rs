@@ -44,14 +44,11 @@ pub struct Metrics {
 impl Metrics {
     /// Gossip datagrams dropped for any reason.
     pub fn dropped_datagrams(&self) -> u64 {
-        let d = &self.datagrams;
-        d.dropped_malformed
-            + d.dropped_foreign_cluster
-            + d.dropped_oversized
-            + d.dropped_invalid_payload
-            + d.dropped_by_fault_switch
-            + d.dropped_unauthenticated
-            + d.dropped_replayed
+        self.datagrams
+            .dropped_by_reason()
+            .iter()
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -261,15 +258,7 @@ pub(crate) fn render(metrics: &Metrics, latency: &OpLatency, ready: bool) -> Str
         d.received,
     );
     f.gauge("peergrid_datagrams_sent", "Gossip datagrams sent", d.sent);
-    for (reason, value) in [
-        ("malformed", d.dropped_malformed),
-        ("foreign_cluster", d.dropped_foreign_cluster),
-        ("oversized", d.dropped_oversized),
-        ("invalid_payload", d.dropped_invalid_payload),
-        ("fault_switch", d.dropped_by_fault_switch),
-        ("unauthenticated", d.dropped_unauthenticated),
-        ("replayed", d.dropped_replayed),
-    ] {
+    for (reason, value) in d.dropped_by_reason() {
         f.labelled(
             "peergrid_datagrams_dropped",
             "Gossip datagrams dropped, by reason",

@@ -40,7 +40,16 @@ pub fn spawn_worker(
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
+    forward_lines(child.stdout.take().ok_or("no stdout")?, index, lines);
+    Ok(child)
+}
+
+/// Sends each line of a child's standard output to `lines`, tagged with `index`.
+pub fn forward_lines(
+    stdout: tokio::process::ChildStdout,
+    index: usize,
+    lines: &mpsc::UnboundedSender<(usize, String)>,
+) {
     let tx = lines.clone();
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout).lines();
@@ -50,7 +59,70 @@ pub fn spawn_worker(
             }
         }
     });
-    Ok(child)
+}
+
+/// Runs `op` from `tasks` concurrent tasks for `duration` and returns operations per second.
+/// Each task starts from its own clone of `state`, which `op` takes and hands back with its
+/// result, so an operation clones nothing. Task `t` passes `t`, `t + tasks`, `t + 2 * tasks`,
+/// ... as the operation number.
+pub async fn ops_per_sec<S, F, Fut>(
+    tasks: usize,
+    duration: Duration,
+    state: S,
+    op: F,
+) -> peergrid::Result<f64>
+where
+    S: Clone + Send + 'static,
+    F: Fn(S, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (S, peergrid::Result<()>)> + Send,
+{
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (op, mut state) = (op.clone(), state.clone());
+            tokio::spawn(async move {
+                let (mut done, mut i) = (0u64, t);
+                while start.elapsed() < duration {
+                    let (back, result) = op(state, i).await;
+                    state = back;
+                    result?;
+                    done += 1;
+                    i += tasks;
+                }
+                Ok::<u64, peergrid::Error>(done)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.await.expect("load task panicked")?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// [`ops_per_sec`] of gets of `keys` (operation `i` reads key `i` modulo their number).
+pub async fn gets_per_sec<V>(
+    tasks: usize,
+    duration: Duration,
+    map: &peergrid::Map<String, V>,
+    keys: &std::sync::Arc<Vec<String>>,
+) -> peergrid::Result<f64>
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let state = (map.clone(), keys.clone());
+    ops_per_sec(tasks, duration, state, |(map, keys), i| async move {
+        let result = map.get(&keys[i % keys.len()]).await.map(|_| ());
+        ((map, keys), result)
+    })
+    .await
+}
+
+/// The median of `values` (the upper one of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 /// The next line of any worker, or an error after two minutes of silence.

@@ -141,6 +141,22 @@ pub struct DatagramStats {
     pub send_errors: u64,
 }
 
+impl DatagramStats {
+    /// The drop counters with the reason each stands for (`malformed`, `foreign_cluster`,
+    /// `oversized`, `invalid_payload`, `fault_switch`, `unauthenticated`, `replayed`).
+    pub fn dropped_by_reason(&self) -> [(&'static str, u64); 7] {
+        [
+            ("malformed", self.dropped_malformed),
+            ("foreign_cluster", self.dropped_foreign_cluster),
+            ("oversized", self.dropped_oversized),
+            ("invalid_payload", self.dropped_invalid_payload),
+            ("fault_switch", self.dropped_by_fault_switch),
+            ("unauthenticated", self.dropped_unauthenticated),
+            ("replayed", self.dropped_replayed),
+        ]
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) received: AtomicU64,
