@@ -72,6 +72,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A [`crate::Client`] found no member to talk to: none of the addresses it tried answered
+    /// (nothing listens there, the connection failed or timed out), or what answered was not a
+    /// member of the configured cluster.
+    #[error("no member answered at {}: {reason}", list_addrs(tried))]
+    NoMemberAnswered {
+        /// The rpc addresses tried, in order.
+        tried: Vec<SocketAddr>,
+        /// Why the last one failed.
+        reason: String,
+    },
+
     /// The member id is not in this member's current membership view (it never joined, or it was
     /// declared down or left).
     #[error("member {0} is not a live member of this cluster")]
@@ -365,4 +376,12 @@ pub enum ConfigError {
         /// Why it does not parse.
         reason: String,
     },
+}
+
+fn list_addrs(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

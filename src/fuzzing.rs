@@ -202,6 +202,18 @@ pub fn rpc_message(bytes: &[u8]) {
     let _ = proto::MemberInfoRequest::decode(bytes);
     let _ = proto::MapResponse::decode(bytes);
     let _ = proto::MapBatchResponse::decode(bytes);
+    let _ = proto::StatusRequest::decode(bytes);
+    if let Ok(request) = proto::ClientMapRequest::decode(bytes) {
+        let _ = proto::ClientMapOp::try_from(request.op);
+    }
+    // What a `Client` receives from a member.
+    if let Ok(status) = proto::StatusResponse::decode(bytes) {
+        for member in status.members.iter().chain(status.member.as_ref()) {
+            let _ = crate::client::identity_of(member);
+        }
+        let _ = crate::metrics::wire::from_proto(status.metrics.unwrap_or_default());
+    }
+    let _ = proto::ClientMapResponse::decode(bytes);
 }
 
 /// The property test CI runs: random bytes, and valid encodings with random mutations (bit
@@ -301,6 +313,51 @@ mod tests {
                     key: b"k".to_vec().into(),
                     value: b"v".to_vec().into(),
                 }],
+            }
+            .encode_to_vec(),
+        );
+        let member = proto::MemberInfoResponse {
+            member_id: 7,
+            name: "m".into(),
+            gossip_addr: "127.0.0.1:5701".into(),
+            rpc_addr: "127.0.0.1:5701".into(),
+            ..Default::default()
+        };
+        let mut metrics = crate::metrics::wire::to_proto(&crate::Metrics {
+            members: 1,
+            partition_count: 271,
+            partitions_owned: 271,
+            partitions_backed_up: 0,
+            migrations: Default::default(),
+            maps: vec![("m".into(), Default::default())],
+            replication_lag: 0,
+            read_latency: Default::default(),
+            write_latency: Default::default(),
+            datagrams: Default::default(),
+        });
+        metrics.read_latency = Some(proto::LatencyMetrics {
+            count: 3,
+            p50_nanos: 1000,
+            p99_nanos: 9000,
+        });
+        out.push(
+            proto::StatusResponse {
+                member: Some(member.clone()),
+                members: vec![member],
+                table_version: 3,
+                metrics: Some(metrics),
+                safe_checked: true,
+                safe: true,
+                safe_error: String::new(),
+            }
+            .encode_to_vec(),
+        );
+        out.push(
+            proto::ClientMapRequest {
+                map: "m".into(),
+                op: proto::ClientMapOp::Put as i32,
+                key: b"k".to_vec().into(),
+                value: b"v".to_vec().into(),
             }
             .encode_to_vec(),
         );

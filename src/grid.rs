@@ -56,6 +56,19 @@ struct Inner {
     metrics_addr: Option<SocketAddr>,
 }
 
+/// A member as the parts of it that must not keep it alive see it (the rpc server, for the
+/// calls of tools outside the cluster): filled once the member is built, empty after it is gone.
+#[derive(Clone, Default)]
+pub(crate) struct GridSlot(Arc<std::sync::OnceLock<std::sync::Weak<Inner>>>);
+
+impl GridSlot {
+    /// The member, while it runs.
+    pub(crate) fn get(&self) -> Option<Grid> {
+        let inner = self.0.get()?.upgrade()?;
+        Some(Grid { inner })
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
@@ -107,7 +120,7 @@ impl Grid {
 
         let rpc = Arc::new(RpcClients::new(
             cluster_hash,
-            &identity,
+            Some(&identity),
             config.rpc_timeout,
             config.rpc_connect_timeout,
             config.fault_switch.clone(),
@@ -159,9 +172,11 @@ impl Grid {
             quorum_guarded: config.has_split_brain_protection(),
             merge: Default::default(),
         });
+        let slot = GridSlot::default();
         let server_task = server::spawn(
             tcp,
             PeerGridService {
+                grid: slot.clone(),
                 membership: membership.clone(),
                 node: node.clone(),
                 cluster_name: Arc::from(config.cluster_name.as_str()),
@@ -232,6 +247,7 @@ impl Grid {
                 metrics_addr,
             }),
         };
+        let _ = slot.0.set(Arc::downgrade(&grid.inner));
         if let Some(listener) = metrics_listener {
             let task = tokio::spawn(serve_metrics(
                 listener,

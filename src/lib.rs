@@ -77,6 +77,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod client;
 mod codec;
 mod config;
 mod error;
@@ -99,6 +100,7 @@ mod security;
 mod split_brain;
 mod store;
 
+pub use client::{Client, ClientConfig, ClusterStatus, MemberStatus};
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, LockConfig, MapConfig,
     NearCacheConfig, QueueConfig, QuorumOn, Secret, SecurityConfig, SplitBrainProtection,

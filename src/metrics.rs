@@ -157,6 +157,156 @@ impl OpLatency {
     }
 }
 
+/// The wire form of [`Metrics`], for [`crate::Client`] (`Status` rpc), and back: every field
+/// travels, so a member's figures read remotely are the ones it reports locally.
+pub(crate) mod wire {
+    use std::time::Duration;
+
+    use super::{Latency, Metrics};
+    use crate::map::stats::MapStats;
+    use crate::membership::DatagramStats;
+    use crate::partition::PartitionStats;
+    use crate::rpc::proto;
+
+    fn latency_to(l: &Latency) -> proto::LatencyMetrics {
+        let nanos =
+            |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        proto::LatencyMetrics {
+            count: l.count,
+            p50_nanos: nanos(l.p50),
+            p99_nanos: nanos(l.p99),
+        }
+    }
+
+    fn latency_from(l: Option<proto::LatencyMetrics>) -> Latency {
+        let l = l.unwrap_or_default();
+        let at = |n: u64| (l.count > 0).then(|| Duration::from_nanos(n));
+        Latency {
+            count: l.count,
+            p50: at(l.p50_nanos),
+            p99: at(l.p99_nanos),
+        }
+    }
+
+    /// `metrics` as sent by the `Status` rpc.
+    pub(crate) fn to_proto(m: &Metrics) -> proto::MemberMetrics {
+        let d = &m.datagrams;
+        let p = &m.migrations;
+        proto::MemberMetrics {
+            members: u32::try_from(m.members).unwrap_or(u32::MAX),
+            partition_count: m.partition_count,
+            partitions_owned: m.partitions_owned,
+            partitions_backed_up: m.partitions_backed_up,
+            migrations_started: p.migrations_started,
+            migrations_finished: p.migrations_finished,
+            partitions_lost: p.partitions_lost,
+            migration_bytes_received: p.migration_bytes_received,
+            migration_bytes_sent: p.migration_bytes_sent,
+            backup_snapshot_bytes_sent: p.backup_snapshot_bytes_sent,
+            anti_entropy_repairs: p.anti_entropy_repairs,
+            replication_lag: m.replication_lag,
+            read_latency: Some(latency_to(&m.read_latency)),
+            write_latency: Some(latency_to(&m.write_latency)),
+            datagrams_received: d.received,
+            datagrams_sent: d.sent,
+            dropped_malformed: d.dropped_malformed,
+            dropped_foreign_cluster: d.dropped_foreign_cluster,
+            dropped_oversized: d.dropped_oversized,
+            dropped_invalid_payload: d.dropped_invalid_payload,
+            dropped_by_fault_switch: d.dropped_by_fault_switch,
+            dropped_unauthenticated: d.dropped_unauthenticated,
+            dropped_replayed: d.dropped_replayed,
+            send_errors: d.send_errors,
+            maps: m
+                .maps
+                .iter()
+                .map(|(name, s)| proto::MapMetrics {
+                    name: name.clone(),
+                    gets: s.gets,
+                    hits: s.hits,
+                    misses: s.misses,
+                    puts: s.puts,
+                    removes: s.removes,
+                    expirations: s.expirations,
+                    evictions: s.evictions,
+                    owned_entries: s.owned_entries,
+                    backup_entries: s.backup_entries,
+                    owned_bytes: s.owned_bytes,
+                    owned_memory_bytes: s.owned_memory_bytes,
+                    near_cache_hits: s.near_cache_hits,
+                    near_cache_misses: s.near_cache_misses,
+                    near_cache_entries: s.near_cache_entries,
+                    near_cache_evictions: s.near_cache_evictions,
+                    near_cache_expirations: s.near_cache_expirations,
+                    near_cache_invalidations: s.near_cache_invalidations,
+                    near_cache_partitions_dropped: s.near_cache_partitions_dropped,
+                })
+                .collect(),
+        }
+    }
+
+    /// The figures a `Status` answer carries.
+    pub(crate) fn from_proto(m: proto::MemberMetrics) -> Metrics {
+        Metrics {
+            members: m.members as usize,
+            partition_count: m.partition_count,
+            partitions_owned: m.partitions_owned,
+            partitions_backed_up: m.partitions_backed_up,
+            migrations: PartitionStats {
+                migrations_started: m.migrations_started,
+                migrations_finished: m.migrations_finished,
+                partitions_lost: m.partitions_lost,
+                migration_bytes_received: m.migration_bytes_received,
+                migration_bytes_sent: m.migration_bytes_sent,
+                backup_snapshot_bytes_sent: m.backup_snapshot_bytes_sent,
+                anti_entropy_repairs: m.anti_entropy_repairs,
+            },
+            maps: m
+                .maps
+                .into_iter()
+                .map(|s| {
+                    let stats = MapStats {
+                        gets: s.gets,
+                        hits: s.hits,
+                        misses: s.misses,
+                        puts: s.puts,
+                        removes: s.removes,
+                        expirations: s.expirations,
+                        evictions: s.evictions,
+                        owned_entries: s.owned_entries,
+                        backup_entries: s.backup_entries,
+                        owned_bytes: s.owned_bytes,
+                        owned_memory_bytes: s.owned_memory_bytes,
+                        near_cache_hits: s.near_cache_hits,
+                        near_cache_misses: s.near_cache_misses,
+                        near_cache_entries: s.near_cache_entries,
+                        near_cache_evictions: s.near_cache_evictions,
+                        near_cache_expirations: s.near_cache_expirations,
+                        near_cache_invalidations: s.near_cache_invalidations,
+                        near_cache_partitions_dropped: s.near_cache_partitions_dropped,
+                    };
+                    (s.name, stats)
+                })
+                .collect(),
+            replication_lag: m.replication_lag,
+            read_latency: latency_from(m.read_latency),
+            write_latency: latency_from(m.write_latency),
+            datagrams: DatagramStats {
+                received: m.datagrams_received,
+                sent: m.datagrams_sent,
+                dropped_malformed: m.dropped_malformed,
+                dropped_foreign_cluster: m.dropped_foreign_cluster,
+                dropped_oversized: m.dropped_oversized,
+                dropped_invalid_payload: m.dropped_invalid_payload,
+                dropped_by_fault_switch: m.dropped_by_fault_switch,
+                dropped_unauthenticated: m.dropped_unauthenticated,
+                dropped_replayed: m.dropped_replayed,
+                send_errors: m.send_errors,
+            },
+        }
+    }
+}
+
 /// Gauges registered while rendering one scrape.
 struct Families {
     registry: Registry,
@@ -319,6 +469,72 @@ pub(crate) fn render(metrics: &Metrics, latency: &OpLatency, ready: bool) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_figure_survives_the_wire() {
+        let mut map = MapStats::default();
+        for (i, field) in [
+            &mut map.gets,
+            &mut map.hits,
+            &mut map.misses,
+            &mut map.puts,
+            &mut map.removes,
+            &mut map.expirations,
+            &mut map.evictions,
+            &mut map.owned_entries,
+            &mut map.backup_entries,
+            &mut map.owned_bytes,
+            &mut map.owned_memory_bytes,
+            &mut map.near_cache_hits,
+            &mut map.near_cache_misses,
+            &mut map.near_cache_entries,
+            &mut map.near_cache_evictions,
+            &mut map.near_cache_expirations,
+            &mut map.near_cache_invalidations,
+            &mut map.near_cache_partitions_dropped,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            *field = 100 + i as u64;
+        }
+        let metrics = Metrics {
+            members: 3,
+            partition_count: 271,
+            partitions_owned: 90,
+            partitions_backed_up: 91,
+            migrations: PartitionStats {
+                migrations_started: 1,
+                migrations_finished: 2,
+                partitions_lost: 3,
+                migration_bytes_received: 4,
+                migration_bytes_sent: 5,
+                backup_snapshot_bytes_sent: 6,
+                anti_entropy_repairs: 7,
+            },
+            maps: vec![("a".into(), map), ("b".into(), MapStats::default())],
+            replication_lag: 8,
+            read_latency: Latency {
+                count: 9,
+                p50: Some(Duration::from_micros(10)),
+                p99: Some(Duration::from_micros(11)),
+            },
+            write_latency: Latency::default(),
+            datagrams: DatagramStats {
+                received: 12,
+                sent: 13,
+                dropped_malformed: 14,
+                dropped_foreign_cluster: 15,
+                dropped_oversized: 16,
+                dropped_invalid_payload: 17,
+                dropped_by_fault_switch: 18,
+                dropped_unauthenticated: 19,
+                dropped_replayed: 20,
+                send_errors: 21,
+            },
+        };
+        assert_eq!(wire::from_proto(wire::to_proto(&metrics)), metrics);
+    }
 
     #[test]
     fn quantiles_come_from_the_buckets() {

@@ -20,7 +20,7 @@ fn secured(config: &mut GridConfig, secret: &str) {
 }
 
 /// Every rpc of the service, by its gRPC path.
-const METHODS: [&str; 15] = [
+const METHODS: [&str; 17] = [
     "MemberInfo",
     "GetTable",
     "PublishTable",
@@ -36,6 +36,8 @@ const METHODS: [&str; 15] = [
     "Listen",
     "Invalidations",
     "InvalidationState",
+    "Status",
+    "ClientMap",
 ];
 
 /// Calls `method` with an empty message and the given credential header (none if `None`),

@@ -63,6 +63,48 @@ impl MapStats {
         self.near_cache_partitions_dropped = n.partitions_dropped;
     }
 
+    /// Adds `other`'s figures to these (a map's figures summed over members).
+    pub(crate) fn add(&mut self, other: &MapStats) {
+        let MapStats {
+            gets,
+            hits,
+            misses,
+            puts,
+            removes,
+            expirations,
+            evictions,
+            owned_entries,
+            backup_entries,
+            owned_bytes,
+            owned_memory_bytes,
+            near_cache_hits,
+            near_cache_misses,
+            near_cache_entries,
+            near_cache_evictions,
+            near_cache_expirations,
+            near_cache_invalidations,
+            near_cache_partitions_dropped,
+        } = *other;
+        self.gets += gets;
+        self.hits += hits;
+        self.misses += misses;
+        self.puts += puts;
+        self.removes += removes;
+        self.expirations += expirations;
+        self.evictions += evictions;
+        self.owned_entries += owned_entries;
+        self.backup_entries += backup_entries;
+        self.owned_bytes += owned_bytes;
+        self.owned_memory_bytes += owned_memory_bytes;
+        self.near_cache_hits += near_cache_hits;
+        self.near_cache_misses += near_cache_misses;
+        self.near_cache_entries += near_cache_entries;
+        self.near_cache_evictions += near_cache_evictions;
+        self.near_cache_expirations += near_cache_expirations;
+        self.near_cache_invalidations += near_cache_invalidations;
+        self.near_cache_partitions_dropped += near_cache_partitions_dropped;
+    }
+
     /// Hits over gets; `None` before the first get.
     pub fn hit_ratio(&self) -> Option<f64> {
         (self.gets > 0).then(|| self.hits as f64 / self.gets as f64)

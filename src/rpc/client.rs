@@ -25,7 +25,8 @@ pub(crate) struct RpcClients {
     /// ahead of map operations, and no per-request timeout (each stream sets a deadline that
     /// grows with its size).
     bulk: DashMap<(MemberId, u64), Channel>,
-    /// The metadata every call carries: cluster hash, caller id, gossip address, credential.
+    /// The metadata every call carries: cluster hash, caller id, gossip address, credential
+    /// (a [`crate::Client`] outside the cluster has no id or gossip address).
     metadata: Vec<(&'static str, MetadataValue<Ascii>)>,
     local_gossip: SocketAddr,
     tls: Option<ClientTlsConfig>,
@@ -52,7 +53,7 @@ pub(crate) struct ClientSecurity {
 impl RpcClients {
     pub(crate) fn new(
         cluster_hash: u64,
-        local: &Identity,
+        local: Option<&Identity>,
         timeout: Duration,
         connect_timeout: Duration,
         fault_switch: Option<FaultSwitch>,
@@ -62,8 +63,8 @@ impl RpcClients {
         let mut metadata = Vec::new();
         for (key, value) in [
             (CLUSTER_HEADER, Some(format!("{cluster_hash:016x}"))),
-            (FROM_HEADER, Some(local.id.to_string())),
-            (GOSSIP_HEADER, Some(local.gossip.to_string())),
+            (FROM_HEADER, local.map(|l| l.id.to_string())),
+            (GOSSIP_HEADER, local.map(|l| l.gossip.to_string())),
             (AUTH_HEADER, security.credential),
         ] {
             if let Some(value) = value.and_then(|v| v.parse().ok()) {
@@ -74,7 +75,7 @@ impl RpcClients {
             channels: DashMap::new(),
             bulk: DashMap::new(),
             metadata,
-            local_gossip: local.gossip,
+            local_gossip: local.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.gossip),
             tls: security.tls,
             timeout,
             connect_timeout,
@@ -208,12 +209,12 @@ impl PeerClient {
             Code::Unavailable => Error::Unreachable {
                 member: self.member,
                 addr: self.addr,
-                reason: status.message().to_string(),
+                reason: transport_reason(&status),
             },
             Code::Unknown if is_transport_error(&status) => Error::Unreachable {
                 member: self.member,
                 addr: self.addr,
-                reason: status.message().to_string(),
+                reason: transport_reason(&status),
             },
             Code::Unauthenticated => Error::Unauthenticated {
                 member: self.member,
@@ -325,4 +326,23 @@ fn is_transport_error(status: &Status) -> bool {
         source = err.source();
     }
     false
+}
+
+/// A transport failure's message with its innermost cause ("tcp connect error: Connection
+/// refused (os error 111)"), which tonic's message alone leaves out.
+fn transport_reason(status: &Status) -> String {
+    use std::error::Error as _;
+    let mut reason = status.message().to_string();
+    let mut innermost = None;
+    let mut source = status.source();
+    while let Some(err) = source {
+        innermost = Some(err.to_string());
+        source = err.source();
+    }
+    if let Some(cause) = innermost
+        && !reason.contains(&cause)
+    {
+        reason = format!("{reason}: {cause}");
+    }
+    reason
 }

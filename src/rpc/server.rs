@@ -22,6 +22,8 @@ use crate::store::snapshot::Staging;
 /// The service state. Cheap to clone: tonic clones it per connection.
 #[derive(Clone)]
 pub(crate) struct PeerGridService {
+    /// The member itself, for the `Status` rpc (its figures and the safety check).
+    pub(crate) grid: crate::grid::GridSlot,
     pub(crate) membership: Arc<MembershipState>,
     pub(crate) node: Arc<Node>,
     pub(crate) cluster_name: Arc<str>,
@@ -520,6 +522,80 @@ impl PeerGrid for PeerGridService {
     ) -> Result<Response<proto::EchoMessage>, Status> {
         self.admit(&request, "echo")?;
         Ok(Response::new(request.into_inner()))
+    }
+
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        self.admit(&request, "status")?;
+        let grid = self
+            .grid
+            .get()
+            .ok_or_else(|| Status::unavailable("member is shutting down"))?;
+        let info = |m: &crate::Member, live_peers: u32| MemberInfoResponse {
+            member_id: m.id.as_u64(),
+            name: m.name.clone(),
+            gossip_addr: m.gossip_addr.to_string(),
+            rpc_addr: m.rpc_addr.to_string(),
+            generation: m.generation,
+            cluster_name: self.cluster_name.to_string(),
+            partition_count: self.partition_count,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            live_peers,
+        };
+        let members = grid.members();
+        let peers = u32::try_from(members.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        let mut response = proto::StatusResponse {
+            member: Some(info(&grid.local_member(), peers)),
+            members: members.iter().map(|m| info(m, 0)).collect(),
+            table_version: self.node.table.current().version,
+            metrics: Some(crate::metrics::wire::to_proto(&grid.metrics())),
+            ..Default::default()
+        };
+        if request.get_ref().check_safe {
+            response.safe_checked = true;
+            match grid.is_safe().await {
+                Ok(safe) => response.safe = safe,
+                Err(e) => response.safe_error = e.to_string(),
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn client_map(
+        &self,
+        request: Request<proto::ClientMapRequest>,
+    ) -> Result<Response<proto::ClientMapResponse>, Status> {
+        self.admit(&request, "client_map")?;
+        let request = request.into_inner();
+        self.check_sizes(&request.key, &request.value)?;
+        let op = proto::ClientMapOp::try_from(request.op)
+            .map_err(|_| Status::invalid_argument("unknown client map operation"))?;
+        let map: crate::Map<bytes::Bytes, bytes::Bytes> =
+            crate::Map::new(self.node.clone(), &request.map);
+        let found = |value: Option<bytes::Bytes>| proto::ClientMapResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            size: 0,
+        };
+        let response = match op {
+            proto::ClientMapOp::Get => map.get(&request.key).await.map(found),
+            proto::ClientMapOp::Put => map.put(&request.key, &request.value).await.map(found),
+            proto::ClientMapOp::Remove => map.remove(&request.key).await.map(found),
+            proto::ClientMapOp::Size => map.size().await.map(|size| proto::ClientMapResponse {
+                size,
+                ..Default::default()
+            }),
+            proto::ClientMapOp::Unspecified => {
+                return Err(Status::invalid_argument("unknown client map operation"));
+            }
+        }
+        .map_err(|e| match e {
+            Error::ReservedName { .. } => Status::invalid_argument(e.to_string()),
+            e => to_status(e),
+        })?;
+        Ok(Response::new(response))
     }
 }
 
