@@ -70,6 +70,10 @@
 //!   gossip keys and rpc credentials, datagram tags, the replay window, and loading TLS files.
 //! - `fuzzing` (feature `fuzzing` and tests only): every decoder of network input, for the
 //!   cargo-fuzz targets in `fuzz/` and the property test CI runs.
+//! - `client`: [`Client`], a connection to a cluster from outside it (cluster status and map
+//!   operations on raw bytes through any member's `Status` and `ClientMap` rpcs), what the
+//!   `peergrid` command in `src/bin/peergrid/` uses; `metrics` has [`Metrics`] and the
+//!   `/metrics` and `/health` listener.
 //! - `events`: [`EventStream`], the stream type of membership and partition events.
 //! - `fault`: [`FaultSwitch`], which cuts gossip and rpc links between chosen members for
 //!   failure tests. `error`: [`Error`] and [`ConfigError`].

@@ -200,6 +200,29 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_file_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a toml block in the README")
+            + 8;
+        let end = start + readme[start..].find("```").expect("the block ends");
+        let config = apply(GridConfig::default(), "README.md", &readme[start..end]).unwrap();
+        // Beyond loopback the member needs the secret, from the environment as the README says.
+        let secret = [(
+            "PEERGRID_SECRET".to_string(),
+            "a-secret-of-enough-length".to_string(),
+        )];
+        let config = config.with_env_vars(secret).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.cluster_name, "shop");
+        assert_eq!(config.maps.len(), 2);
+        assert_eq!(config.queues.len(), 1);
+        assert_eq!(config.locks.len(), 1);
+        assert!(config.maps.iter().any(|(name, _)| name == "accounts*"));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let err = apply(GridConfig::default(), "f.toml", "clustr_name = \"x\"").unwrap_err();
         assert!(
