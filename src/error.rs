@@ -175,7 +175,8 @@ pub enum Error {
     /// The write was applied on the partition's primary, but a backup would not take it (the
     /// partition moved to another primary meanwhile) or was declared down before it acknowledged
     /// it. Its outcome is unknown: the write may survive, or be lost if a member fails now.
-    /// `set` retries this by itself.
+    /// No write is retried on it by itself (a blind write sent again could undo a later write
+    /// of another caller); retrying is the caller's choice.
     #[error(
         "write to partition {partition} was not backed up (the partition moved, or its backup \
          failed); outcome unknown"

@@ -103,7 +103,8 @@ impl Node {
                     self.await_table_change(table.version).await;
                     e
                 }
-                // Setting a value twice is the same as once: retry on the new primary.
+                // Applying it twice is the same as once (a token makes it so): retry on the
+                // new primary.
                 Err(e @ Error::NotBackedUp { .. }) if op.is_repeatable() => {
                     self.await_table_change(table.version).await;
                     e

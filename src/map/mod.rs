@@ -641,15 +641,21 @@ where
                             | Error::TooManyKeys { .. }
                             | Error::Unauthenticated { .. }),
                         ) => return Err(e),
-                        // Moved, unreachable, timed out: retried one by one through the router.
+                        // Not processed (moved, unreachable): retried one by one through the
+                        // router.
+                        Err(
+                            Error::NotOwner { .. }
+                            | Error::NoOwner { .. }
+                            | Error::Unreachable { .. }
+                            | Error::UnknownMember(_),
+                        ) => vec![None; indexes.len()],
+                        // Timed out, not backed up: maybe applied. Writing the entries again
+                        // could undo another client's later writes; the caller decides.
+                        Err(e) if put => return Err(e),
                         Err(_) => vec![None; indexes.len()],
                     }
                 }
-                Some(_) => match self.local_batch(put, entries, &indexes).await {
-                    // Setting again is harmless: retried one by one on the new primary.
-                    Err(Error::NotBackedUp { .. }) if put => vec![None; indexes.len()],
-                    other => other?,
-                },
+                Some(_) => self.local_batch(put, entries, &indexes).await?,
                 None => vec![None; indexes.len()],
             };
             Ok::<_, Error>(indexes.into_iter().zip(answers).collect::<Vec<_>>())

@@ -1,0 +1,1090 @@
+//! The cluster, the clients, the fault schedule and the summary of a Jepsen-style run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use peergrid::{Error, Grid, GridConfig, LockConfig, MapConfig, QueueConfig, SplitBrainProtection};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::{
+    self, Entry, Grant, Outcome, QueueOp, QueueResult, RegisterOp, RegisterResult,
+};
+use crate::common::{DEADLINE, unique_cluster_name, wait_for};
+
+/// Where the members run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Five members in this process; faults: kill and restart, isolate one, majority /
+    /// minority split, join, leave (the fault switch cuts links between members here).
+    InProcess,
+    /// Three `peergrid node` processes hold data beside two members in this process that run
+    /// the clients; faults: SIGKILL and restart, SIGSTOP then SIGCONT, SIGTERM (leave), join.
+    Processes,
+}
+
+pub struct RunConfig {
+    pub mode: Mode,
+    /// The faults to draw from; empty: every fault the mode supports.
+    pub faults: Vec<&'static str>,
+    pub seed: u64,
+    pub duration: Duration,
+}
+
+const PARTITIONS: u32 = 32;
+/// The structures with split-brain protection: a side of fewer than 3 members refuses them.
+const QUORUM: usize = 3;
+/// A client gives up on an operation after this long: the outcome is unknown, and the client
+/// is retired.
+const OP_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long a healed cluster may take to be safe again before the run fails as stuck.
+const RECOVERY: Duration = Duration::from_secs(90);
+
+fn member_config(cluster: &str) -> GridConfig {
+    let guard = Some(SplitBrainProtection::new(QUORUM));
+    GridConfig {
+        cluster_name: cluster.to_string(),
+        partition_count: PARTITIONS,
+        rpc_timeout: Duration::from_secs(2),
+        maps: vec![(
+            "register".to_string(),
+            MapConfig {
+                split_brain_protection: guard,
+                ..MapConfig::default()
+            },
+        )],
+        queues: vec![(
+            "queue".to_string(),
+            QueueConfig {
+                split_brain_protection: guard,
+                ..QueueConfig::default()
+            },
+        )],
+        locks: vec![(
+            "lock".to_string(),
+            LockConfig {
+                split_brain_protection: guard,
+                ..LockConfig::default()
+            },
+        )],
+        ..GridConfig::ephemeral()
+    }
+}
+
+/// The same settings as a `peergrid node` file.
+fn node_file(cluster: &str, seed: SocketAddr) -> String {
+    format!(
+        "cluster_name = \"{cluster}\"\npartitions = {PARTITIONS}\nrpc_timeout_ms = 2000\n\
+         gossip_bind = \"127.0.0.1:0\"\nrpc_bind = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n\
+         [maps.register]\nmin_cluster_size = {QUORUM}\n[queues.queue]\nmin_cluster_size = {QUORUM}\n\
+         [locks.lock]\nmin_cluster_size = {QUORUM}\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Members.
+
+/// A member the clients may call, and the token that ends their calls when it is killed.
+#[derive(Clone)]
+struct Endpoint {
+    grid: Grid,
+    killed: CancellationToken,
+}
+
+enum Member {
+    Local {
+        grid: Option<Grid>,
+        killed: CancellationToken,
+        gossip: SocketAddr,
+        rpc: SocketAddr,
+    },
+    Process {
+        child: Option<tokio::process::Child>,
+        paused: bool,
+        gossip: SocketAddr,
+    },
+}
+
+impl Member {
+    fn gossip(&self) -> SocketAddr {
+        match self {
+            Member::Local { gossip, .. } | Member::Process { gossip, .. } => *gossip,
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        match self {
+            Member::Local { grid, .. } => grid.is_some(),
+            Member::Process { child, paused, .. } => child.is_some() && !paused,
+        }
+    }
+}
+
+struct Cluster {
+    mode: Mode,
+    name: String,
+    switch: peergrid::FaultSwitch,
+    members: Vec<Member>,
+    /// Indexes into `members` of the in-process members clients call.
+    endpoints: Arc<Mutex<Vec<Option<Endpoint>>>>,
+    /// Which `members` index each endpoint is (in-process members only).
+    endpoint_of: Vec<usize>,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn start(mode: Mode) -> Cluster {
+        crate::common::init_tracing();
+        let name = unique_cluster_name();
+        let dir = std::env::temp_dir().join(format!("{name}-jepsen"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = Cluster {
+            mode,
+            name,
+            switch: peergrid::FaultSwitch::new(),
+            members: Vec::new(),
+            endpoints: Arc::new(Mutex::new(Vec::new())),
+            endpoint_of: Vec::new(),
+            dir,
+        };
+        let (local, processes) = match mode {
+            Mode::InProcess => (5, 0),
+            Mode::Processes => (2, 3),
+        };
+        for _ in 0..local {
+            cluster.add_local(None).await;
+        }
+        for _ in 0..processes {
+            cluster.add_process().await;
+        }
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    fn config(&self) -> GridConfig {
+        GridConfig {
+            seeds: self
+                .members
+                .iter()
+                .filter(|m| m.is_up())
+                .map(Member::gossip)
+                .collect(),
+            fault_switch: Some(self.switch.clone()),
+            ..member_config(&self.name)
+        }
+    }
+
+    /// Starts an in-process member (at `at`'s addresses for a restart).
+    async fn add_local(&mut self, at: Option<usize>) {
+        let mut config = self.config();
+        if let Some(i) = at
+            && let Member::Local { gossip, rpc, .. } = &self.members[i]
+        {
+            config.gossip_bind = *gossip;
+            config.rpc_bind = *rpc;
+            config.port_count = 1;
+        }
+        let grid = wait_for("the old sockets to be released", DEADLINE, || {
+            let config = config.clone();
+            async move {
+                match Grid::join(config).await {
+                    Ok(grid) => Some(grid),
+                    Err(Error::Bind { .. }) => None,
+                    Err(e) => panic!("member start failed: {e}"),
+                }
+            }
+        })
+        .await;
+        let me = grid.local_member();
+        let killed = CancellationToken::new();
+        let endpoint = Endpoint {
+            grid: grid.clone(),
+            killed: killed.clone(),
+        };
+        let member = Member::Local {
+            grid: Some(grid),
+            killed,
+            gossip: me.gossip_addr,
+            rpc: me.rpc_addr,
+        };
+        let mut endpoints = self.endpoints.lock().unwrap();
+        match at {
+            Some(i) => {
+                self.members[i] = member;
+                let e = self.endpoint_of.iter().position(|m| *m == i).unwrap();
+                endpoints[e] = Some(endpoint);
+            }
+            None => {
+                self.members.push(member);
+                self.endpoint_of.push(self.members.len() - 1);
+                endpoints.push(Some(endpoint));
+            }
+        }
+    }
+
+    /// Starts a `peergrid node` process (at slot `at` for a restart).
+    async fn add_process(&mut self) -> usize {
+        self.start_process(None).await
+    }
+
+    async fn start_process(&mut self, at: Option<usize>) -> usize {
+        let seed = self
+            .members
+            .iter()
+            .find(|m| matches!(m, Member::Local { grid: Some(_), .. }))
+            .map(Member::gossip)
+            .expect("an in-process member to seed from");
+        let file = self.dir.join("node.toml");
+        std::fs::write(&file, node_file(&self.name, seed)).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peergrid"));
+        command
+            .arg("node")
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("PEERGRID_")) {
+            command.env_remove(name);
+        }
+        let mut child = command.spawn().expect("peergrid node starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("the node reports its addresses")
+            .unwrap()
+            .expect("a first line");
+        // Keep reading, so the node never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let gossip: SocketAddr = first
+            .split_whitespace()
+            .skip_while(|w| *w != "gossip")
+            .nth(1)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("a gossip address in {first:?}"));
+        let member = Member::Process {
+            child: Some(child),
+            paused: false,
+            gossip,
+        };
+        match at {
+            Some(i) => {
+                self.members[i] = member;
+                i
+            }
+            None => {
+                self.members.push(member);
+                self.members.len() - 1
+            }
+        }
+    }
+
+    /// A member that clients never call and that a fault may hit.
+    fn faultable(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].is_up())
+            .filter(|&i| match self.mode {
+                Mode::InProcess => true,
+                Mode::Processes => matches!(self.members[i], Member::Process { .. }),
+            })
+            .collect()
+    }
+
+    fn up_count(&self) -> usize {
+        self.members.iter().filter(|m| m.is_up()).count()
+    }
+
+    /// Some member this process runs, to ask about the cluster.
+    fn observer(&self) -> Grid {
+        self.endpoints
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .next()
+            .expect("a live in-process member")
+            .grid
+            .clone()
+    }
+
+    /// Waits until every member that is up sees exactly as many members, and the cluster is
+    /// safe.
+    async fn wait_healthy(&self) {
+        let expected = self.up_count();
+        let grids: Vec<Grid> = self
+            .endpoints
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|e| e.grid.clone())
+            .collect();
+        let until = Instant::now() + RECOVERY;
+        loop {
+            let seen: Vec<usize> = grids.iter().map(|g| g.members().len()).collect();
+            let converged = seen.iter().all(|n| *n == expected);
+            let safe = grids[0].is_safe().await;
+            if converged && matches!(safe, Ok(true)) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "not healthy after {RECOVERY:?}: {expected} members up, in-process members see {seen:?}, is_safe {safe:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills member `i`: an in-process member stops every task at once and the clients'
+    /// calls on it end (as its process dying would end them); a process gets SIGKILL.
+    async fn kill(&mut self, i: usize) {
+        match &mut self.members[i] {
+            Member::Local { grid, killed, .. } => {
+                let e = self.endpoint_of.iter().position(|m| *m == i).unwrap();
+                self.endpoints.lock().unwrap()[e] = None;
+                killed.cancel();
+                drop(grid.take());
+            }
+            Member::Process { child, .. } => {
+                if let Some(mut child) = child.take() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+        }
+    }
+
+    async fn restart(&mut self, i: usize) {
+        match self.members[i] {
+            Member::Local { .. } => self.add_local(Some(i)).await,
+            Member::Process { .. } => {
+                self.start_process(Some(i)).await;
+            }
+        }
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Member::Process {
+            child: Some(child), ..
+        } = &self.members[i]
+            && let Some(pid) = child.id()
+        {
+            let status = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} {pid}");
+        }
+    }
+
+    fn pause(&mut self, i: usize) {
+        self.signal(i, "-STOP");
+        if let Member::Process { paused, .. } = &mut self.members[i] {
+            *paused = true;
+        }
+    }
+
+    fn resume(&mut self, i: usize) {
+        self.signal(i, "-CONT");
+        if let Member::Process { paused, .. } = &mut self.members[i] {
+            *paused = false;
+        }
+    }
+
+    /// Member `i` leaves gracefully and is gone for good.
+    async fn leave(&mut self, i: usize) {
+        match &mut self.members[i] {
+            Member::Local { grid, killed, .. } => {
+                let e = self.endpoint_of.iter().position(|m| *m == i).unwrap();
+                self.endpoints.lock().unwrap()[e] = None;
+                if let Some(grid) = grid.take() {
+                    grid.leave().await.expect("leave");
+                }
+                killed.cancel();
+            }
+            Member::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    if let Some(pid) = c.id() {
+                        let _ = std::process::Command::new("kill")
+                            .args(["-TERM", &pid.to_string()])
+                            .status();
+                    }
+                    let _ = tokio::time::timeout(RECOVERY, c.wait()).await;
+                }
+            }
+        }
+    }
+
+    fn split(&self, side: &[usize]) {
+        let (a, b): (Vec<SocketAddr>, Vec<SocketAddr>) = {
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if m.is_up() {
+                    if side.contains(&i) {
+                        a.push(m.gossip());
+                    } else {
+                        b.push(m.gossip());
+                    }
+                }
+            }
+            (a, b)
+        };
+        self.switch.split(&a, &b);
+    }
+
+    async fn stop(mut self) {
+        for i in 0..self.members.len() {
+            if let Member::Process { paused: true, .. } = self.members[i] {
+                self.resume(i);
+            }
+        }
+        for m in &mut self.members {
+            if let Member::Process { child: Some(c), .. } = m {
+                let _ = c.start_kill();
+            }
+        }
+        self.endpoints.lock().unwrap().clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients.
+
+/// Everything the clients recorded, and the fenced resource the lock clients used.
+#[derive(Default)]
+struct Histories {
+    set: Vec<checker::SetEntry>,
+    register: Vec<(String, checker::RegisterEntry)>,
+    queue: Vec<checker::QueueEntry>,
+    grants: Vec<Grant>,
+    lock_ops: (usize, usize, usize),
+    resource: checker::FencedResource,
+}
+
+struct Shared {
+    start: Instant,
+    endpoints: Arc<Mutex<Vec<Option<Endpoint>>>>,
+    histories: Mutex<Histories>,
+    next_client: AtomicU32,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn pick(&self, rng: &mut SmallRng) -> Option<Endpoint> {
+        let endpoints = self.endpoints.lock().unwrap();
+        let live: Vec<&Endpoint> = endpoints.iter().flatten().collect();
+        (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
+    }
+
+    fn new_client(&self) -> u32 {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Runs `op` on `endpoint` within [`OP_TIMEOUT`]; a kill of the member ends it as unknown.
+async fn call<T>(
+    endpoint: &Endpoint,
+    op: impl std::future::Future<Output = peergrid::Result<T>>,
+) -> Outcome<T> {
+    tokio::select! {
+        _ = endpoint.killed.cancelled() => Outcome::Unknown("the member was killed".into()),
+        r = tokio::time::timeout(OP_TIMEOUT, op) => match r {
+            Err(_) => Outcome::Unknown("client timeout".into()),
+            Ok(Ok(v)) => Outcome::Ok(v),
+            Ok(Err(e)) => classify(e),
+        },
+    }
+}
+
+/// Errors that certainly mean "not done" are failures; any other may hide a done operation.
+fn classify<T>(e: Error) -> Outcome<T> {
+    match e {
+        Error::QuorumNotPresent { .. } | Error::LockTimeout { .. } | Error::LockBusy { .. } => {
+            Outcome::Fail(e.to_string())
+        }
+        e => Outcome::Unknown(e.to_string()),
+    }
+}
+
+async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ worker);
+    let mut client = shared.new_client();
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(endpoint) = shared.pick(&mut rng) else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        n += 1;
+        let key = format!("set-{client}-{n}");
+        let map = endpoint.grid.map::<String, u64>("set");
+        let invoke = shared.now();
+        let outcome = call(&endpoint, map.set(&key, &n)).await;
+        let complete = shared.now();
+        let unknown = matches!(outcome, Outcome::Unknown(_));
+        shared.histories.lock().unwrap().set.push(Entry {
+            client,
+            op: (key, n),
+            invoke,
+            complete,
+            outcome,
+        });
+        if unknown {
+            client = shared.new_client();
+        }
+    }
+}
+
+async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (worker << 8));
+    let mut client = shared.new_client();
+    let mut last_seen: HashMap<String, u64> = HashMap::new();
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(endpoint) = shared.pick(&mut rng) else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        // Each key lives 4 s, so each key's history stays short enough to check exactly.
+        let generation = shared.start.elapsed().as_secs() / 4;
+        let key = format!("r-{generation}-{}", rng.random_range(0..3));
+        n += 1;
+        let value = u64::from(client) * 1_000_000 + n;
+        let map = endpoint.grid.map::<String, u64>("register");
+        let op = match rng.random_range(0..10) {
+            0..4 => RegisterOp::Read,
+            4..7 => RegisterOp::Write(value),
+            _ => RegisterOp::Cas(last_seen.get(&key).copied().unwrap_or(0), value),
+        };
+        let invoke = shared.now();
+        let outcome = match op {
+            RegisterOp::Read => match call(&endpoint, map.get(&key)).await {
+                Outcome::Ok(v) => Outcome::Ok(RegisterResult::Read(v)),
+                Outcome::Fail(e) => Outcome::Fail(e),
+                Outcome::Unknown(e) => Outcome::Unknown(e),
+            },
+            RegisterOp::Write(v) => match call(&endpoint, map.set(&key, &v)).await {
+                Outcome::Ok(()) => Outcome::Ok(RegisterResult::Written),
+                Outcome::Fail(e) => Outcome::Fail(e),
+                Outcome::Unknown(e) => Outcome::Unknown(e),
+            },
+            RegisterOp::Cas(from, to) => {
+                match call(&endpoint, map.replace_if_equal(&key, &from, &to)).await {
+                    Outcome::Ok(b) => Outcome::Ok(RegisterResult::Cas(b)),
+                    Outcome::Fail(e) => Outcome::Fail(e),
+                    Outcome::Unknown(e) => Outcome::Unknown(e),
+                }
+            }
+        };
+        let complete = shared.now();
+        match (&op, &outcome) {
+            (_, Outcome::Ok(RegisterResult::Read(Some(v)))) => {
+                last_seen.insert(key.clone(), *v);
+            }
+            (RegisterOp::Write(v), Outcome::Ok(_))
+            | (RegisterOp::Cas(_, v), Outcome::Ok(RegisterResult::Cas(true))) => {
+                last_seen.insert(key.clone(), *v);
+            }
+            _ => {}
+        }
+        let unknown = matches!(outcome, Outcome::Unknown(_));
+        shared.histories.lock().unwrap().register.push((
+            key,
+            Entry {
+                client,
+                op,
+                invoke,
+                complete,
+                outcome,
+            },
+        ));
+        if unknown {
+            client = shared.new_client();
+        }
+    }
+}
+
+async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (worker << 16));
+    let mut client = shared.new_client();
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(endpoint) = shared.pick(&mut rng) else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let queue = endpoint.grid.queue::<u64>("queue");
+        let op = if rng.random_bool(0.5) {
+            n += 1;
+            QueueOp::Offer(u64::from(client) * 1_000_000 + n)
+        } else {
+            QueueOp::Poll
+        };
+        let invoke = shared.now();
+        let outcome = match op {
+            QueueOp::Offer(item) => match call(&endpoint, queue.offer(&item)).await {
+                Outcome::Ok(b) => Outcome::Ok(QueueResult::Offered(b)),
+                Outcome::Fail(e) => Outcome::Fail(e),
+                Outcome::Unknown(e) => Outcome::Unknown(e),
+            },
+            QueueOp::Poll => match call(&endpoint, queue.poll()).await {
+                Outcome::Ok(item) => Outcome::Ok(QueueResult::Polled(item)),
+                Outcome::Fail(e) => Outcome::Fail(e),
+                Outcome::Unknown(e) => Outcome::Unknown(e),
+            },
+        };
+        let complete = shared.now();
+        let unknown = matches!(outcome, Outcome::Unknown(_));
+        shared.histories.lock().unwrap().queue.push(Entry {
+            client,
+            op,
+            invoke,
+            complete,
+            outcome,
+        });
+        if unknown {
+            client = shared.new_client();
+        }
+    }
+}
+
+async fn lock_client(shared: Arc<Shared>, worker: u64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (worker << 24));
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(endpoint) = shared.pick(&mut rng) else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        // A fresh holder per acquisition: each grant is a new client of the lock.
+        let client = shared.new_client();
+        let lock = endpoint.grid.lock("lock");
+        let invoke = shared.now();
+        let outcome = call(&endpoint, lock.try_lock_for(Duration::from_secs(2))).await;
+        let complete = shared.now();
+        let guard = {
+            let mut h = shared.histories.lock().unwrap();
+            match outcome {
+                Outcome::Ok(guard) => {
+                    h.lock_ops.0 += 1;
+                    h.grants.push(Grant {
+                        client,
+                        fence: guard.fence(),
+                        invoke,
+                        complete,
+                    });
+                    Some(guard)
+                }
+                Outcome::Fail(_) => {
+                    h.lock_ops.1 += 1;
+                    None
+                }
+                Outcome::Unknown(_) => {
+                    h.lock_ops.2 += 1;
+                    None
+                }
+            }
+        };
+        let Some(guard) = guard else { continue };
+        let fence = guard.fence();
+        let entered = shared
+            .histories
+            .lock()
+            .unwrap()
+            .resource
+            .enter(client, fence);
+        if entered {
+            // The work under the lock, then a write the resource checks.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5))).await;
+            let mut h = shared.histories.lock().unwrap();
+            h.resource.write(fence);
+            h.resource.leave(client, fence);
+        }
+        let _ = call(&endpoint, guard.unlock()).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillRestart,
+    Pause,
+    IsolateOne,
+    MajorityMinority,
+    JoinLeave,
+}
+
+impl Fault {
+    /// The name `PEERGRID_JEPSEN_FAULTS` uses.
+    fn key(self) -> &'static str {
+        match self {
+            Fault::KillRestart => "kill",
+            Fault::Pause => "pause",
+            Fault::IsolateOne => "isolate",
+            Fault::MajorityMinority => "split",
+            Fault::JoinLeave => "join-leave",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillRestart => "kill and restart",
+            Fault::Pause => "pause (SIGSTOP) and resume",
+            Fault::IsolateOne => "isolate one member, heal",
+            Fault::MajorityMinority => "majority/minority split, heal",
+            Fault::JoinLeave => "join one, leave one",
+        }
+    }
+}
+
+/// What a run did and found.
+pub struct Summary {
+    mode: Mode,
+    seed: u64,
+    duration: Duration,
+    faults: BTreeMap<Fault, u32>,
+    /// Each fault: what, on which member, from and to (µs since the start).
+    timeline: Vec<(Fault, usize, u64, u64)>,
+    /// Invoke times of the lost set writes.
+    lost_times: Vec<u64>,
+    set_ops: (usize, usize, usize),
+    set: checker::SetReport,
+    register_ops: (usize, usize, usize),
+    register: checker::RegisterReport,
+    queue_ops: (usize, usize, usize),
+    queue: checker::QueueReport,
+    lock_ops: (usize, usize, usize),
+    lock: checker::LockReport,
+    resource: checker::FencedResource,
+    grants: Vec<Grant>,
+}
+
+impl Summary {
+    fn anomalies(&self) -> usize {
+        self.set.anomalies()
+            + self.register.not_linearizable.len()
+            + self.queue.anomalies()
+            + self.lock.anomalies(&self.resource)
+    }
+
+    pub fn assert_no_anomalies(&self) {
+        println!("{self}");
+        assert_eq!(self.anomalies(), 0, "anomalies found:\n{self}");
+        assert!(self.set.acknowledged > 0 && self.queue.offered > 0 && self.lock.grants > 0);
+        assert!(self.register.linearizable > 0);
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ops = |(ok, fail, unknown): (usize, usize, usize)| {
+            format!("{ok} ok, {fail} failed, {unknown} unknown")
+        };
+        writeln!(
+            f,
+            "jepsen run: {:?}, seed {}, {:.0} s of operations",
+            self.mode,
+            self.seed,
+            self.duration.as_secs_f64()
+        )?;
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, n)| format!("{} x{n}", k.name()))
+            .collect();
+        writeln!(f, "  faults: {}", faults.join(", "))?;
+        for (fault, target, from, to) in &self.timeline {
+            writeln!(
+                f,
+                "    {:>9}..{:<9} {} on member {target}",
+                from,
+                to,
+                fault.name()
+            )?;
+        }
+        if let (Some(first), Some(last)) =
+            (self.lost_times.iter().min(), self.lost_times.iter().max())
+        {
+            writeln!(f, "  lost set writes were invoked from {first} to {last}")?;
+        }
+        writeln!(f, "  set:      {}", ops(self.set_ops))?;
+        writeln!(
+            f,
+            "            acknowledged {} all present: lost {}, unexpected {}; unknown {} of which present {}",
+            self.set.acknowledged,
+            self.set.lost.len(),
+            self.set.unexpected.len(),
+            self.set.unknown,
+            self.set.recovered
+        )?;
+        writeln!(f, "  register: {}", ops(self.register_ops))?;
+        writeln!(
+            f,
+            "            {} keys: {} linearizable, {} NOT linearizable {:?}, {} undecided",
+            self.register.keys,
+            self.register.linearizable,
+            self.register.not_linearizable.len(),
+            self.register.not_linearizable,
+            self.register.undecided.len()
+        )?;
+        if let Some((key, entries)) = &self.register.first_failure {
+            writeln!(f, "            history of {key} (µs since start):")?;
+            for e in entries {
+                writeln!(
+                    f,
+                    "              client {:>5} {:>10}..{:<10} {:?} -> {:?}",
+                    e.client, e.invoke, e.complete, e.op, e.outcome
+                )?;
+            }
+        }
+        writeln!(f, "  queue:    {}", ops(self.queue_ops))?;
+        writeln!(
+            f,
+            "            offered {} (unknown {}), polled {} (unknown polls {}): duplicated {}, invented {}, missing {} (lost beyond unknown polls: {})",
+            self.queue.offered,
+            self.queue.offers_unknown,
+            self.queue.polled,
+            self.queue.polls_unknown,
+            self.queue.duplicated.len(),
+            self.queue.invented.len(),
+            self.queue.missing.len(),
+            self.queue.lost()
+        )?;
+        writeln!(f, "  lock:     {}", ops(self.lock_ops))?;
+        writeln!(
+            f,
+            "            {} grants: tokens reused {}, decreasing {}; resource: {} accepted, {} stale refused, {} fenced takeovers, {} overlaps",
+            self.lock.grants,
+            self.lock.reused_tokens.len(),
+            self.lock.decreasing.len(),
+            self.resource.accepted,
+            self.resource.refused_stale,
+            self.resource.takeovers,
+            self.resource.overlaps.len()
+        )?;
+        if let Some(fence) = self.lock.reused_tokens.first() {
+            writeln!(
+                f,
+                "            grants with token {fence}: {:?}",
+                self.grants
+                    .iter()
+                    .filter(|g| g.fence == *fence)
+                    .collect::<Vec<_>>()
+            )?;
+        }
+        if let Some((_, fence)) = self.lock.decreasing.first() {
+            writeln!(
+                f,
+                "            grants with token {fence}: {:?}",
+                self.grants
+                    .iter()
+                    .filter(|g| g.fence == *fence)
+                    .collect::<Vec<_>>()
+            )?;
+        }
+        write!(f, "  anomalies: {}", self.anomalies())
+    }
+}
+
+pub async fn run(config: RunConfig) -> Summary {
+    let mut cluster = Cluster::start(config.mode).await;
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        endpoints: cluster.endpoints.clone(),
+        histories: Mutex::new(Histories::default()),
+        next_client: AtomicU32::new(1),
+        stop: AtomicBool::new(false),
+    });
+    let mut clients = Vec::new();
+    for worker in 0..3 {
+        clients.push(tokio::spawn(set_client(
+            shared.clone(),
+            worker,
+            config.seed,
+        )));
+        clients.push(tokio::spawn(register_client(
+            shared.clone(),
+            worker,
+            config.seed,
+        )));
+        clients.push(tokio::spawn(queue_client(
+            shared.clone(),
+            worker,
+            config.seed,
+        )));
+    }
+    for worker in 0..2 {
+        clients.push(tokio::spawn(lock_client(
+            shared.clone(),
+            worker,
+            config.seed,
+        )));
+    }
+
+    let mut rng = SmallRng::seed_from_u64(config.seed);
+    let mut faults: BTreeMap<Fault, u32> = BTreeMap::new();
+    let mut timeline = Vec::new();
+    let kinds: &[Fault] = match config.mode {
+        Mode::InProcess => &[
+            Fault::KillRestart,
+            Fault::IsolateOne,
+            Fault::MajorityMinority,
+            Fault::JoinLeave,
+        ],
+        Mode::Processes => &[Fault::KillRestart, Fault::Pause, Fault::JoinLeave],
+    };
+    let kinds: Vec<Fault> = kinds
+        .iter()
+        .copied()
+        .filter(|k| config.faults.is_empty() || config.faults.contains(&k.key()))
+        .collect();
+    assert!(
+        !kinds.is_empty(),
+        "no fault of {:?} applies to {:?}",
+        config.faults,
+        config.mode
+    );
+    let first = rng.random_range(0..kinds.len());
+    let mut round = 0;
+    let until = Instant::now() + config.duration;
+    while Instant::now() < until {
+        // Quiet time between faults.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+        // Every kind in turn, from a seeded starting point, so a short run sees each.
+        let fault = kinds[(round + first) % kinds.len()];
+        round += 1;
+        let targets = cluster.faultable();
+        if targets.is_empty() {
+            continue;
+        }
+        let target = targets[rng.random_range(0..targets.len())];
+        let hold = Duration::from_millis(rng.random_range(2000..6000));
+        tracing::info!(?fault, target, "fault");
+        let fault_start = shared.now();
+        match fault {
+            Fault::KillRestart => {
+                cluster.kill(target).await;
+                tokio::time::sleep(hold).await;
+                cluster.restart(target).await;
+            }
+            Fault::Pause => {
+                cluster.pause(target);
+                tokio::time::sleep(hold).await;
+                cluster.resume(target);
+            }
+            Fault::IsolateOne => {
+                cluster.split(&[target]);
+                tokio::time::sleep(hold).await;
+                cluster.switch.heal_all();
+            }
+            Fault::MajorityMinority => {
+                let up: Vec<usize> = (0..cluster.members.len())
+                    .filter(|&i| cluster.members[i].is_up())
+                    .collect();
+                let minority_size = (up.len() - 1) / 2;
+                let mut minority = vec![target];
+                for &i in &up {
+                    if minority.len() < minority_size && i != target {
+                        minority.push(i);
+                    }
+                }
+                cluster.split(&minority);
+                tokio::time::sleep(hold).await;
+                cluster.switch.heal_all();
+            }
+            Fault::JoinLeave => {
+                match config.mode {
+                    Mode::InProcess => cluster.add_local(None).await,
+                    Mode::Processes => {
+                        cluster.add_process().await;
+                    }
+                }
+                cluster.wait_healthy().await;
+                tokio::time::sleep(hold / 2).await;
+                cluster.leave(target).await;
+            }
+        }
+        *faults.entry(fault).or_default() += 1;
+        timeline.push((fault, target, fault_start, shared.now()));
+        cluster.wait_healthy().await;
+    }
+    let elapsed = shared.start.elapsed();
+    shared.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    cluster.switch.heal_all();
+    cluster.wait_healthy().await;
+
+    // Final reads, through a member of this process, once the cluster is safe.
+    let grid = cluster.observer();
+    let histories = std::mem::take(&mut *shared.histories.lock().unwrap());
+    let keys: Vec<String> = histories.set.iter().map(|e| e.op.0.clone()).collect();
+    let map = grid.map::<String, u64>("set");
+    let mut final_read = HashMap::new();
+    for chunk in keys.chunks(1000) {
+        final_read.extend(map.get_all(chunk).await.expect("final read"));
+    }
+    let size = map.size().await.expect("final size");
+    let mut set = checker::check_set(&histories.set, &final_read);
+    if size > final_read.len() as u64 {
+        set.unexpected.push(format!(
+            "{} entries no client added",
+            size - final_read.len() as u64
+        ));
+    }
+    let queue = grid.queue::<u64>("queue");
+    let mut drained = Vec::new();
+    loop {
+        let batch = queue.drain(1000).await.expect("final drain");
+        if batch.is_empty() {
+            break;
+        }
+        drained.extend(batch);
+    }
+    let summary = Summary {
+        mode: config.mode,
+        seed: config.seed,
+        duration: elapsed,
+        faults,
+        timeline,
+        lost_times: {
+            let lost: std::collections::HashSet<&String> = set.lost.iter().collect();
+            histories
+                .set
+                .iter()
+                .filter(|e| lost.contains(&e.op.0))
+                .map(|e| e.invoke)
+                .collect()
+        },
+        set_ops: checker::outcomes(&histories.set),
+        set,
+        register_ops: {
+            let entries: Vec<_> = histories.register.iter().map(|(_, e)| e.clone()).collect();
+            checker::outcomes(&entries)
+        },
+        register: checker::check_registers(&histories.register, 2_000_000),
+        queue_ops: checker::outcomes(&histories.queue),
+        queue: checker::check_queue(&histories.queue, &drained),
+        lock_ops: histories.lock_ops,
+        lock: checker::check_lock(&histories.grants),
+        grants: histories.grants.clone(),
+        resource: histories.resource,
+    };
+    cluster.stop().await;
+    summary
+}
