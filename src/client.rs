@@ -83,8 +83,9 @@ impl ClientConfig {
 /// protection). Keys and values are raw bytes, which is how a [`crate::Map`] stores `String`,
 /// `&str`, `Vec<u8>` and `Bytes`: a value put as a string here reads back as a string in a
 /// `Map<String, String>`, and the other way round. If the member stops answering, a call is
-/// tried on the other members this client knows (only when the call did not reach it, so a
-/// write is never applied twice through a retry here).
+/// tried on the other members this client knows: a read after any failure to reach it, a
+/// write only when it certainly did not reach it, so a write is never applied twice through a
+/// retry here.
 pub struct Client {
     rpc: RpcClients,
     /// The members to call, the one that answers first; refreshed by [`Client::status`].
@@ -138,8 +139,7 @@ impl ClusterStatus {
         self.members
             .iter()
             .filter_map(|m| m.metrics.as_ref().ok())
-            .map(|m| m.partitions_owned)
-            .sum()
+            .fold(0u32, |sum, m| sum.saturating_add(m.partitions_owned))
     }
 }
 
@@ -148,8 +148,9 @@ impl Client {
     /// configured cluster.
     ///
     /// Errors: [`Error::NoMemberAnswered`] when none does (nothing listens, the calls time out,
-    /// or the members belong to another cluster); [`Error::Unauthenticated`] when a member
-    /// refuses the credential (a wrong or missing [`SecurityConfig::secret`]);
+    /// or, on a cluster without a secret, the members belong to another cluster);
+    /// [`Error::Unauthenticated`] when a member refuses the credential (a wrong or missing
+    /// [`SecurityConfig::secret`], or another cluster name: the credential derives from both);
     /// [`Error::Config`] for bad TLS files.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         if config.seeds.is_empty() {
@@ -188,6 +189,8 @@ impl Client {
             match client.member_info(&peer).await {
                 Ok(identity) => {
                     client.set_members(vec![identity]);
+                    // Learn every member, to move to another if this one goes.
+                    client.learn_members().await;
                     return Ok(client);
                 }
                 Err(e @ Error::Unauthenticated { .. }) => return Err(e),
@@ -201,6 +204,30 @@ impl Client {
         })
     }
 
+    /// Asks the member this client talks to for its view of the members (best effort: on
+    /// failure the client keeps what it knows).
+    async fn learn_members(&self) {
+        let Some(first) = self.known().into_iter().next() else {
+            return;
+        };
+        let Ok(mut c) = self.rpc.get(&first) else {
+            return;
+        };
+        let request = self.rpc.request(proto::StatusRequest { check_safe: false });
+        if let Ok(response) = c.client.status(request).await {
+            let others = response
+                .into_inner()
+                .members
+                .iter()
+                .filter_map(|m| identity_of(m).ok())
+                .filter(|m| m.id != first.id)
+                .collect::<Vec<_>>();
+            let mut members = vec![first];
+            members.extend(others);
+            self.set_members(members);
+        }
+    }
+
     /// The members this client calls, the one it talks to first.
     pub fn members(&self) -> Vec<SocketAddr> {
         self.known().iter().map(|m| m.rpc).collect()
@@ -212,7 +239,7 @@ impl Client {
     /// not answer is listed with the error.
     pub async fn status(&self) -> Result<ClusterStatus> {
         let first = self
-            .call(|mut c| {
+            .call(true, |mut c| {
                 let request = self.rpc.request(proto::StatusRequest { check_safe: true });
                 async move {
                     match c.client.status(request).await {
@@ -348,13 +375,19 @@ impl Client {
         key: &[u8],
         value: &[u8],
     ) -> Result<proto::ClientMapResponse> {
+        if name.starts_with('\0') {
+            return Err(Error::ReservedName {
+                name: name.to_string(),
+            });
+        }
         let request = proto::ClientMapRequest {
             map: name.to_string(),
             op: op as i32,
             key: Bytes::copy_from_slice(key),
             value: Bytes::copy_from_slice(value),
         };
-        self.call(|mut c| {
+        let read_only = matches!(op, proto::ClientMapOp::Get | proto::ClientMapOp::Size);
+        self.call(read_only, |mut c| {
             let request = self.rpc.request(request.clone());
             async move {
                 match c.client.client_map(request).await {
@@ -366,9 +399,11 @@ impl Client {
         .await
     }
 
-    /// Runs `call` on the first known member, then on the next ones while the call did not
-    /// reach the member (`Unreachable`: refused or reset before it was sent).
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T>
+    /// Runs `call` on the first known member, then on the next ones while the member could
+    /// not be reached. A write (`read_only` false) moves on only when the call certainly never
+    /// reached the member (the connection was refused, or the member was stopping), so it is
+    /// never applied twice; a read moves on after any transport failure or timeout.
+    async fn call<T, F, Fut>(&self, read_only: bool, call: F) -> Result<T>
     where
         F: Fn(PeerClient) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -378,7 +413,8 @@ impl Client {
         for peer in &known {
             let client = self.rpc.get(peer)?;
             match call(client).await {
-                Err(e @ Error::Unreachable { .. }) => last = Some(e),
+                Err(e @ Error::Unreachable { .. }) if read_only || never_sent(&e) => last = Some(e),
+                Err(e @ Error::Timeout { .. }) if read_only => last = Some(e),
                 other => return other,
             }
         }
@@ -432,6 +468,20 @@ pub(crate) fn identity_of(m: &proto::MemberInfoResponse) -> std::result::Result<
         generation: m.generation,
         name: Arc::from(m.name.as_str()),
     })
+}
+
+/// Whether a failed call certainly never reached the member: the connection was not made, or
+/// the member refused it because it was stopping.
+fn never_sent(e: &Error) -> bool {
+    match e {
+        Error::Unreachable { reason, .. } => {
+            let reason = reason.to_ascii_lowercase();
+            reason.contains("connect error")
+                || reason.contains("connection refused")
+                || reason.contains("shutting down")
+        }
+        _ => false,
+    }
 }
 
 /// An error about a seed whose member id is not known yet, without the placeholder id.

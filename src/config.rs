@@ -689,7 +689,7 @@ impl GridConfig {
     /// for its variable. Fails with [`ConfigError::Env`] on a value that does not parse; does not
     /// call [`Self::validate`].
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::default().with_env_vars(std::env::vars())
+        Self::default().with_env_vars(peergrid_env_vars()?)
     }
 
     /// Applies `PEERGRID_*` variables from `vars` to this configuration. Unknown `PEERGRID_*`
@@ -899,6 +899,24 @@ fn matches_pattern(pattern: &str, name: &str) -> bool {
                 && name.ends_with(suffix)
         }
     }
+}
+
+/// The process's `PEERGRID_*` variables. Other variables are not looked at, so one that is not
+/// UTF-8 does no harm; a `PEERGRID_*` one that is not is an error.
+pub fn peergrid_env_vars() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("PEERGRID_")) else {
+            continue;
+        };
+        let value = value.into_string().map_err(|_| ConfigError::Env {
+            name: name.to_string(),
+            value: "<not UTF-8>".to_string(),
+            reason: "not valid UTF-8".to_string(),
+        })?;
+        vars.push((name.to_string(), value));
+    }
+    Ok(vars)
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

@@ -108,7 +108,7 @@ pub use client::{Client, ClientConfig, ClusterStatus, MemberStatus};
 pub use config::{
     DEFAULT_PORT, EvictionConfig, EvictionPolicy, GridConfig, LockConfig, MapConfig,
     NearCacheConfig, QueueConfig, QuorumOn, Secret, SecurityConfig, SplitBrainProtection,
-    SwimConfig, TlsConfig,
+    SwimConfig, TlsConfig, peergrid_env_vars,
 };
 pub use error::{ConfigError, Error, Result};
 pub use events::EventStream;

@@ -161,6 +161,14 @@ async fn peergrid_map_commands_read_and_write_what_members_see() {
         .unwrap();
     let (code, out, _) = run(args(&["map", "get", "raw", "k"])).await;
     assert_eq!((code, out.trim()), (0, "0xff0010"));
+    // So does text with control characters, which could drive the terminal.
+    users
+        .put("esc", &"\u{1b}[31mred".to_string())
+        .await
+        .unwrap();
+    let (code, out, _) = run(args(&["map", "get", "users", "esc"])).await;
+    assert_eq!((code, out.trim()), (0, "0x1b5b33316d726564"));
+    users.remove("esc").await.unwrap();
     // An oversized value gets a clear error, nothing is stored, and the member keeps serving.
     let big = "v".repeat(5000);
     let (code, _, err) = run(args(&["map", "put", "users", "big", &big])).await;
@@ -175,11 +183,8 @@ async fn peergrid_map_commands_read_and_write_what_members_see() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_fail_clearly_when_no_cluster_answers_or_the_secret_is_wrong() {
-    // Nothing listens on a port this test bound and released.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    // Nothing listens on port 1 (privileged, unused), and no test binds it.
+    let closed = "127.0.0.1:1".to_string();
     let (code, out, err) = peergrid(&["status", "--seed", &closed], &[]).await;
     assert_eq!(code, 2, "{out}");
     assert!(
@@ -338,6 +343,7 @@ impl NodeProcess {
     }
 }
 
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peergrid_node_processes_form_a_cluster_from_flags_and_a_file_and_leave_on_sigterm() {
     let cluster = common::unique_cluster_name();

@@ -85,24 +85,32 @@ impl MapStats {
             near_cache_invalidations,
             near_cache_partitions_dropped,
         } = *other;
-        self.gets += gets;
-        self.hits += hits;
-        self.misses += misses;
-        self.puts += puts;
-        self.removes += removes;
-        self.expirations += expirations;
-        self.evictions += evictions;
-        self.owned_entries += owned_entries;
-        self.backup_entries += backup_entries;
-        self.owned_bytes += owned_bytes;
-        self.owned_memory_bytes += owned_memory_bytes;
-        self.near_cache_hits += near_cache_hits;
-        self.near_cache_misses += near_cache_misses;
-        self.near_cache_entries += near_cache_entries;
-        self.near_cache_evictions += near_cache_evictions;
-        self.near_cache_expirations += near_cache_expirations;
-        self.near_cache_invalidations += near_cache_invalidations;
-        self.near_cache_partitions_dropped += near_cache_partitions_dropped;
+        self.gets = self.gets.saturating_add(gets);
+        self.hits = self.hits.saturating_add(hits);
+        self.misses = self.misses.saturating_add(misses);
+        self.puts = self.puts.saturating_add(puts);
+        self.removes = self.removes.saturating_add(removes);
+        self.expirations = self.expirations.saturating_add(expirations);
+        self.evictions = self.evictions.saturating_add(evictions);
+        self.owned_entries = self.owned_entries.saturating_add(owned_entries);
+        self.backup_entries = self.backup_entries.saturating_add(backup_entries);
+        self.owned_bytes = self.owned_bytes.saturating_add(owned_bytes);
+        self.owned_memory_bytes = self.owned_memory_bytes.saturating_add(owned_memory_bytes);
+        self.near_cache_hits = self.near_cache_hits.saturating_add(near_cache_hits);
+        self.near_cache_misses = self.near_cache_misses.saturating_add(near_cache_misses);
+        self.near_cache_entries = self.near_cache_entries.saturating_add(near_cache_entries);
+        self.near_cache_evictions = self
+            .near_cache_evictions
+            .saturating_add(near_cache_evictions);
+        self.near_cache_expirations = self
+            .near_cache_expirations
+            .saturating_add(near_cache_expirations);
+        self.near_cache_invalidations = self
+            .near_cache_invalidations
+            .saturating_add(near_cache_invalidations);
+        self.near_cache_partitions_dropped = self
+            .near_cache_partitions_dropped
+            .saturating_add(near_cache_partitions_dropped);
     }
 
     /// Hits over gets; `None` before the first get.

@@ -555,11 +555,21 @@ impl PeerGrid for PeerGridService {
         };
         if request.get_ref().check_safe {
             response.safe_checked = true;
-            match grid.is_safe().await {
-                Ok(safe) => response.safe = safe,
-                Err(e) => response.safe_error = e.to_string(),
+            // Bounded well inside the caller's deadline, so a member that does not answer
+            // costs the report its safety line, not the whole report (and holds this member
+            // no longer than that).
+            let within = self.node.config.rpc_timeout / 2;
+            match tokio::time::timeout(within, grid.is_safe()).await {
+                Ok(Ok(safe)) => response.safe = safe,
+                Ok(Err(e)) => response.safe_error = e.to_string(),
+                Err(_) => {
+                    response.safe_error = format!(
+                        "the check did not finish within {within:?} (a member does not answer)"
+                    )
+                }
             }
         }
+        drop(grid);
         Ok(Response::new(response))
     }
 
@@ -569,6 +579,12 @@ impl PeerGrid for PeerGridService {
     ) -> Result<Response<proto::ClientMapResponse>, Status> {
         self.admit(&request, "client_map")?;
         let request = request.into_inner();
+        if request.map.starts_with('\0') {
+            return Err(Status::invalid_argument(format!(
+                "map name {:?} is reserved (names starting with NUL belong to queues)",
+                request.map
+            )));
+        }
         self.check_sizes(&request.key, &request.value)?;
         let op = proto::ClientMapOp::try_from(request.op)
             .map_err(|_| Status::invalid_argument("unknown client map operation"))?;
@@ -649,7 +665,7 @@ pub(crate) fn spawn(
             Ok(request)
         } else {
             Err(Status::unauthenticated(
-                "missing or wrong cluster credential: the caller does not hold this cluster's secret",
+                "missing or wrong cluster credential: the caller does not hold this cluster's secret (or names another cluster)",
             ))
         }
     };

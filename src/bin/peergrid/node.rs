@@ -98,9 +98,13 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     // PEERGRID_LOG is the log filter, not a member setting.
-    let env = std::env::vars().filter(|(name, _)| name != "PEERGRID_LOG");
+    let env = peergrid::peergrid_env_vars()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|(name, _)| name != "PEERGRID_LOG");
     let config = config(&args, env)?;
     let grid = Grid::join(config).await.map_err(|e| e.to_string())?;
     let me = grid.local_member();
@@ -136,8 +140,11 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
             },
         }
     }
-    println!("leaving: handing partitions over");
-    grid.leave().await.map_err(|e| e.to_string())?;
+    println!("leaving: handing partitions over (signal again to stop at once)");
+    tokio::select! {
+        left = grid.leave() => left.map_err(|e| e.to_string())?,
+        _ = shutdown_signal() => return Err("stopped before the handoff finished".to_string()),
+    }
     println!("left");
     Ok(())
 }

@@ -134,13 +134,14 @@ pub(crate) fn render_status(status: &ClusterStatus) -> String {
     out
 }
 
-/// A value as text: UTF-8 as is, anything else as hex.
+/// A value as text: printable UTF-8 as is, anything else (other encodings, control characters
+/// that could drive the terminal) as hex.
 fn show(value: Option<bytes::Bytes>) -> String {
     match value {
         None => "(nil)".to_string(),
         Some(v) => match std::str::from_utf8(&v) {
-            Ok(text) => text.to_string(),
-            Err(_) => {
+            Ok(text) if !text.chars().any(char::is_control) => text.to_string(),
+            _ => {
                 let mut hex = String::with_capacity(2 + v.len() * 2);
                 hex.push_str("0x");
                 for b in v.iter() {
