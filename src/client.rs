@@ -413,8 +413,10 @@ impl Client {
         for peer in &known {
             let client = self.rpc.get(peer)?;
             match call(client).await {
-                Err(e @ Error::Unreachable { .. }) if read_only || never_sent(&e) => last = Some(e),
-                Err(e @ Error::Timeout { .. }) if read_only => last = Some(e),
+                // Never sent (no connection, or refused before anything was done).
+                Err(e @ Error::Unreachable { .. }) => last = Some(e),
+                // Maybe done: only a read may be asked again.
+                Err(e) if read_only && crate::routing::outcome_unknown(&e) => last = Some(e),
                 other => return other,
             }
         }
@@ -468,20 +470,6 @@ pub(crate) fn identity_of(m: &proto::MemberInfoResponse) -> std::result::Result<
         generation: m.generation,
         name: Arc::from(m.name.as_str()),
     })
-}
-
-/// Whether a failed call certainly never reached the member: the connection was not made, or
-/// the member refused it because it was stopping.
-fn never_sent(e: &Error) -> bool {
-    match e {
-        Error::Unreachable { reason, .. } => {
-            let reason = reason.to_ascii_lowercase();
-            reason.contains("connect error")
-                || reason.contains("connection refused")
-                || reason.contains("shutting down")
-        }
-        _ => false,
-    }
 }
 
 /// An error about a seed whose member id is not known yet, without the placeholder id.

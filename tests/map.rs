@@ -269,7 +269,7 @@ async fn an_unreachable_owner_is_a_typed_error_after_bounded_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowledged_write() {
+async fn a_member_joining_mid_run_loses_no_acknowledged_write() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut cluster = Cluster::start(3).await;
@@ -285,8 +285,19 @@ async fn a_member_joining_mid_run_is_invisible_to_clients_and_loses_no_acknowled
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("m{m}-t{t}-{}", i % 50);
-                    // Every write must succeed: NotOwner answers are retried inside the router.
-                    map.set(&key, &i).await.expect("write during the join");
+                    // NotOwner answers are retried inside the router. A write that races its
+                    // partition's handover may end `NotBackedUp` (outcome unknown; peergrid
+                    // does not send it again, as that could undo a later write): the key's
+                    // value is unknown until its next acknowledged write.
+                    match map.set(&key, &i).await {
+                        Ok(()) => {}
+                        Err(peergrid::Error::NotBackedUp { .. }) => {
+                            acked.remove(&key);
+                            i += 1;
+                            continue;
+                        }
+                        Err(e) => panic!("write during the join: {e}"),
+                    }
                     acked.insert(key.clone(), i);
                     let read = map.get(&key).await.expect("read during the join");
                     assert_eq!(read, Some(i), "read-your-write of {key}");

@@ -206,6 +206,24 @@ impl PeerClient {
             },
             // tonic reports connect failures (refused, reset, timed out connecting) as Unavailable
             // or Unknown with a transport source.
+            // The connection broke after the request may have gone out (reset, broken pipe, a
+            // killed peer): the peer may have acted on it, so this is not `Unreachable` (which
+            // callers resend freely) but an unknown outcome. The Jepsen-style suite caught a
+            // compare-and-set resent this way after its first attempt had been applied.
+            Code::Unavailable | Code::Unknown
+                if is_transport_error(&status) && !failed_to_connect(&status) =>
+            {
+                Error::Remote {
+                    member: self.member,
+                    code: status.code(),
+                    message: format!(
+                        "connection lost during the call; outcome unknown: {}",
+                        transport_reason(&status)
+                    ),
+                }
+            }
+            // Refused by the peer before it did anything (stopping, another cluster's member),
+            // or no connection could be made.
             Code::Unavailable => Error::Unreachable {
                 member: self.member,
                 addr: self.addr,
@@ -345,4 +363,13 @@ fn transport_reason(status: &Status) -> String {
         reason = format!("{reason}: {cause}");
     }
     reason
+}
+
+/// Whether a transport failure happened while connecting, before any request was sent.
+fn failed_to_connect(status: &Status) -> bool {
+    let reason = transport_reason(status).to_ascii_lowercase();
+    reason.contains("connect error")
+        || reason.contains("connection refused")
+        || reason.contains("error trying to connect")
+        || reason.contains("dns error")
 }
