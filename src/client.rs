@@ -160,12 +160,7 @@ impl Client {
             });
         }
         let keys = Keyring::new(&config.cluster_name, &config.security);
-        let tls = config
-            .security
-            .tls
-            .as_ref()
-            .map(crate::security::load_tls)
-            .transpose()?;
+        let tls = crate::security::load_configured_tls(&config.security)?;
         let rpc = RpcClients::new(
             crate::membership::frame::cluster_hash(&config.cluster_name),
             None,

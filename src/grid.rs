@@ -93,12 +93,7 @@ impl Grid {
     pub async fn join(config: GridConfig) -> Result<Grid> {
         config.validate()?;
         let keys = Arc::new(Keyring::new(&config.cluster_name, &config.security));
-        let tls = config
-            .security
-            .tls
-            .as_ref()
-            .map(crate::security::load_tls)
-            .transpose()?;
+        let tls = crate::security::load_configured_tls(&config.security)?;
         let (udp, tcp) = bind(&config).await?;
         let gossip_addr = match config.gossip_advertise {
             Some(addr) => addr,

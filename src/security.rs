@@ -283,6 +283,13 @@ pub(crate) struct TlsMaterial {
 }
 
 /// Reads the PEM files of `tls` and checks that rustls takes them.
+/// The TLS material `security` asks for, if any (see [`load_tls`]).
+pub(crate) fn load_configured_tls(
+    security: &crate::SecurityConfig,
+) -> Result<Option<TlsMaterial>, ConfigError> {
+    security.tls.as_ref().map(load_tls).transpose()
+}
+
 pub(crate) fn load_tls(tls: &TlsConfig) -> Result<TlsMaterial, ConfigError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
     let read = |field: &'static str, path: &std::path::Path| {

@@ -3,24 +3,19 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Cluster, DEADLINE, wait_for};
 use peergrid::{Client, ClientConfig, Error, Secret};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::io::BufReader;
 
 /// Runs `peergrid ARGS` with `env`; returns the exit code, stdout and stderr. The variables of
 /// this process that the command reads are cleared first.
 async fn peergrid(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_peergrid"));
+    let mut command = common::peergrid_command();
     command.args(args);
-    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("PEERGRID_")) {
-        command.env_remove(name);
-    }
     command.envs(env.iter().copied());
-    let output = tokio::time::timeout(DEADLINE, command.kill_on_drop(true).output())
+    let output = tokio::time::timeout(DEADLINE, command.output())
         .await
         .expect("peergrid finishes")
         .expect("peergrid runs");
@@ -294,35 +289,11 @@ struct NodeProcess {
 
 impl NodeProcess {
     async fn start(args: &[&str]) -> NodeProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_peergrid"));
-        command
-            .arg("node")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("PEERGRID_")) {
-            command.env_remove(name);
-        }
-        let mut child = command.spawn().expect("peergrid node starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .expect("the node reports its addresses")
-            .unwrap()
-            .expect("a first line");
-        let word_after = |word: &str| {
-            first
-                .split_whitespace()
-                .skip_while(|w| *w != word)
-                .nth(1)
-                .unwrap_or_else(|| panic!("{word} in {first:?}"))
-                .trim_end_matches(',')
-                .to_string()
-        };
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let (child, lines, first) = common::start_node(&args).await;
         NodeProcess {
-            gossip: word_after("gossip"),
-            rpc: word_after("rpc"),
+            gossip: common::addr_after(&first, "gossip").to_string(),
+            rpc: common::addr_after(&first, "rpc").to_string(),
             child,
             lines,
         }

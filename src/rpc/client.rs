@@ -211,29 +211,27 @@ impl PeerClient {
             // callers resend freely) but an unknown outcome. The Jepsen-style suite caught a
             // compare-and-set resent this way after its first attempt had been applied.
             Code::Unavailable | Code::Unknown
-                if is_transport_error(&status) && !failed_to_connect(&status) =>
+                if status.code() == Code::Unavailable || is_transport_error(&status) =>
             {
-                Error::Remote {
-                    member: self.member,
-                    code: status.code(),
-                    message: format!(
-                        "connection lost during the call; outcome unknown: {}",
-                        transport_reason(&status)
-                    ),
+                let reason = transport_reason(&status);
+                if is_transport_error(&status) && !failed_to_connect(&reason) {
+                    Error::Remote {
+                        member: self.member,
+                        code: status.code(),
+                        message: format!(
+                            "connection lost during the call; outcome unknown: {reason}"
+                        ),
+                    }
+                } else {
+                    // Refused by the peer before it did anything (stopping, another cluster's
+                    // member), or no connection could be made.
+                    Error::Unreachable {
+                        member: self.member,
+                        addr: self.addr,
+                        reason,
+                    }
                 }
             }
-            // Refused by the peer before it did anything (stopping, another cluster's member),
-            // or no connection could be made.
-            Code::Unavailable => Error::Unreachable {
-                member: self.member,
-                addr: self.addr,
-                reason: transport_reason(&status),
-            },
-            Code::Unknown if is_transport_error(&status) => Error::Unreachable {
-                member: self.member,
-                addr: self.addr,
-                reason: transport_reason(&status),
-            },
             Code::Unauthenticated => Error::Unauthenticated {
                 member: self.member,
                 addr: self.addr,
@@ -365,9 +363,10 @@ fn transport_reason(status: &Status) -> String {
     reason
 }
 
-/// Whether a transport failure happened while connecting, before any request was sent.
-fn failed_to_connect(status: &Status) -> bool {
-    let reason = transport_reason(status).to_ascii_lowercase();
+/// Whether a transport failure (its `transport_reason`) happened while connecting, before any
+/// request was sent.
+fn failed_to_connect(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
     reason.contains("connect error")
         || reason.contains("connection refused")
         || reason.contains("error trying to connect")

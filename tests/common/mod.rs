@@ -341,3 +341,51 @@ pub async fn assert_all_present(grid: &Grid, others: &[&Grid], expected: &HashMa
         expected.len()
     );
 }
+
+/// A `peergrid` command of this crate, with none of this process's `PEERGRID_*` variables (a
+/// test sets what it means to).
+pub fn peergrid_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peergrid"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("PEERGRID_")) {
+            command.env_remove(name);
+        }
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// Starts `peergrid node ARGS`; returns the process, the rest of its stdout, and its first line
+/// (which names its addresses).
+pub async fn start_node(
+    args: &[&std::ffi::OsStr],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut command = peergrid_command();
+    command
+        .arg("node")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("peergrid node starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the node reports its addresses")
+        .expect("stdout readable")
+        .expect("a first line");
+    (child, lines, first)
+}
+
+/// The address after `word` in a node's first line (`gossip` or `rpc`).
+pub fn addr_after(line: &str, word: &str) -> SocketAddr {
+    line.split_whitespace()
+        .skip_while(|w| *w != word)
+        .nth(1)
+        .and_then(|w| w.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("an address after {word} in {line:?}"))
+}

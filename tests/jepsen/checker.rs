@@ -17,6 +17,17 @@ pub enum Outcome<T> {
     Unknown(String),
 }
 
+impl<T> Outcome<T> {
+    /// The same outcome with `f` applied to an ok result.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Ok(v) => Outcome::Ok(f(v)),
+            Outcome::Fail(e) => Outcome::Fail(e),
+            Outcome::Unknown(e) => Outcome::Unknown(e),
+        }
+    }
+}
+
 /// One operation of a history.
 #[derive(Debug, Clone)]
 pub struct Entry<Op, R> {

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +10,6 @@ use std::time::{Duration, Instant};
 use peergrid::{Error, Grid, GridConfig, LockConfig, MapConfig, QueueConfig, SplitBrainProtection};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::{
@@ -243,32 +241,11 @@ impl Cluster {
             .expect("an in-process member to seed from");
         let file = self.dir.join("node.toml");
         std::fs::write(&file, node_file(&self.name, seed)).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peergrid"));
-        command
-            .arg("node")
-            .arg("--config")
-            .arg(&file)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("PEERGRID_")) {
-            command.env_remove(name);
-        }
-        let mut child = command.spawn().expect("peergrid node starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .expect("the node reports its addresses")
-            .unwrap()
-            .expect("a first line");
+        let (child, mut lines, first) =
+            crate::common::start_node(&[std::ffi::OsStr::new("--config"), file.as_os_str()]).await;
         // Keep reading, so the node never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let gossip: SocketAddr = first
-            .split_whitespace()
-            .skip_while(|w| *w != "gossip")
-            .nth(1)
-            .and_then(|w| w.parse().ok())
-            .unwrap_or_else(|| panic!("a gossip address in {first:?}"));
+        let gossip = crate::common::addr_after(&first, "gossip");
         let member = Member::Process {
             child: Some(child),
             paused: false,
@@ -492,6 +469,14 @@ impl Shared {
     fn new_client(&self) -> u32 {
         self.next_client.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// A client whose operation ended unknown is retired, as Jepsen does: `client` becomes a
+    /// new one.
+    fn retire_if_unknown<T>(&self, client: &mut u32, outcome: &Outcome<T>) {
+        if matches!(outcome, Outcome::Unknown(_)) {
+            *client = self.new_client();
+        }
+    }
 }
 
 /// Runs `op` on `endpoint` within [`OP_TIMEOUT`]; a kill of the member ends it as unknown.
@@ -534,17 +519,15 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         let invoke = shared.now();
         let outcome = call(&endpoint, map.set(&key, &n)).await;
         let complete = shared.now();
-        let unknown = matches!(outcome, Outcome::Unknown(_));
+        let ran_by = client;
+        shared.retire_if_unknown(&mut client, &outcome);
         shared.histories.lock().unwrap().set.push(Entry {
-            client,
+            client: ran_by,
             op: (key, n),
             invoke,
             complete,
             outcome,
         });
-        if unknown {
-            client = shared.new_client();
-        }
     }
 }
 
@@ -571,23 +554,15 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         };
         let invoke = shared.now();
         let outcome = match op {
-            RegisterOp::Read => match call(&endpoint, map.get(&key)).await {
-                Outcome::Ok(v) => Outcome::Ok(RegisterResult::Read(v)),
-                Outcome::Fail(e) => Outcome::Fail(e),
-                Outcome::Unknown(e) => Outcome::Unknown(e),
-            },
-            RegisterOp::Write(v) => match call(&endpoint, map.set(&key, &v)).await {
-                Outcome::Ok(()) => Outcome::Ok(RegisterResult::Written),
-                Outcome::Fail(e) => Outcome::Fail(e),
-                Outcome::Unknown(e) => Outcome::Unknown(e),
-            },
-            RegisterOp::Cas(from, to) => {
-                match call(&endpoint, map.replace_if_equal(&key, &from, &to)).await {
-                    Outcome::Ok(b) => Outcome::Ok(RegisterResult::Cas(b)),
-                    Outcome::Fail(e) => Outcome::Fail(e),
-                    Outcome::Unknown(e) => Outcome::Unknown(e),
-                }
-            }
+            RegisterOp::Read => call(&endpoint, map.get(&key))
+                .await
+                .map(RegisterResult::Read),
+            RegisterOp::Write(v) => call(&endpoint, map.set(&key, &v))
+                .await
+                .map(|()| RegisterResult::Written),
+            RegisterOp::Cas(from, to) => call(&endpoint, map.replace_if_equal(&key, &from, &to))
+                .await
+                .map(RegisterResult::Cas),
         };
         let complete = shared.now();
         match (&op, &outcome) {
@@ -600,20 +575,18 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             }
             _ => {}
         }
-        let unknown = matches!(outcome, Outcome::Unknown(_));
+        let ran_by = client;
+        shared.retire_if_unknown(&mut client, &outcome);
         shared.histories.lock().unwrap().register.push((
             key,
             Entry {
-                client,
+                client: ran_by,
                 op,
                 invoke,
                 complete,
                 outcome,
             },
         ));
-        if unknown {
-            client = shared.new_client();
-        }
     }
 }
 
@@ -635,29 +608,21 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         };
         let invoke = shared.now();
         let outcome = match op {
-            QueueOp::Offer(item) => match call(&endpoint, queue.offer(&item)).await {
-                Outcome::Ok(b) => Outcome::Ok(QueueResult::Offered(b)),
-                Outcome::Fail(e) => Outcome::Fail(e),
-                Outcome::Unknown(e) => Outcome::Unknown(e),
-            },
-            QueueOp::Poll => match call(&endpoint, queue.poll()).await {
-                Outcome::Ok(item) => Outcome::Ok(QueueResult::Polled(item)),
-                Outcome::Fail(e) => Outcome::Fail(e),
-                Outcome::Unknown(e) => Outcome::Unknown(e),
-            },
+            QueueOp::Offer(item) => call(&endpoint, queue.offer(&item))
+                .await
+                .map(QueueResult::Offered),
+            QueueOp::Poll => call(&endpoint, queue.poll()).await.map(QueueResult::Polled),
         };
         let complete = shared.now();
-        let unknown = matches!(outcome, Outcome::Unknown(_));
+        let ran_by = client;
+        shared.retire_if_unknown(&mut client, &outcome);
         shared.histories.lock().unwrap().queue.push(Entry {
-            client,
+            client: ran_by,
             op,
             invoke,
             complete,
             outcome,
         });
-        if unknown {
-            client = shared.new_client();
-        }
     }
 }
 
