@@ -1067,10 +1067,13 @@ impl Node {
             return false;
         }
         // A member on its way into another cluster takes no table until it left its old one
-        // (then only the new cluster's members are peers); one without a cluster's table takes
-        // tables only from the members it sees; and a member that merged away from a cluster
-        // never takes a table of that cluster's members again (until one of them is back as a
-        // member of its new cluster).
+        // (then only the new cluster's members are peers). Otherwise a member takes tables only
+        // from the members it sees: a publisher it declared down (the other side of a split
+        // that just healed, whose links work again before either side's membership says so)
+        // may hold a table in which it leads partitions it took over alone, and taking that
+        // table would make the members here drop their copies for it. Neither does a member
+        // that merged away from a cluster take a table of that cluster's members again (until
+        // one of them is back as a member of its new cluster).
         let joining = self
             .merge
             .joining
@@ -1080,10 +1083,14 @@ impl Node {
             .rejoined
             .load(std::sync::atomic::Ordering::Acquire);
         let foreign = table.publisher != self.me && self.membership.peer(table.publisher).is_none();
-        if (joining && (!rejoined || table.publisher == self.me))
-            || (foreign && !self.membership.is_established())
-            || (foreign && self.membership.is_left_behind(table.publisher))
-        {
+        if (joining && (!rejoined || table.publisher == self.me)) || foreign {
+            tracing::debug!(
+                member = %self.me,
+                version = table.version,
+                publisher = %table.publisher,
+                joining,
+                "refusing a table: this member is merging, or does not see its publisher"
+            );
             return false;
         }
         if table.publisher != self.me

@@ -92,8 +92,9 @@ pub(crate) struct Driver {
     /// Set once this member starts leaving: foca then declares it down, which is expected.
     self_leaving: bool,
     /// The renewed identity after this member learned it was declared down: foca is rebuilt
-    /// with it (see [`Driver::restart_foca`]).
-    restart_as: Option<Identity>,
+    /// with it (see [`Driver::restart_foca`]), with the members it still considers active, or
+    /// with none when this member hands its data over through a merge (`false`).
+    restart_as: Option<(Identity, bool)>,
     /// Down verdicts ignored per sender address: (first, last) time seen.
     ignored_verdicts: std::collections::HashMap<SocketAddr, (Instant, Instant)>,
     swim: foca::Config,
@@ -216,8 +217,15 @@ impl Driver {
     /// and announces itself to the members it still considers active. Members it saw go down
     /// are not contacted: they may be the other side of a split, which is reached only through
     /// the merge protocol ([`crate::split_brain`]).
-    fn restart_foca(&mut self, identity: Identity) {
-        let active: Vec<Member<Identity>> = self.foca.iter_members().cloned().collect();
+    ///
+    /// With `keep_members` false the rebuilt instance knows nobody and announces to nobody: the
+    /// member is handing its data over through a merge, whose rejoin builds foca anew.
+    fn restart_foca(&mut self, identity: Identity, keep_members: bool) {
+        let active: Vec<Member<Identity>> = if keep_members {
+            self.foca.iter_members().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let mut known: Vec<SocketAddr> = active
             .iter()
             .map(|m| m.id().gossip)
@@ -243,6 +251,45 @@ impl Driver {
                 tracing::debug!(%addr, error = %e, "announce failed");
             }
         }
+    }
+
+    /// This member learned it was declared down. If it holds a cluster's table it may lead
+    /// partitions the cluster already gave to others, with writes acknowledged since (alone on
+    /// its side of a split, or while paused members were declared down by it): rejoining with
+    /// its peers as they are would make it drop those copies when it takes the cluster's
+    /// table. Instead it merges back, as the smaller side of a healed split does: its merge
+    /// task captures what it leads, rejoins as a renewed member through the members it knows
+    /// (live, recently gone, seeds) and hands everything over through the merge policies.
+    /// Returns whether a merge was ordered.
+    fn merge_back_after_declared_down(&mut self, identity: &Identity) -> bool {
+        if !self.state.is_established() || self.self_leaving || self.merge_ordered {
+            return false;
+        }
+        let mut targets: Vec<SocketAddr> = Vec::new();
+        let known = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().gossip)
+            .chain(self.state.peer_identities().iter().map(|p| p.gossip))
+            .chain(self.state.recently_gone(self.remember_down))
+            .chain(self.seeds.iter().copied())
+            .collect::<Vec<_>>();
+        for addr in known {
+            if addr != identity.gossip && !targets.contains(&addr) {
+                targets.push(addr);
+            }
+        }
+        targets.truncate(16);
+        if targets.is_empty() {
+            return false;
+        }
+        tracing::warn!(
+            targets = targets.len(),
+            "declared down while holding partitions: merging back into the cluster"
+        );
+        self.merge_ordered = true;
+        self.state.order_merge(targets);
+        true
     }
 
     /// A member that holds no cluster's table yet and sees nobody announces itself to the
@@ -681,7 +728,7 @@ impl Driver {
                 self.on_notification(notification);
             }
             match self.restart_as.take() {
-                Some(identity) => self.restart_foca(identity),
+                Some((identity, keep_members)) => self.restart_foca(identity, keep_members),
                 None => break,
             }
         }
@@ -757,7 +804,8 @@ impl Driver {
                     "declared down by peers; rejoined with a new generation"
                 );
                 self.state.set_local(identity.clone());
-                self.restart_as = Some(identity);
+                let merging = self.merge_back_after_declared_down(&identity);
+                self.restart_as = Some((identity, !merging));
             }
             OwnedNotification::Defunct => {
                 if !self.self_leaving {

@@ -87,6 +87,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
         .max()
     {
         tracing::info!(
+            member = %node.me,
             version,
             publisher,
             "a peer holds a competing table; republishing above it"
@@ -139,6 +140,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
             .filter(|&p| current.primary(p) != repaired[p as usize].first().copied())
             .count();
         tracing::info!(
+            member = %node.me,
             version = current.version + 1,
             promoted,
             "members gone: promoting their backups"
@@ -154,6 +156,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
     // and the table would never settle.
     if current.version > 0 && current.publisher != node.me {
         tracing::info!(
+            member = %node.me,
             version = current.version + 1,
             publisher = %current.publisher,
             "coordinating now: republishing the current table"

@@ -247,6 +247,24 @@ pub struct RegisterReport {
     pub first_failure: Option<(String, Vec<RegisterEntry>)>,
 }
 
+/// The last 40 operations of the shortest prefix (in invocation order) of a non-linearizable
+/// register history that is not linearizable either, found by bisection: where the anomaly is.
+fn failing_tail(entries: &[RegisterEntry], budget: u64) -> Vec<RegisterEntry> {
+    let mut sorted: Vec<&RegisterEntry> = entries.iter().collect();
+    sorted.sort_by_key(|e| e.invoke);
+    let prefix = |n: usize| -> Vec<RegisterEntry> { sorted[..n].iter().map(|e| (*e).clone()).collect() };
+    let (mut good, mut bad) = (0, sorted.len());
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if check_register(&prefix(mid), budget) == Verdict::NotLinearizable {
+            bad = mid;
+        } else {
+            good = mid;
+        }
+    }
+    prefix(bad)[bad.saturating_sub(40)..].to_vec()
+}
+
 pub fn check_registers(history: &[(String, RegisterEntry)], budget: u64) -> RegisterReport {
     let mut by_key: BTreeMap<&str, Vec<RegisterEntry>> = BTreeMap::new();
     for (key, e) in history {
@@ -262,7 +280,7 @@ pub fn check_registers(history: &[(String, RegisterEntry)], budget: u64) -> Regi
             Verdict::NotLinearizable => {
                 report.not_linearizable.push(key.to_string());
                 if report.first_failure.is_none() {
-                    report.first_failure = Some((key.to_string(), entries));
+                    report.first_failure = Some((key.to_string(), failing_tail(&entries, budget)));
                 }
             }
             Verdict::Undecided => report.undecided.push(key.to_string()),

@@ -460,10 +460,18 @@ impl Shared {
         self.start.elapsed().as_micros() as u64
     }
 
-    fn pick(&self, rng: &mut SmallRng) -> Option<Endpoint> {
+    /// A live endpoint, and its slot (which member of this process serves the call).
+    fn pick(&self, rng: &mut SmallRng) -> Option<(usize, Endpoint)> {
         let endpoints = self.endpoints.lock().unwrap();
-        let live: Vec<&Endpoint> = endpoints.iter().flatten().collect();
-        (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
+        let live: Vec<(usize, &Endpoint)> = endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (i, e)))
+            .collect();
+        (!live.is_empty()).then(|| {
+            let (slot, endpoint) = live[rng.random_range(0..live.len())];
+            (slot, endpoint.clone())
+        })
     }
 
     fn new_client(&self) -> u32 {
@@ -510,12 +518,13 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut client = shared.new_client();
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some(endpoint) = shared.pick(&mut rng) else {
+        let Some((slot, endpoint)) = shared.pick(&mut rng) else {
             tokio::task::yield_now().await;
             continue;
         };
         n += 1;
-        let key = format!("set-{client}-{n}");
+        // The key names the member slot that served it, so lost writes can be traced.
+        let key = format!("set-{client}-{n}@{slot}");
         let map = endpoint.grid.map::<String, u64>("set");
         let invoke = shared.now();
         let outcome = call(&endpoint, map.set(&key, &n)).await;
@@ -538,7 +547,7 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut last_seen: HashMap<String, u64> = HashMap::new();
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some(endpoint) = shared.pick(&mut rng) else {
+        let Some((_, endpoint)) = shared.pick(&mut rng) else {
             tokio::task::yield_now().await;
             continue;
         };
@@ -596,7 +605,7 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut client = shared.new_client();
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some(endpoint) = shared.pick(&mut rng) else {
+        let Some((_, endpoint)) = shared.pick(&mut rng) else {
             tokio::task::yield_now().await;
             continue;
         };
@@ -630,7 +639,7 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
 async fn lock_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed ^ (worker << 24));
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some(endpoint) = shared.pick(&mut rng) else {
+        let Some((_, endpoint)) = shared.pick(&mut rng) else {
             tokio::task::yield_now().await;
             continue;
         };
@@ -785,7 +794,16 @@ impl fmt::Display for Summary {
         if let (Some(first), Some(last)) =
             (self.lost_times.iter().min(), self.lost_times.iter().max())
         {
-            writeln!(f, "  lost set writes were invoked from {first} to {last}")?;
+            let mut slots: BTreeMap<&str, usize> = BTreeMap::new();
+            for key in &self.set.lost {
+                *slots
+                    .entry(key.rsplit_once('@').map_or("?", |(_, slot)| slot))
+                    .or_default() += 1;
+            }
+            writeln!(
+                f,
+                "  lost set writes were invoked from {first} to {last}; by serving slot {slots:?}"
+            )?;
         }
         writeln!(f, "  set:      {}", ops(self.set_ops))?;
         writeln!(
@@ -808,7 +826,7 @@ impl fmt::Display for Summary {
             self.register.undecided.len()
         )?;
         if let Some((key, entries)) = &self.register.first_failure {
-            writeln!(f, "            history of {key} (µs since start):")?;
+            writeln!(f, "            where {key} stops being linearizable (µs since start):")?;
             for e in entries {
                 writeln!(
                     f,
