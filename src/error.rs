@@ -195,7 +195,9 @@ pub enum Error {
     },
 
     /// The operation was retried on refreshed tables within its budget and still failed; `last`
-    /// is the last failure.
+    /// is the last failure. An earlier attempt may have been applied (its outcome was unknown),
+    /// which is why a definite refusal such as [`Error::QuorumNotPresent`] that ends such an
+    /// operation comes wrapped in this error: one that comes alone means nothing was applied.
     #[error("gave up on partition {partition} after {attempts} attempts: {last}")]
     RetriesExhausted {
         /// The partition.

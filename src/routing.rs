@@ -44,6 +44,8 @@ impl Node {
         self.check_quorum(map, &key, &op)?;
         let deadline = Instant::now() + self.config.rpc_timeout * 2;
         let mut attempts = 0;
+        // Whether an earlier attempt may have been applied (its outcome is unknown).
+        let mut uncertain = false;
         loop {
             attempts += 1;
             let table = self.table.current();
@@ -106,6 +108,7 @@ impl Node {
                 // Applying it twice is the same as once (a token makes it so): retry on the
                 // new primary.
                 Err(e @ Error::NotBackedUp { .. }) if op.is_repeatable() => {
+                    uncertain = true;
                     self.await_table_change(table.version).await;
                     e
                 }
@@ -113,11 +116,12 @@ impl Node {
                 // and polls, asking for a load), may simply be sent again when the outcome is
                 // unknown: after the table moved on, to the new primary.
                 Err(e) if op.is_resendable() && outcome_unknown(&e) => {
+                    uncertain = true;
                     self.await_table_change(table.version).await;
                     e
                 }
                 // A timeout may or may not have been applied; the caller decides.
-                Err(e) => return Err(e),
+                Err(e) => return Err(after_uncertain(e, uncertain, partition, attempts)),
             };
             // Idempotent operations keep trying until the deadline, which outlasts failure
             // detection: giving up earlier would hand the caller an unknown outcome to retry
@@ -272,6 +276,22 @@ impl Node {
 /// Whether a failed call may or may not have been executed (and another attempt may succeed):
 /// it timed out, or the member stopped or lost the connection while answering. Not errors that
 /// would fail again (a refused request, a value too large to answer with).
+/// `error` ends an operation after `attempts`; `uncertain` says whether an earlier attempt's
+/// outcome is unknown (it may have been applied). A definite refusal then does not speak for
+/// the whole operation, so it is reported inside [`Error::RetriesExhausted`]: a definite error
+/// (such as [`Error::QuorumNotPresent`]) reaching a caller always means nothing was applied.
+pub(crate) fn after_uncertain(error: Error, uncertain: bool, partition: u32, attempts: u32) -> Error {
+    if uncertain && !outcome_unknown(&error) && !matches!(error, Error::RetriesExhausted { .. }) {
+        Error::RetriesExhausted {
+            partition,
+            attempts,
+            last: Box::new(error),
+        }
+    } else {
+        error
+    }
+}
+
 pub(crate) fn outcome_unknown(error: &Error) -> bool {
     match error {
         Error::Timeout { .. } => true,

@@ -40,6 +40,25 @@ async fn split(cluster: &Cluster) {
         async move { split.then_some(()) }
     })
     .await;
+    // And each side settled (backups promoted, partitions rebalanced over its members), so
+    // what the tests write and read on a side stays where it was served (a migration carries
+    // entries, but not the reads counted on the old primary after its snapshot).
+    wait_for("each side to settle", DEADLINE, || {
+        let same = |side: &[usize]| {
+            let tables: Vec<_> = side
+                .iter()
+                .map(|&i| cluster.grid(i).partition_table())
+                .collect();
+            tables.windows(2).all(|w| w[0] == w[1])
+        };
+        let sides = same(&MINORITY) && same(&MAJORITY);
+        let (a, b) = (cluster.grid(MINORITY[0]).clone(), cluster.grid(MAJORITY[0]).clone());
+        async move {
+            let safe = a.is_safe().await.unwrap_or(false) && b.is_safe().await.unwrap_or(false);
+            (sides && safe).then_some(())
+        }
+    })
+    .await;
 }
 
 /// Heals the split and waits for one cluster: every member sees all five, routes by one

@@ -115,6 +115,12 @@ where
         self.node.table.current().primary(self.partition)
     }
 
+    /// The error that ends an offer or poll after `attempts`: after a retried attempt whose
+    /// outcome was unknown (`uncertain`), a definite refusal does not mean nothing was applied.
+    fn settled(&self, error: Error, uncertain: bool, attempts: u32) -> Error {
+        crate::routing::after_uncertain(error, uncertain, self.partition, attempts)
+    }
+
     async fn run(&self, op: MapOp) -> Result<OpResult> {
         self.node
             .route(self.partition, &self.map, Bytes::new(), op)
@@ -158,7 +164,10 @@ where
         // One token for every attempt: the primary enqueues it once.
         let token: u64 = rand::random();
         let deadline = deadline_after(timeout);
+        let mut attempts = 0;
+        let mut uncertain = false;
         loop {
+            attempts += 1;
             let wait = deadline.saturating_duration_since(Instant::now());
             let result = self
                 .run(MapOp::QueueOffer {
@@ -174,8 +183,11 @@ where
                 }
                 Ok(_) => {}
                 // Still within the caller's time: ask again with the same token.
-                Err(e) if retry_within(&e, deadline) => tokio::time::sleep(RETRY_PAUSE).await,
-                Err(e) => return Err(e),
+                Err(e) if retry_within(&e, deadline) => {
+                    uncertain = true;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(self.settled(e, uncertain, attempts)),
             }
         }
     }
@@ -212,7 +224,10 @@ where
         // One token for every attempt: a retry gets the items a lost answer carried.
         let token: u64 = rand::random();
         let deadline = deadline_after(timeout);
+        let mut attempts = 0;
+        let mut uncertain = false;
         loop {
+            attempts += 1;
             let wait = deadline.saturating_duration_since(Instant::now());
             match self.run(MapOp::QueuePoll { token, max, wait }).await {
                 Ok(result) if !result.items.is_empty() || Instant::now() >= deadline => {
@@ -221,8 +236,11 @@ where
                 Ok(_) => {}
                 // Still within the caller's time: ask again with the same token, which gets
                 // the items a lost answer carried.
-                Err(e) if retry_within(&e, deadline) => tokio::time::sleep(RETRY_PAUSE).await,
-                Err(e) => return Err(e),
+                Err(e) if retry_within(&e, deadline) => {
+                    uncertain = true;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(self.settled(e, uncertain, attempts)),
             }
         }
     }

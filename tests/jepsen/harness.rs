@@ -503,12 +503,13 @@ async fn call<T>(
 }
 
 /// Errors that certainly mean "not done" are failures; any other may hide a done operation.
-/// `QuorumNotPresent` is not certain: the router may have sent the operation before (a poll
-/// whose first attempt timed out, then a retry refused for want of a quorum), so a poll that
-/// ends with it may have taken an item.
 fn classify<T>(e: Error) -> Outcome<T> {
     match e {
-        Error::LockTimeout { .. } | Error::LockBusy { .. } => Outcome::Fail(e.to_string()),
+        // A refusal for want of a quorum comes alone only when no attempt may have been
+        // applied (otherwise inside RetriesExhausted, which stays unknown).
+        Error::LockTimeout { .. } | Error::LockBusy { .. } | Error::QuorumNotPresent { .. } => {
+            Outcome::Fail(e.to_string())
+        }
         e => Outcome::Unknown(e.to_string()),
     }
 }
