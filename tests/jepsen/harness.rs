@@ -311,10 +311,51 @@ impl Cluster {
             if converged && matches!(safe, Ok(true)) {
                 return;
             }
-            assert!(
-                Instant::now() < until,
-                "not healthy after {RECOVERY:?}: {expected} members up, in-process members see {seen:?}, is_safe {safe:?}"
-            );
+            if Instant::now() >= until {
+                // What each member of this process holds: its id, table version, and view.
+                let views: Vec<String> = grids
+                    .iter()
+                    .map(|g| {
+                        let mut view: Vec<String> = g
+                            .members()
+                            .iter()
+                            .map(|m| format!("{}@{}", m.id, m.generation % 100_000_000))
+                            .collect();
+                        view.sort();
+                        format!(
+                            "{} table v{} sees {view:?}",
+                            g.local_member().id,
+                            g.partition_table().version
+                        )
+                    })
+                    .collect();
+                // Replicas out of step with their primary (among members of this process).
+                let table = grids[0].partition_table();
+                let by_id: HashMap<peergrid::MemberId, &Grid> =
+                    grids.iter().map(|g| (g.local_member().id, g)).collect();
+                let mut off = Vec::new();
+                for (p, replicas) in table.replicas.iter().enumerate() {
+                    let held: Vec<String> = replicas
+                        .iter()
+                        .map(|m| match by_id.get(m) {
+                            Some(g) => format!("{m}: {:?}", g.local_replica(p as u32)),
+                            None => format!("{m}: not here"),
+                        })
+                        .collect();
+                    let states: Vec<_> = replicas
+                        .iter()
+                        .filter_map(|m| by_id.get(m).map(|g| g.local_replica(p as u32)))
+                        .collect();
+                    if states.windows(2).any(|w| w[0] != w[1]) {
+                        off.push(format!("partition {p}: {held:?}"));
+                    }
+                }
+                panic!(
+                    "not healthy after {RECOVERY:?}: {expected} members up, in-process members see {seen:?}, is_safe {safe:?}\n  {}\n  replicas out of step: {}",
+                    views.join("\n  "),
+                    off.join("\n  ")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
