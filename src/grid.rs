@@ -460,34 +460,35 @@ impl Grid {
     }
 
     /// Whether the cluster is safe, like Hazelcast's `isClusterSafe`: every member routes by the
-    /// same table and answers, no partition is being taken over, no backup is waiting for a
+    /// same table and answers, no partition is being taken over, no member is still handing
+    /// over what it captured in a split-brain merge, no backup is waiting for a
     /// snapshot (a new backup, or one that fell behind), every partition has its full backup set
     /// on live members, and every backup is in sync with its primary: it trails it at most by
     /// mutations in flight, and at an equal sequence number holds the same data (equal digest).
-    /// A member that does not answer makes it unsafe. Costs one call per member and a scan of the data; meant for operations and tests,
-    /// not a hot path.
+    /// A member that does not answer makes it unsafe. Costs two calls per member and scans of
+    /// the data; meant for operations and tests, not a hot path.
+    ///
+    /// The members are asked twice, and each backup's first answer is compared with its
+    /// primary's second: answers to one round arrive at different moments, and under writes a
+    /// backup asked after its primary rightly shows mutations the primary's answer predates.
     pub async fn is_safe(&self) -> Result<bool> {
         self.ensure_running()?;
-        let node = &self.inner.node;
         let members = self.inner.membership.members();
-        let calls = members.iter().map(|m| async move {
-            if m.id == node.me {
-                return Some((m.id, node.replica_states(&[])));
-            }
-            let mut call = node.peer_client(m.id).ok()?;
-            let request = self
-                .inner
-                .rpc
-                .request(crate::rpc::proto::ReplicaStatesRequest::default());
-            let response = call.client.replica_states(request).await.ok()?;
-            Some((m.id, response.into_inner()))
+        let Some(backups_seen) = self.replica_states_of(&members).await else {
+            return Ok(false);
+        };
+        let Some(states) = self.replica_states_of(&members).await else {
+            return Ok(false);
+        };
+        let node = &self.inner.node;
+        let moved = backups_seen.iter().any(|(id, s)| {
+            states.get(id).is_none_or(|t| {
+                (s.table_version, s.table_publisher) != (t.table_version, t.table_publisher)
+            })
         });
-        let mut states = std::collections::HashMap::new();
-        for answer in futures::future::join_all(calls).await {
-            let Some((id, state)) = answer else {
-                return Ok(false);
-            };
-            states.insert(id, state);
+        if moved {
+            tracing::debug!("not safe: the table moved while the members were asked");
+            return Ok(false);
         }
         let table = node.table.current();
         let expected_replicas =
@@ -499,6 +500,12 @@ impl Grid {
             .values()
             .all(|s| s.pending == 0 && s.snapshot_backlog == 0);
         if table.version == 0 || !same_table || !quiet {
+            tracing::debug!(
+                version = table.version,
+                same_table,
+                quiet,
+                "not safe: tables differ or a migration is under way"
+            );
             return Ok(false);
         }
         // No migration left: the table is the target for the live members (less those leaving).
@@ -520,16 +527,24 @@ impl Grid {
                     self.inner.config.backup_count,
                 )
         {
+            tracing::debug!(version = table.version, "not safe: the table is not at its target yet");
             return Ok(false);
         }
-        let held: std::collections::HashMap<(MemberId, u32), (u64, u64)> = states
-            .iter()
-            .flat_map(|(id, s)| {
-                s.partitions
-                    .iter()
-                    .map(move |p| ((*id, p.partition), (p.seq, p.digest)))
-            })
-            .collect();
+        let positions = |states: &std::collections::HashMap<
+            MemberId,
+            crate::rpc::proto::ReplicaStatesResponse,
+        >| {
+            states
+                .iter()
+                .flat_map(|(id, s)| {
+                    s.partitions
+                        .iter()
+                        .map(move |p| ((*id, p.partition), (p.seq, p.digest)))
+                })
+                .collect::<std::collections::HashMap<(MemberId, u32), (u64, u64)>>()
+        };
+        let held = positions(&states);
+        let held_before = positions(&backups_seen);
         let in_sync = (0..table.partition_count()).all(|p| {
             let replicas = table.replicas(p);
             let Some(&first) = replicas.first() else {
@@ -539,15 +554,54 @@ impl Grid {
             // A backup may trail its primary by mutations in flight (a synchronous write is
             // acknowledged only once they arrive), never lead it, and at the same sequence
             // number it holds the same data.
-            let backup_ok = |m: &MemberId| match (held.get(&(*m, p)), primary) {
+            let backup_ok = |m: &MemberId| match (held_before.get(&(*m, p)), primary) {
                 (Some(b), Some(p)) => b.0 < p.0 || b == p,
                 _ => false,
             };
-            replicas.len() == expected_replicas
+            let ok = replicas.len() == expected_replicas
                 && replicas.iter().all(|m| states.contains_key(m))
-                && replicas[1..].iter().all(backup_ok)
+                && replicas[1..].iter().all(backup_ok);
+            if !ok {
+                tracing::debug!(
+                    partition = p,
+                    ?replicas,
+                    primary = ?primary,
+                    backups = ?replicas[1..].iter().map(|m| held_before.get(&(*m, p))).collect::<Vec<_>>(),
+                    "not safe: a partition's backups are not in step"
+                );
+            }
+            ok
         });
         Ok(in_sync)
+    }
+
+    /// Every member's replica states, or `None` if one does not answer.
+    async fn replica_states_of(
+        &self,
+        members: &[Member],
+    ) -> Option<std::collections::HashMap<MemberId, crate::rpc::proto::ReplicaStatesResponse>> {
+        let node = &self.inner.node;
+        let calls = members.iter().map(|m| async move {
+            if m.id == node.me {
+                return Some((m.id, node.replica_states(&[])));
+            }
+            let mut call = node.peer_client(m.id).ok()?;
+            let request = self
+                .inner
+                .rpc
+                .request(crate::rpc::proto::ReplicaStatesRequest::default());
+            let response = call.client.replica_states(request).await.ok()?;
+            Some((m.id, response.into_inner()))
+        });
+        let mut states = std::collections::HashMap::new();
+        for (answer, member) in futures::future::join_all(calls).await.into_iter().zip(members) {
+            let Some((id, state)) = answer else {
+                tracing::debug!(member = %member.id, "not safe: a member did not report its replicas");
+                return None;
+            };
+            states.insert(id, state);
+        }
+        Some(states)
     }
 
     /// Waits until [`Grid::is_safe`] holds, checking every 50 ms; [`Error::Timeout`] if it does

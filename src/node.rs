@@ -1548,7 +1548,16 @@ impl Node {
         proto::ReplicaStatesResponse {
             table_version: table.version,
             table_publisher: table.publisher.as_u64(),
-            pending: self.store.pending_count() as u32,
+            // Takeovers under way, and what a split-brain merge captured here and has not
+            // handed over yet (its only copy): either makes the cluster unsafe.
+            pending: u32::try_from(
+                self.store.pending_count() as u64
+                    + self
+                        .merge
+                        .pending
+                        .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .unwrap_or(u32::MAX),
             snapshot_backlog: self.replication.snapshot_backlog(),
             partitions: (0..table.partition_count())
                 .filter(|&p| table.replicas(p).contains(&self.me))

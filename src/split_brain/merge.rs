@@ -76,7 +76,7 @@ pub(crate) struct MergeState {
     queue_items_merged: AtomicU64,
     locks_merged: AtomicU64,
     /// Captured items not handed over yet.
-    pending: AtomicU64,
+    pub(crate) pending: AtomicU64,
     /// Hand-over attempts that failed and were retried.
     retries: AtomicU64,
 }
