@@ -527,7 +527,10 @@ impl Grid {
                     self.inner.config.backup_count,
                 )
         {
-            tracing::debug!(version = table.version, "not safe: the table is not at its target yet");
+            tracing::debug!(
+                version = table.version,
+                "not safe: the table is not at its target yet"
+            );
             return Ok(false);
         }
         let positions = |states: &std::collections::HashMap<
@@ -594,7 +597,11 @@ impl Grid {
             Some((m.id, response.into_inner()))
         });
         let mut states = std::collections::HashMap::new();
-        for (answer, member) in futures::future::join_all(calls).await.into_iter().zip(members) {
+        for (answer, member) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .zip(members)
+        {
             let Some((id, state)) = answer else {
                 tracing::debug!(member = %member.id, "not safe: a member did not report its replicas");
                 return None;

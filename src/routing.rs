@@ -280,7 +280,12 @@ impl Node {
 /// outcome is unknown (it may have been applied). A definite refusal then does not speak for
 /// the whole operation, so it is reported inside [`Error::RetriesExhausted`]: a definite error
 /// (such as [`Error::QuorumNotPresent`]) reaching a caller always means nothing was applied.
-pub(crate) fn after_uncertain(error: Error, uncertain: bool, partition: u32, attempts: u32) -> Error {
+pub(crate) fn after_uncertain(
+    error: Error,
+    uncertain: bool,
+    partition: u32,
+    attempts: u32,
+) -> Error {
     if uncertain && !outcome_unknown(&error) && !matches!(error, Error::RetriesExhausted { .. }) {
         Error::RetriesExhausted {
             partition,

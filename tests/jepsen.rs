@@ -63,11 +63,13 @@ async fn member_processes_sigkilled_sigstopped_joining_and_leaving_keep_every_gu
     summary.assert_no_anomalies();
 }
 
-/// Splits (one member isolated; a majority and a minority) are not yet safe: this run finds
-/// acknowledged set writes lost, queue items polled twice or lost, and lock tokens handed out
-/// twice around the heal (see the README's guarantees). Run it with `--ignored`.
+/// Splits (one member isolated; a majority and a minority) are not yet safe. Isolating one
+/// member now keeps every acknowledged set write; majority / minority splits still lose some on
+/// some seeds, and the guarded structures (register, queue, lock) misbehave in the window
+/// before the smaller side notices the split (see the README's guarantees). Run it with
+/// `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: network splits lose acknowledged writes and reuse lock tokens around the heal"]
+#[ignore = "open: majority/minority splits can lose acknowledged writes; guarded structures misbehave in the failure-detection window"]
 async fn in_process_members_split_and_healed_keep_every_guarantee() {
     let summary = harness::run(run_config(Mode::InProcess, 30, &["isolate", "split"])).await;
     summary.assert_no_anomalies();

@@ -52,7 +52,10 @@ async fn split(cluster: &Cluster) {
             tables.windows(2).all(|w| w[0] == w[1])
         };
         let sides = same(&MINORITY) && same(&MAJORITY);
-        let (a, b) = (cluster.grid(MINORITY[0]).clone(), cluster.grid(MAJORITY[0]).clone());
+        let (a, b) = (
+            cluster.grid(MINORITY[0]).clone(),
+            cluster.grid(MAJORITY[0]).clone(),
+        );
         async move {
             let safe = a.is_safe().await.unwrap_or(false) && b.is_safe().await.unwrap_or(false);
             (sides && safe).then_some(())

@@ -261,8 +261,18 @@ impl Driver {
     /// task captures what it leads, rejoins as a renewed member through the members it knows
     /// (live, recently gone, seeds) and hands everything over through the merge policies.
     /// Returns whether a merge was ordered.
+    ///
+    /// Only a member on the smaller side does: one that sees at most half of the members it
+    /// knew (live ones plus those it saw go down lately). After a split heals, the larger side
+    /// hears from the smaller one that it was declared down too; it keeps its data and rejoins
+    /// with its peers, and the smaller side merges into it.
     fn merge_back_after_declared_down(&mut self, identity: &Identity) -> bool {
         if !self.state.is_established() || self.self_leaving || self.merge_ordered {
+            return false;
+        }
+        let live = self.state.peer_count() + 1;
+        let gone = self.state.recently_gone(self.remember_down).len();
+        if live * 2 > live + gone {
             return false;
         }
         let mut targets: Vec<SocketAddr> = Vec::new();

@@ -252,7 +252,8 @@ pub struct RegisterReport {
 fn failing_tail(entries: &[RegisterEntry], budget: u64) -> Vec<RegisterEntry> {
     let mut sorted: Vec<&RegisterEntry> = entries.iter().collect();
     sorted.sort_by_key(|e| e.invoke);
-    let prefix = |n: usize| -> Vec<RegisterEntry> { sorted[..n].iter().map(|e| (*e).clone()).collect() };
+    let prefix =
+        |n: usize| -> Vec<RegisterEntry> { sorted[..n].iter().map(|e| (*e).clone()).collect() };
     let (mut good, mut bad) = (0, sorted.len());
     while bad - good > 1 {
         let mid = good + (bad - good) / 2;

@@ -868,7 +868,10 @@ impl fmt::Display for Summary {
             self.register.undecided.len()
         )?;
         if let Some((key, entries)) = &self.register.first_failure {
-            writeln!(f, "            where {key} stops being linearizable (µs since start):")?;
+            writeln!(
+                f,
+                "            where {key} stops being linearizable (µs since start):"
+            )?;
             for e in entries {
                 writeln!(
                     f,
