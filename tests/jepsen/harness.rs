@@ -521,9 +521,26 @@ impl Shared {
 
     /// A client whose operation ended unknown is retired, as Jepsen does: `client` becomes a
     /// new one.
-    fn retire_if_unknown<T>(&self, client: &mut u32, outcome: &Outcome<T>) {
+    /// The history entry of an operation `client` ran; a client whose outcome is unknown is
+    /// retired (the next operation runs as a new client).
+    fn record<O, R>(
+        &self,
+        client: &mut u32,
+        op: O,
+        invoke: u64,
+        complete: u64,
+        outcome: Outcome<R>,
+    ) -> Entry<O, R> {
+        let ran_by = *client;
         if matches!(outcome, Outcome::Unknown(_)) {
             *client = self.new_client();
+        }
+        Entry {
+            client: ran_by,
+            op,
+            invoke,
+            complete,
+            outcome,
         }
     }
 }
@@ -571,15 +588,8 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         let invoke = shared.now();
         let outcome = call(&endpoint, map.set(&key, &n)).await;
         let complete = shared.now();
-        let ran_by = client;
-        shared.retire_if_unknown(&mut client, &outcome);
-        shared.histories.lock().unwrap().set.push(Entry {
-            client: ran_by,
-            op: (key, n),
-            invoke,
-            complete,
-            outcome,
-        });
+        let entry = shared.record(&mut client, (key, n), invoke, complete, outcome);
+        shared.histories.lock().unwrap().set.push(entry);
     }
 }
 
@@ -627,18 +637,8 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             }
             _ => {}
         }
-        let ran_by = client;
-        shared.retire_if_unknown(&mut client, &outcome);
-        shared.histories.lock().unwrap().register.push((
-            key,
-            Entry {
-                client: ran_by,
-                op,
-                invoke,
-                complete,
-                outcome,
-            },
-        ));
+        let entry = shared.record(&mut client, op, invoke, complete, outcome);
+        shared.histories.lock().unwrap().register.push((key, entry));
     }
 }
 
@@ -666,15 +666,8 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             QueueOp::Poll => call(&endpoint, queue.poll()).await.map(QueueResult::Polled),
         };
         let complete = shared.now();
-        let ran_by = client;
-        shared.retire_if_unknown(&mut client, &outcome);
-        shared.histories.lock().unwrap().queue.push(Entry {
-            client: ran_by,
-            op,
-            invoke,
-            complete,
-            outcome,
-        });
+        let entry = shared.record(&mut client, op, invoke, complete, outcome);
+        shared.histories.lock().unwrap().queue.push(entry);
     }
 }
 
