@@ -345,7 +345,20 @@ pub async fn assert_all_present(grid: &Grid, others: &[&Grid], expected: &HashMa
 /// A `peergrid` command of this crate, with none of this process's `PEERGRID_*` variables (a
 /// test sets what it means to).
 pub fn peergrid_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peergrid"));
+    peergrid_command_in(None)
+}
+
+/// `peergrid_command`, run inside the named network namespace when one is given (through
+/// `ip netns exec`, which execs the command: the process is still the `peergrid` one).
+pub fn peergrid_command_in(netns: Option<&str>) -> tokio::process::Command {
+    let mut command = match netns {
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_peergrid")),
+        Some(ns) => {
+            let mut c = tokio::process::Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_peergrid")]);
+            c
+        }
+    };
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(|n| n.starts_with("PEERGRID_")) {
             command.env_remove(name);
@@ -364,8 +377,20 @@ pub async fn start_node(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     String,
 ) {
+    start_node_in(None, args).await
+}
+
+/// `start_node` inside the named network namespace.
+pub async fn start_node_in(
+    netns: Option<&str>,
+    args: &[&std::ffi::OsStr],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
     use tokio::io::AsyncBufReadExt;
-    let mut command = peergrid_command();
+    let mut command = peergrid_command_in(netns);
     command
         .arg("node")
         .args(args)

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use crate::checker::{
     self, Entry, Grant, Outcome, QueueOp, QueueResult, RegisterOp, RegisterResult,
 };
 use crate::common::{DEADLINE, unique_cluster_name, wait_for};
+use crate::netns::Namespaces;
 
 /// Where the members run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,10 @@ pub enum Mode {
     /// minority split, join, leave (the fault switch cuts links between members here).
     InProcess,
     /// Three `peergrid node` processes hold data beside two members in this process that run
-    /// the clients; faults: SIGKILL and restart, SIGSTOP then SIGCONT, SIGTERM (leave), join.
+    /// the clients; faults: SIGKILL and restart, SIGSTOP then SIGCONT, SIGTERM (leave), join;
+    /// and, when network namespaces can be used (root, iproute2), real splits: a process
+    /// isolated, or a majority and a minority (either two processes, or this process's two
+    /// members) cut apart.
     Processes,
 }
 
@@ -44,6 +48,9 @@ const QUORUM: usize = 3;
 const OP_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long a healed cluster may take to be safe again before the run fails as stuck.
 const RECOVERY: Duration = Duration::from_secs(90);
+/// A client pauses this long after an operation that did not succeed (a refusal comes back at
+/// once: without a pause a side without quorum would record millions of them).
+const FAILED_PAUSE: Duration = Duration::from_millis(20);
 
 fn member_config(cluster: &str) -> GridConfig {
     let guard = Some(SplitBrainProtection::new(QUORUM));
@@ -77,10 +84,10 @@ fn member_config(cluster: &str) -> GridConfig {
 }
 
 /// The same settings as a `peergrid node` file.
-fn node_file(cluster: &str, seed: SocketAddr) -> String {
+fn node_file(cluster: &str, seed: SocketAddr, bind: Ipv4Addr) -> String {
     format!(
         "cluster_name = \"{cluster}\"\npartitions = {PARTITIONS}\nrpc_timeout_ms = 2000\n\
-         gossip_bind = \"127.0.0.1:0\"\nrpc_bind = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n\
+         gossip_bind = \"{bind}:0\"\nrpc_bind = \"{bind}:0\"\nseeds = [\"{seed}\"]\n\
          [maps.register]\nmin_cluster_size = {QUORUM}\n[queues.queue]\nmin_cluster_size = {QUORUM}\n\
          [locks.lock]\nmin_cluster_size = {QUORUM}\n"
     )
@@ -107,6 +114,8 @@ enum Member {
         child: Option<tokio::process::Child>,
         paused: bool,
         gossip: SocketAddr,
+        /// Its network namespace (an index into `Cluster::net`; 0 without namespaces).
+        space: usize,
     },
 }
 
@@ -135,10 +144,12 @@ struct Cluster {
     /// Which `members` index each endpoint is (in-process members only).
     endpoint_of: Vec<usize>,
     dir: std::path::PathBuf,
+    /// Network namespaces for real splits between processes, when they can be used.
+    net: Option<Namespaces>,
 }
 
 impl Cluster {
-    async fn start(mode: Mode) -> Cluster {
+    async fn start(mode: Mode, net: Option<Namespaces>) -> Cluster {
         crate::common::init_tracing();
         let name = unique_cluster_name();
         let dir = std::env::temp_dir().join(format!("{name}-jepsen"));
@@ -151,6 +162,7 @@ impl Cluster {
             endpoints: Arc::new(Mutex::new(Vec::new())),
             endpoint_of: Vec::new(),
             dir,
+            net,
         };
         let (local, processes) = match mode {
             Mode::InProcess => (5, 0),
@@ -167,7 +179,10 @@ impl Cluster {
     }
 
     fn config(&self) -> GridConfig {
+        let bind = self.bind_address();
         GridConfig {
+            gossip_bind: SocketAddr::new(IpAddr::V4(bind), 0),
+            rpc_bind: SocketAddr::new(IpAddr::V4(bind), 0),
             seeds: self
                 .members
                 .iter()
@@ -176,6 +191,14 @@ impl Cluster {
                 .collect(),
             fault_switch: Some(self.switch.clone()),
             ..member_config(&self.name)
+        }
+    }
+
+    /// The address this process's members bind.
+    fn bind_address(&self) -> Ipv4Addr {
+        match &self.net {
+            Some(net) => net.address(0),
+            None => Ipv4Addr::LOCALHOST,
         }
     }
 
@@ -239,10 +262,23 @@ impl Cluster {
             .find(|m| matches!(m, Member::Local { grid: Some(_), .. }))
             .map(Member::gossip)
             .expect("an in-process member to seed from");
-        let file = self.dir.join("node.toml");
-        std::fs::write(&file, node_file(&self.name, seed)).unwrap();
-        let (child, mut lines, first) =
-            crate::common::start_node(&[std::ffi::OsStr::new("--config"), file.as_os_str()]).await;
+        // A restarted process keeps its namespace; a new one gets its own.
+        let space = match (at.map(|i| &self.members[i]), &mut self.net) {
+            (Some(Member::Process { space, .. }), _) => *space,
+            (_, Some(net)) => net.add_space().expect("a namespace for a new member"),
+            (_, None) => 0,
+        };
+        let (netns, bind) = match &self.net {
+            Some(net) => (Some(net.name(space).to_string()), net.address(space)),
+            None => (None, Ipv4Addr::LOCALHOST),
+        };
+        let file = self.dir.join(format!("node-{space}.toml"));
+        std::fs::write(&file, node_file(&self.name, seed, bind)).unwrap();
+        let (child, mut lines, first) = crate::common::start_node_in(
+            netns.as_deref(),
+            &[std::ffi::OsStr::new("--config"), file.as_os_str()],
+        )
+        .await;
         // Keep reading, so the node never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let gossip = crate::common::addr_after(&first, "gossip");
@@ -250,6 +286,7 @@ impl Cluster {
             child: Some(child),
             paused: false,
             gossip,
+            space,
         };
         match at {
             Some(i) => {
@@ -440,7 +477,33 @@ impl Cluster {
         }
     }
 
-    fn split(&self, side: &[usize]) {
+    /// Cuts the members in `side` off from the other members that are up: through network
+    /// namespaces when the run has them (`side` must then hold whole namespaces), else through
+    /// the fault switch.
+    fn split(&mut self, side: &[usize]) {
+        if let Some(net) = &mut self.net {
+            let space = |m: &Member| match m {
+                Member::Process { space, .. } => *space,
+                Member::Local { .. } => 0,
+            };
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if m.is_up() {
+                    let (to, other) = if side.contains(&i) {
+                        (&mut a, &b)
+                    } else {
+                        (&mut b, &a)
+                    };
+                    assert!(!other.contains(&space(m)), "a namespace on both sides");
+                    if !to.contains(&space(m)) {
+                        to.push(space(m));
+                    }
+                }
+            }
+            net.cut(&a, &b);
+            return;
+        }
         let (a, b): (Vec<SocketAddr>, Vec<SocketAddr>) = {
             let mut a = Vec::new();
             let mut b = Vec::new();
@@ -458,6 +521,45 @@ impl Cluster {
         self.switch.split(&a, &b);
     }
 
+    /// Ends every split.
+    fn heal(&mut self) {
+        self.switch.heal_all();
+        if let Some(net) = &mut self.net {
+            net.heal();
+        }
+    }
+
+    /// The minority side of a majority / minority split that `target` is in.
+    fn minority(&self, target: usize, rng: &mut SmallRng) -> Vec<usize> {
+        let up: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].is_up())
+            .collect();
+        let size = (up.len() - 1) / 2;
+        // This process's members share a namespace, so with namespaces they go together:
+        // sometimes they are the minority (and clients see its side), else processes are.
+        let candidates: Vec<usize> = match self.net {
+            Some(_) => {
+                let local: Vec<usize> = up
+                    .iter()
+                    .copied()
+                    .filter(|&i| matches!(self.members[i], Member::Local { .. }))
+                    .collect();
+                if local.len() <= size && rng.random_bool(0.5) {
+                    return local;
+                }
+                self.faultable()
+            }
+            None => up,
+        };
+        let mut minority = vec![target];
+        for i in candidates {
+            if minority.len() < size && i != target {
+                minority.push(i);
+            }
+        }
+        minority
+    }
+
     async fn stop(mut self) {
         for i in 0..self.members.len() {
             if let Member::Process { paused: true, .. } = self.members[i] {
@@ -471,6 +573,12 @@ impl Cluster {
         }
         self.endpoints.lock().unwrap().clear();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Every member process is gone before its namespace is deleted.
+        for m in &mut self.members {
+            if let Member::Process { child: Some(c), .. } = m {
+                let _ = c.wait().await;
+            }
+        }
     }
 }
 
@@ -578,7 +686,7 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         let Some((slot, endpoint)) = shared.pick(&mut rng) else {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(FAILED_PAUSE).await;
             continue;
         };
         n += 1;
@@ -589,7 +697,11 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         let outcome = call(&endpoint, map.set(&key, &n)).await;
         let complete = shared.now();
         let entry = shared.record(&mut client, (key, n), invoke, complete, outcome);
+        let failed = !matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().set.push(entry);
+        if failed {
+            tokio::time::sleep(FAILED_PAUSE).await;
+        }
     }
 }
 
@@ -600,7 +712,7 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         let Some((_, endpoint)) = shared.pick(&mut rng) else {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(FAILED_PAUSE).await;
             continue;
         };
         // Each key lives 4 s, so each key's history stays short enough to check exactly.
@@ -638,7 +750,11 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             _ => {}
         }
         let entry = shared.record(&mut client, op, invoke, complete, outcome);
+        let failed = !matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().register.push((key, entry));
+        if failed {
+            tokio::time::sleep(FAILED_PAUSE).await;
+        }
     }
 }
 
@@ -648,7 +764,7 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         let Some((_, endpoint)) = shared.pick(&mut rng) else {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(FAILED_PAUSE).await;
             continue;
         };
         let queue = endpoint.grid.queue::<u64>("queue");
@@ -667,7 +783,11 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         };
         let complete = shared.now();
         let entry = shared.record(&mut client, op, invoke, complete, outcome);
+        let failed = !matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().queue.push(entry);
+        if failed {
+            tokio::time::sleep(FAILED_PAUSE).await;
+        }
     }
 }
 
@@ -675,7 +795,7 @@ async fn lock_client(shared: Arc<Shared>, worker: u64, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed ^ (worker << 24));
     while !shared.stop.load(Ordering::Relaxed) {
         let Some((_, endpoint)) = shared.pick(&mut rng) else {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(FAILED_PAUSE).await;
             continue;
         };
         // A fresh holder per acquisition: each grant is a new client of the lock.
@@ -707,7 +827,10 @@ async fn lock_client(shared: Arc<Shared>, worker: u64, seed: u64) {
                 }
             }
         };
-        let Some(guard) = guard else { continue };
+        let Some(guard) = guard else {
+            tokio::time::sleep(FAILED_PAUSE).await;
+            continue;
+        };
         let fence = guard.fence();
         let entered = shared
             .histories
@@ -764,6 +887,8 @@ impl Fault {
 /// What a run did and found.
 pub struct Summary {
     mode: Mode,
+    /// Whether splits cut real links between network namespaces.
+    namespaces: bool,
     seed: u64,
     duration: Duration,
     faults: BTreeMap<Fault, u32>,
@@ -806,8 +931,13 @@ impl fmt::Display for Summary {
         };
         writeln!(
             f,
-            "jepsen run: {:?}, seed {}, {:.0} s of operations",
+            "jepsen run: {:?}{}, seed {}, {:.0} s of operations",
             self.mode,
+            if self.namespaces {
+                " (splits: network namespaces)"
+            } else {
+                ""
+            },
             self.seed,
             self.duration.as_secs_f64()
         )?;
@@ -922,8 +1052,47 @@ impl fmt::Display for Summary {
     }
 }
 
-pub async fn run(config: RunConfig) -> Summary {
-    let mut cluster = Cluster::start(config.mode).await;
+/// Runs `config` on a runtime of its own. A process run uses network namespaces when it can
+/// (the runtime's threads then live in this process's namespace), and says so when it cannot.
+pub fn run_blocking(config: RunConfig) -> Summary {
+    let net = match config.mode {
+        Mode::InProcess => None,
+        Mode::Processes => match Namespaces::create() {
+            Ok(net) => Some(net),
+            Err(why) => {
+                println!(
+                    "network namespaces cannot be used ({why}): this run has no splits; the \
+                     in-process run splits members through the fault switch"
+                );
+                None
+            }
+        },
+    };
+    let space = net.as_ref().map(|n| n.name(0).to_string());
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(4).enable_all();
+    if let Some(space) = space.clone() {
+        builder.on_thread_start(move || {
+            crate::netns::enter(&space).expect("a runtime thread enters the namespace")
+        });
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                if let Some(space) = &space {
+                    crate::netns::enter(space).expect("the run's thread enters the namespace");
+                }
+                let runtime = builder.build().expect("a runtime");
+                runtime.block_on(run(config, net))
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
+    let namespaces = net.is_some();
+    let mut cluster = Cluster::start(config.mode, net).await;
     let shared = Arc::new(Shared {
         start: Instant::now(),
         endpoints: cluster.endpoints.clone(),
@@ -963,6 +1132,13 @@ pub async fn run(config: RunConfig) -> Summary {
     let kinds: &[Fault] = match config.mode {
         Mode::InProcess => &[
             Fault::KillRestart,
+            Fault::IsolateOne,
+            Fault::MajorityMinority,
+            Fault::JoinLeave,
+        ],
+        Mode::Processes if namespaces => &[
+            Fault::KillRestart,
+            Fault::Pause,
             Fault::IsolateOne,
             Fault::MajorityMinority,
             Fault::JoinLeave,
@@ -1011,22 +1187,14 @@ pub async fn run(config: RunConfig) -> Summary {
             Fault::IsolateOne => {
                 cluster.split(&[target]);
                 tokio::time::sleep(hold).await;
-                cluster.switch.heal_all();
+                cluster.heal();
             }
             Fault::MajorityMinority => {
-                let up: Vec<usize> = (0..cluster.members.len())
-                    .filter(|&i| cluster.members[i].is_up())
-                    .collect();
-                let minority_size = (up.len() - 1) / 2;
-                let mut minority = vec![target];
-                for &i in &up {
-                    if minority.len() < minority_size && i != target {
-                        minority.push(i);
-                    }
-                }
+                let minority = cluster.minority(target, &mut rng);
+                tracing::info!(?minority, "split");
                 cluster.split(&minority);
                 tokio::time::sleep(hold).await;
-                cluster.switch.heal_all();
+                cluster.heal();
             }
             Fault::JoinLeave => {
                 match config.mode {
@@ -1049,7 +1217,7 @@ pub async fn run(config: RunConfig) -> Summary {
     for c in clients {
         c.await.unwrap();
     }
-    cluster.switch.heal_all();
+    cluster.heal();
     cluster.wait_healthy().await;
 
     // Final reads, through a member of this process, once the cluster is safe.
@@ -1080,6 +1248,7 @@ pub async fn run(config: RunConfig) -> Summary {
     }
     let summary = Summary {
         mode: config.mode,
+        namespaces,
         seed: config.seed,
         duration: elapsed,
         faults,
