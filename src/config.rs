@@ -185,13 +185,20 @@ pub struct GridConfig {
 /// [`crate::Error::QuorumNotPresent`] instead of serving a side of a network split that may
 /// later be merged away.
 ///
-/// The check counts the members in the checking member's view, itself included: the caller's
+/// The check counts the members it recently heard from, itself included, like Hazelcast's
+/// recently-active split-brain protection: with any protection configured, every member sends
+/// each peer a heartbeat every [`SwimConfig::heartbeat_interval`], and a peer in the view counts
+/// while its last heartbeat is younger than [`SwimConfig::heartbeat_tolerance`]. The caller's
 /// member checks before it sends, and the structure's primary checks again before it acts.
-/// Failure detection takes its time (about `swim.probe_period + swim.suspect_to_down_after`), so
-/// for that long after a split the minority still counts the members it lost: operations that
-/// need a backup on the other side fail or time out then, but the ones that touch only the
-/// minority may still succeed. A member that starts alone is below any minimum above 1 until
-/// enough members joined.
+///
+/// Counting the view alone would leave a window: failure detection takes at least
+/// `swim.probe_period + swim.suspect_to_down_after` to declare the other side down, and until
+/// then a minority would still count the members it lost and serve, while the majority, once
+/// it declares the minority's members down, promotes backups and serves the same partitions.
+/// The tolerance is half the shortest detection time, so the minority stops serving before the
+/// majority takes over (as a lease does, this assumes no member stalls longer than the margin
+/// between the two; a stalled member's heartbeats stop too, and it counts nobody when it
+/// wakes). A member that starts alone is below any minimum above 1 until enough members joined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitBrainProtection {
     /// Fewest live members for the guarded operations to run. At least 2 (1 would guard
@@ -1194,6 +1201,21 @@ impl SwimConfig {
             return range("swim.max_transmissions", "must not be zero");
         }
         Ok(())
+    }
+
+    /// How long split-brain protection counts a peer it has not heard from (half the shortest
+    /// time failure detection takes to declare a member down, `probe_period +
+    /// suspect_to_down_after`: 1 s by default). After a split the smaller side stops counting
+    /// the members it lost within this time, before the larger side declares them down and takes
+    /// their partitions over.
+    pub fn heartbeat_tolerance(&self) -> Duration {
+        (self.probe_period + self.suspect_to_down_after) / 2
+    }
+
+    /// How often a member with split-brain protection sends each peer a heartbeat: a quarter of
+    /// [`SwimConfig::heartbeat_tolerance`] (250 ms by default).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_tolerance() / 4
     }
 
     /// The foca configuration these timings stand for. `max_packet_size` is foca's share of a

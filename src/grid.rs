@@ -203,6 +203,9 @@ impl Grid {
                 remember_down: config.swim.remove_down_after,
                 keys,
                 replay_window: config.security.replay_window,
+                heartbeat_interval: config
+                    .has_split_brain_protection()
+                    .then(|| config.swim.heartbeat_interval()),
             },
             udp,
             membership.clone(),

@@ -497,3 +497,78 @@ async fn a_member_cut_off_alone_merges_back_with_what_it_wrote() {
     assert_eq!(cluster.grid(0).split_brain_stats().merges, 0);
     let _: &Grid = alone;
 }
+
+/// The failure-detection window, closed: split-brain protection counts the members a member
+/// recently heard from (heartbeats), not its membership view. An isolated primary therefore
+/// stops serving guarded reads within the heartbeat tolerance, before the rest declare it down
+/// and promote its backup: no read it serves after the majority's new write returns the old
+/// value. (Counting the view, the isolated member served reads for as long as failure
+/// detection took, and read the old value after the majority had acknowledged the new one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partitions_over() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(5, |c| {
+        tune(c);
+        c.maps = vec![(
+            "guarded".to_string(),
+            MapConfig {
+                split_brain_protection: Some(SplitBrainProtection::new(3)),
+                ..MapConfig::default()
+            },
+        )];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let isolated = 2;
+    let isolated_id = cluster.grid(isolated).local_member().id;
+    let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
+    let key = (0..)
+        .map(|n| format!("key{n}"))
+        .find(|k| on_majority.owner(k).unwrap() == Some(isolated_id))
+        .expect("a key the isolated member leads");
+    on_majority.set(&key, &1).await.unwrap();
+
+    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
+    cluster
+        .switch
+        .split(&[cluster.slots[isolated].gossip], &others);
+    let split_at = tokio::time::Instant::now();
+    // Reads on the isolated member until it refuses them.
+    let reader = {
+        let map: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut reads = Vec::new();
+            while split_at.elapsed() < DEADLINE {
+                let started = tokio::time::Instant::now();
+                let read = map.get(&key).await;
+                let refused = matches!(read, Err(Error::QuorumNotPresent { .. }));
+                reads.push((started, read));
+                if refused {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            reads
+        })
+    };
+    // The majority's write of 2, acknowledged once it took the partition over.
+    eventually("the majority's write", || on_majority.set(&key, &2)).await;
+    let acknowledged = tokio::time::Instant::now();
+    let reads = reader.await.unwrap();
+    let (_, last) = reads.last().expect("reads");
+    assert!(
+        matches!(last, Err(Error::QuorumNotPresent { .. })),
+        "the isolated member refuses at last: {last:?}"
+    );
+    let stale: Vec<_> = reads
+        .iter()
+        .filter(|(started, read)| *started > acknowledged && matches!(read, Ok(Some(1))))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} reads on the isolated member, started after the majority acknowledged 2, returned 1",
+        stale.len()
+    );
+    assert_eq!(on_majority.get(&key).await.unwrap(), Some(2));
+}

@@ -67,6 +67,9 @@ pub(crate) struct DriverConfig {
     pub(crate) keys: Arc<Keyring>,
     /// How far a datagram's timestamp may be from this member's clock.
     pub(crate) replay_window: Duration,
+    /// How often to send every peer a heartbeat (members with split-brain protection count the
+    /// peers they recently heard from); `None`: no heartbeats.
+    pub(crate) heartbeat_interval: Option<Duration>,
 }
 
 /// A verdict that this member's cluster merges into another, waiting for confirmation.
@@ -116,6 +119,10 @@ pub(crate) struct Driver {
     /// This driver's instance number, stamped on every datagram with a counter.
     instance: u64,
     counter: u64,
+    heartbeat_interval: Option<Duration>,
+    /// Set while this member drains datagrams that waited in the socket while it was stalled:
+    /// heartbeats among them are old news, not signs of life.
+    stale_heartbeats: bool,
 }
 
 impl Driver {
@@ -158,6 +165,8 @@ impl Driver {
             replay: ReplayGuard::new(config.replay_window),
             instance: rand::random(),
             counter: 0,
+            heartbeat_interval: config.heartbeat_interval,
+            stale_heartbeats: false,
         }
     }
 
@@ -175,6 +184,11 @@ impl Driver {
         seed_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe_tick = tokio::time::interval(self.probe_interval);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeats = self.heartbeat_interval.is_some();
+        let beat_every = self.heartbeat_interval.unwrap_or(Duration::from_secs(3600));
+        let mut heartbeat_tick = tokio::time::interval(beat_every);
+        heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat = Instant::now();
         loop {
             let next_timer = self.timers.next_deadline();
             tokio::select! {
@@ -194,6 +208,17 @@ impl Driver {
                 },
                 _ = async { tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)).await },
                     if next_timer.is_some() => self.fire_due_timers(),
+                // Before the socket: a tick far overdue means this member was stalled (paused,
+                // starved), and the heartbeats waiting in the socket are old.
+                _ = heartbeat_tick.tick(), if heartbeats => {
+                    let now = Instant::now();
+                    if now.duration_since(last_beat) > beat_every * 2 {
+                        tracing::debug!(stalled = ?now.duration_since(last_beat), "membership task was stalled; heartbeats that waited are dropped");
+                        self.drain_after_stall(&mut buf);
+                    }
+                    last_beat = now;
+                    self.send_heartbeats();
+                }
                 received = self.socket.recv_from(&mut buf) => match received {
                     Ok((len, from)) => self.on_datagram(&buf[..len], from),
                     // Linux reports an ICMP "port unreachable" for an earlier send on the next
@@ -392,6 +417,15 @@ impl Driver {
                 }
             },
             Kind::Leave => self.on_leave_notice(payload),
+            Kind::Heartbeat => match postcard::from_bytes::<(u64, u64)>(payload) {
+                Ok((id, generation)) => {
+                    if !self.stale_heartbeats {
+                        self.state.heard_from(MemberId(id), generation);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
             Kind::Probe | Kind::ProbeReply => match postcard::from_bytes::<ClusterView>(payload) {
                 Ok(view) => {
                     if kind == Kind::Probe {
@@ -495,6 +529,36 @@ impl Driver {
         }
         foca::Codec::<Identity>::decode_header(&mut PostcardCodec, payload)
             .is_ok_and(|h| self.excluded.contains(&(h.src.id, h.src.generation)))
+    }
+
+    /// Handles every datagram already waiting in the socket, ignoring the heartbeats among
+    /// them (they were sent while this member was stalled; counting them would have a member
+    /// that was paused past its peers' failure detection count them as present).
+    fn drain_after_stall(&mut self, buf: &mut [u8]) {
+        self.stale_heartbeats = true;
+        // Bounded: a socket that keeps filling must not hold the task here.
+        for _ in 0..100_000 {
+            match self.socket.try_recv_from(buf) {
+                Ok((len, from)) => self.on_datagram(&buf[..len], from),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // An ICMP error reported for an earlier send: the next datagram may follow.
+                Err(_) => continue,
+            }
+        }
+        self.stale_heartbeats = false;
+    }
+
+    /// Queues a heartbeat for every live peer (sent at the next flush). A member that has left
+    /// or is merging away sends none.
+    fn send_heartbeats(&mut self) {
+        if self.self_leaving || self.merge_ordered {
+            return;
+        }
+        let me = self.foca.identity();
+        let beat = (me.id.0, me.generation);
+        for peer in self.state.peer_identities() {
+            self.queue_datagram(Kind::Heartbeat, &beat, peer.gossip);
+        }
     }
 
     /// Frames `payload` as `kind` for `to`, sent at the next flush.

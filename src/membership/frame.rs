@@ -10,7 +10,8 @@
 //! All integers are big-endian. `cluster hash` is the XXH3-64 (seed 0) of the cluster name.
 //! `kind` 0 carries a foca (SWIM) message, kind 1 a leave notice (the leaving member's identity,
 //! postcard-encoded), kinds 2 to 4 the split-brain probes, their answers and merge orders
-//! (postcard). `key id` names the secret that signed the datagram (0: unsigned, and no tag
+//! (postcard), kind 5 a heartbeat (the sender's id and generation, postcard) that members with
+//! split-brain protection send every peer, to count who they recently heard from. `key id` names the secret that signed the datagram (0: unsigned, and no tag
 //! follows); `instance` is a random number the sending member drew when it started, `counter`
 //! numbers its datagrams, and `sent ms` is its clock (Unix milliseconds). The `tag` (16 bytes,
 //! signed datagrams only) is HMAC-SHA256, truncated, over everything before it (see
@@ -46,6 +47,8 @@ pub(crate) enum Kind {
     /// A coordinator ordering a member of its cluster to merge into another cluster: the
     /// coordinator's identity and the other cluster's gossip addresses (postcard).
     MergeOrder = 4,
+    /// A member's heartbeat: its id and generation (postcard).
+    Heartbeat = 5,
 }
 
 /// Why a datagram was rejected.
@@ -123,6 +126,7 @@ pub(crate) fn read(datagram: &[u8], cluster: u64) -> Result<(Header, &[u8]), Fra
         2 => Kind::Probe,
         3 => Kind::ProbeReply,
         4 => Kind::MergeOrder,
+        5 => Kind::Heartbeat,
         _ => return Err(FrameError::Malformed),
     };
     let u64_at = |at: usize| {

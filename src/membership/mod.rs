@@ -218,6 +218,8 @@ pub(crate) struct MembershipState {
     merge_orders: watch::Sender<(u64, Vec<SocketAddr>)>,
     /// Members of the clusters this member merged away from (see [`Self::forget_peers`]).
     left_behind: RwLock<std::collections::HashSet<MemberId>>,
+    /// When each peer (id, generation) was last heard from: a heartbeat, or joining the view.
+    heard: RwLock<BTreeMap<MemberId, (u64, std::time::Instant)>>,
     pub(crate) counters: Counters,
 }
 
@@ -241,6 +243,7 @@ impl MembershipState {
             established: Default::default(),
             merge_orders: watch::channel((0, Vec::new())).0,
             left_behind: Default::default(),
+            heard: Default::default(),
             counters: Counters::default(),
         }
     }
@@ -354,6 +357,28 @@ impl MembershipState {
         read(&self.peers).len()
     }
 
+    /// Records a heartbeat from member `id` at `generation`.
+    pub(crate) fn heard_from(&self, id: MemberId, generation: u64) {
+        write(&self.heard).insert(id, (generation, std::time::Instant::now()));
+    }
+
+    /// How many live peers (in the view) this member heard from within `within`: the members
+    /// split-brain protection counts, which drop out after a split well before failure
+    /// detection takes them out of the view.
+    pub(crate) fn recently_heard(&self, within: std::time::Duration) -> usize {
+        let now = std::time::Instant::now();
+        let peers = read(&self.peers);
+        let heard = read(&self.heard);
+        peers
+            .values()
+            .filter(|p| {
+                heard.get(&p.id).is_some_and(|(generation, at)| {
+                    *generation == p.generation && now.duration_since(*at) <= within
+                })
+            })
+            .count()
+    }
+
     /// Events from now on; a stream that ends at once if the member has stopped.
     pub(crate) fn subscribe(&self) -> MembershipEvents {
         let receiver = match &*read(&self.events) {
@@ -392,6 +417,8 @@ impl MembershipState {
     /// A peer is alive. Replaces an older generation of the same member, which counts as down.
     pub(crate) fn peer_up(&self, identity: Identity) {
         write(&self.gone).remove(&identity.id);
+        // Joining the view is news of it: its heartbeats follow within a heartbeat interval.
+        self.heard_from(identity.id, identity.generation);
         let previous = {
             let mut peers = write(&self.peers);
             match peers.get(&identity.id) {
@@ -417,6 +444,7 @@ impl MembershipState {
                 _ => return,
             };
         }
+        write(&self.heard).remove(&identity.id);
         write(&self.gone).insert(
             identity.id,
             Gone {

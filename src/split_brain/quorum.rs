@@ -39,7 +39,10 @@ impl Node {
         let Some(protection) = protection.filter(|p| p.guards(write)) else {
             return Ok(());
         };
-        let present = self.membership.peer_count() + 1;
+        let present = self
+            .membership
+            .recently_heard(self.config.swim.heartbeat_tolerance())
+            + 1;
         if present >= protection.min_cluster_size {
             return Ok(());
         }
