@@ -46,7 +46,13 @@ pub fn datagram(bytes: &[u8]) {
     }
     // The payload decoders on the raw bytes too, so a fuzzer reaches them without first
     // finding a valid header.
-    for kind in [Kind::Swim, Kind::Leave, Kind::Probe, Kind::MergeOrder] {
+    for kind in [
+        Kind::Swim,
+        Kind::Leave,
+        Kind::Probe,
+        Kind::MergeOrder,
+        Kind::Heartbeat,
+    ] {
         datagram_payload(kind, bytes);
     }
 }
@@ -68,17 +74,21 @@ pub(crate) fn datagram_payload(kind: Kind, payload: &[u8]) {
         Kind::MergeOrder => {
             let _ = postcard::from_bytes::<(Identity, Vec<SocketAddr>)>(payload);
         }
+        Kind::Heartbeat => {
+            let _ = postcard::from_bytes::<(u64, u64)>(payload);
+        }
     }
 }
 
 /// Signs a datagram as a member with [`SECRET`] would, for seed corpora.
 pub fn sealed_datagram(kind: u8, payload: &[u8], counter: u64) -> Vec<u8> {
-    let kind = match kind % 5 {
+    let kind = match kind % 6 {
         0 => Kind::Swim,
         1 => Kind::Leave,
         2 => Kind::Probe,
         3 => Kind::ProbeReply,
-        _ => Kind::MergeOrder,
+        4 => Kind::MergeOrder,
+        _ => Kind::Heartbeat,
     };
     let mut out = Vec::new();
     frame::write_header(&mut out, kind, frame::cluster_hash(CLUSTER));
