@@ -1285,6 +1285,7 @@ impl Node {
         let Some(data) = self.store.partition(partition) else {
             return;
         };
+        let version = table.version;
         let outcome = self.pull(partition, &sources, table).await;
         let continuing = |node: &Self| {
             let current = node.table.current();
@@ -1310,6 +1311,10 @@ impl Node {
                     let _ = self
                         .partition_events
                         .send(PartitionEvent::Lost { partition });
+                    // Sequence numbers are lock fences' floor and entry versions: the afresh
+                    // copy's must stay above any the lost one handed out, which were taken under
+                    // older tables (the lost copy may only be on the other side of a split).
+                    data.raise_seq(version.saturating_mul(1 << 32));
                 }
                 // Promoted: a continuing backup may hold mutations of the dead primary that this
                 // member never saw, or miss some it did; they get this member's copy.

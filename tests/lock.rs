@@ -461,3 +461,59 @@ async fn a_holder_loads_and_refreshes_a_key_it_locked() {
     assert_eq!(value, 5);
     holder.unlock("k").await.unwrap();
 }
+
+/// Fences keep increasing when the lock's state is lost with every replica of its partition
+/// (here both replicas crash; after a split the lost copy is on the other side): the partition
+/// starts afresh above any sequence number, the fences' floor, that its lost copies handed out.
+/// Before, the fresh partition counted from 0 and handed out fence 1 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_keep_increasing_after_the_locks_partition_is_lost() {
+    let mut cluster = Cluster::start(4).await;
+    cluster.wait_table_settled().await;
+    let me = cluster.grid(0).local_member().id;
+    let table = cluster.grid(0).partition_table();
+    let name = (0..)
+        .map(|n| format!("lost-fence-{n}"))
+        .find(|name| {
+            let p = cluster.grid(0).lock(name).partition();
+            !table.replicas[p as usize].contains(&me)
+        })
+        .expect("a lock that member 0 holds no replica of");
+    let lock = cluster.grid(0).lock(&name);
+    let mut last = 0;
+    for _ in 0..3 {
+        let guard = lock.lock().await.unwrap();
+        assert!(guard.fence() > last);
+        last = guard.fence();
+        guard.unlock().await.unwrap();
+    }
+    let replicas = table.replicas[lock.partition() as usize].clone();
+    for i in 1..cluster.slots.len() {
+        if replicas.contains(&cluster.grid(i).local_member().id) {
+            cluster.crash(i);
+        }
+    }
+    wait_for("the survivors to see each other only", DEADLINE, || {
+        let alone = cluster.live().all(|g| g.members().len() == 2);
+        async move { alone.then_some(()) }
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    assert!(
+        cluster
+            .live()
+            .any(|g| g.partition_stats().partitions_lost > 0),
+        "the lock's partition was lost"
+    );
+    let guard = wait_for("a grant after the loss", DEADLINE, || {
+        let lock = lock.clone();
+        async move { lock.try_lock().await.ok() }
+    })
+    .await;
+    assert!(
+        guard.fence() > last,
+        "fence {} after the loss, {last} before",
+        guard.fence()
+    );
+    guard.unlock().await.unwrap();
+}

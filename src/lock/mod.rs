@@ -296,8 +296,11 @@ pub struct LockHolder {
 /// message was delayed in the network. The fence does **not** protect a resource that does not
 /// check it, and it does not make the lock itself exclusive in time: after a lease expiry or a
 /// member declared down, the old holder may still be running when the next holder is granted.
-/// If the lock's partition loses every replica at once (more crashes than backups), its state
-/// is gone and the lock starts afresh.
+/// If the lock's partition loses every replica at once (more crashes than backups, or a split
+/// that leaves every replica on the other side), its state is gone and the lock starts afresh,
+/// free; its tokens still stay above every earlier one, because the partition restarts its
+/// sequence numbers (the tokens' floor) above any the lost copy could have reached. Tokens only
+/// grow; they are not consecutive.
 ///
 /// # Failure handling
 ///
@@ -356,6 +359,12 @@ impl Lock {
             .table
             .current()
             .primary(self.target.partition)
+    }
+
+    /// The partition that holds the lock's state (its replicas are
+    /// `Grid::partition_table().replicas[partition]`).
+    pub fn partition(&self) -> u32 {
+        self.target.partition
     }
 
     fn holder_id(&self) -> HolderId {

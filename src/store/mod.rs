@@ -241,6 +241,14 @@ impl PartitionData {
         self.has_copy.load(Ordering::Acquire)
     }
 
+    /// Raises the sequence number to at least `floor`, for a partition lost and started afresh.
+    pub(crate) fn raise_seq(&self, floor: u64) {
+        let mut seq = self.lock();
+        if *seq < floor {
+            *seq = floor;
+        }
+    }
+
     /// Records that this member's (possibly empty) contents are the partition's: it is the first
     /// owner of a new partition, or the last hope of a lost one.
     pub(crate) fn claim_copy(&self) {

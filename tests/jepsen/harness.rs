@@ -902,6 +902,8 @@ pub struct Summary {
     register: checker::RegisterReport,
     queue_ops: (usize, usize, usize),
     queue: checker::QueueReport,
+    /// What the history says of the first lost queue items.
+    queue_detail: Vec<String>,
     lock_ops: (usize, usize, usize),
     lock: checker::LockReport,
     resource: checker::FencedResource,
@@ -1016,6 +1018,9 @@ impl fmt::Display for Summary {
             self.queue.missing.len(),
             self.queue.lost()
         )?;
+        for line in &self.queue_detail {
+            writeln!(f, "              {line}")?;
+        }
         writeln!(f, "  lock:     {}", ops(self.lock_ops))?;
         writeln!(
             f,
@@ -1246,6 +1251,7 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
         }
         drained.extend(batch);
     }
+    let queue = checker::check_queue(&histories.queue, &drained);
     let summary = Summary {
         mode: config.mode,
         namespaces,
@@ -1270,7 +1276,28 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
         },
         register: checker::check_registers(&histories.register, 2_000_000),
         queue_ops: checker::outcomes(&histories.queue),
-        queue: checker::check_queue(&histories.queue, &drained),
+        queue_detail: {
+            // Each lost item's offer, and the polls that did not succeed after it was offered.
+            let mut detail = Vec::new();
+            for item in queue.missing.iter().take(5) {
+                let offer = histories
+                    .queue
+                    .iter()
+                    .find(|e| e.op == QueueOp::Offer(*item));
+                detail.push(format!("missing {item}: offered {offer:?}"));
+                if let Some(offer) = offer {
+                    for e in histories.queue.iter().filter(|e| {
+                        e.op == QueueOp::Poll
+                            && e.complete >= offer.invoke
+                            && !matches!(e.outcome, Outcome::Ok(_))
+                    }) {
+                        detail.push(format!("  poll not done after it: {e:?}"));
+                    }
+                }
+            }
+            detail
+        },
+        queue,
         lock_ops: histories.lock_ops,
         lock: checker::check_lock(&histories.grants),
         grants: histories.grants.clone(),
