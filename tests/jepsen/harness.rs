@@ -1277,7 +1277,7 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
         register: checker::check_registers(&histories.register, 2_000_000),
         queue_ops: checker::outcomes(&histories.queue),
         queue_detail: {
-            // Each lost item's offer, and the polls that did not succeed after it was offered.
+            // Each lost item's offer, and the polls of unknown outcome after it was offered.
             let mut detail = Vec::new();
             for item in queue.missing.iter().take(5) {
                 let offer = histories
@@ -1286,12 +1286,13 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
                     .find(|e| e.op == QueueOp::Offer(*item));
                 detail.push(format!("missing {item}: offered {offer:?}"));
                 if let Some(offer) = offer {
-                    for e in histories.queue.iter().filter(|e| {
+                    let unknown = histories.queue.iter().filter(|e| {
                         e.op == QueueOp::Poll
                             && e.complete >= offer.invoke
-                            && !matches!(e.outcome, Outcome::Ok(_))
-                    }) {
-                        detail.push(format!("  poll not done after it: {e:?}"));
+                            && matches!(e.outcome, Outcome::Unknown(_))
+                    });
+                    for e in unknown.take(5) {
+                        detail.push(format!("  poll with unknown outcome after it: {e:?}"));
                     }
                 }
             }
