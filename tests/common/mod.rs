@@ -377,13 +377,14 @@ pub async fn start_node(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     String,
 ) {
-    start_node_in(None, args).await
+    start_node_in(None, args, None).await
 }
 
-/// `start_node` inside the named network namespace.
+/// `start_node` inside the named network namespace, its log (stderr) going to `log` if given.
 pub async fn start_node_in(
     netns: Option<&str>,
     args: &[&std::ffi::OsStr],
+    log: Option<std::fs::File>,
 ) -> (
     tokio::process::Child,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
@@ -395,7 +396,7 @@ pub async fn start_node_in(
         .arg("node")
         .args(args)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(log.map_or_else(std::process::Stdio::null, std::process::Stdio::from));
     let mut child = command.spawn().expect("peergrid node starts");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
     let first = tokio::time::timeout(DEADLINE, lines.next_line())

@@ -274,9 +274,19 @@ impl Cluster {
         };
         let file = self.dir.join(format!("node-{space}.toml"));
         std::fs::write(&file, node_file(&self.name, seed, bind)).unwrap();
+        // Each slot's log, kept (with the run's directory) when the run fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                self.dir
+                    .join(format!("node-{}.log", at.unwrap_or(self.members.len()))),
+            )
+            .ok();
         let (child, mut lines, first) = crate::common::start_node_in(
             netns.as_deref(),
             &[std::ffi::OsStr::new("--config"), file.as_os_str()],
+            log,
         )
         .await;
         // Keep reading, so the node never blocks on a full pipe.
@@ -388,9 +398,10 @@ impl Cluster {
                     }
                 }
                 panic!(
-                    "not healthy after {RECOVERY:?}: {expected} members up, in-process members see {seen:?}, is_safe {safe:?}\n  {}\n  replicas out of step: {}",
+                    "not healthy after {RECOVERY:?}: {expected} members up, in-process members see {seen:?}, is_safe {safe:?}\n  {}\n  replicas out of step: {}\n  member process logs: {}",
                     views.join("\n  "),
-                    off.join("\n  ")
+                    off.join("\n  "),
+                    self.dir.display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
