@@ -289,10 +289,13 @@ pub enum Error {
     },
 
     /// The structure has split-brain protection (`min_cluster_size`, see
-    /// [`crate::SplitBrainProtection`]) and the member that checked sees fewer members than
-    /// that: this side of a network split is a minority. Nothing was applied or read; the call
+    /// [`crate::SplitBrainProtection`]) and the member that checked recently heard from fewer
+    /// members than that (itself included): this side of a network split is a minority, or the
+    /// member was stalled. Nothing was applied or read; the call
     /// fails at once rather than waiting for the split to heal.
-    #[error("{structure} {name:?} needs {min} members and member {member} sees {present}")]
+    #[error(
+        "{structure} {name:?} needs {min} members and member {member} recently heard from {present}"
+    )]
     QuorumNotPresent {
         /// `"map"`, `"queue"` or `"lock"`.
         structure: &'static str,
@@ -300,7 +303,7 @@ pub enum Error {
         name: String,
         /// The configured minimum cluster size.
         min: usize,
-        /// How many members the checking member sees (itself included).
+        /// How many members the checking member recently heard from (itself included).
         present: usize,
         /// The member that checked: the caller's own, or the structure's primary.
         member: MemberId,

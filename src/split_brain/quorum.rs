@@ -7,8 +7,9 @@ use crate::node::Node;
 
 impl Node {
     /// Fails with [`Error::QuorumNotPresent`] if `op` on the structure behind internal map `map`
-    /// (and `key`, for lock states) is guarded and this member sees fewer members than the
-    /// structure's minimum. Internal operations (expiry, lock sweeps, merges) are never guarded.
+    /// (and `key`, for lock states) is guarded and this member recently heard from fewer members
+    /// than the structure's minimum (see [`SplitBrainProtection`]). Internal operations (expiry,
+    /// lock sweeps, merges) are never guarded.
     pub(crate) fn check_quorum(&self, map: &str, key: &[u8], op: &MapOp) -> Result<()> {
         if !self.quorum_guarded {
             return Ok(());
