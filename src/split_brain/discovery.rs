@@ -1,8 +1,11 @@
 //! The cluster view exchanged in probe datagrams, and the pure decision on two views.
 //!
 //! A probe carries the sender's view of its cluster; the answer carries the receiver's. Two
-//! views that share no member are two clusters (the sides of a split that healed, or two
-//! clusters started apart with the same name). [`decide`] says which of them merges into the
+//! views with different coordinators, neither of which lists the other's sender, are two
+//! clusters (the sides of a split that healed, or two clusters started apart with the same
+//! name), even when some members appear in both: after a split that healed as failure detection
+//! ended, members that renewed their identity can be seen by both sides while the two sides
+//! still do not see each other, and each side's coordinator keeps publishing its own tables. [`decide`] says which of them merges into the
 //! other: the one with fewer members; on a tie, the one whose coordinator is younger, so the
 //! older coordinator keeps coordinating.
 
@@ -32,7 +35,7 @@ pub(crate) struct ClusterView {
 /// What to do about another cluster's view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// The views overlap: one cluster (or one in the middle of a change), nothing to do.
+    /// One cluster (the same coordinator, or the two senders see each other), nothing to do.
     Same,
     /// Two clusters, and ours merges into theirs.
     WeMerge,
@@ -43,7 +46,6 @@ pub(crate) enum Verdict {
 /// Whether `mine` and `theirs` are two clusters, and which merges.
 pub(crate) fn decide(mine: &ClusterView, theirs: &ClusterView) -> Verdict {
     if mine.coordinator == theirs.coordinator
-        || mine.members.iter().any(|m| theirs.members.contains(m))
         || mine.members.contains(&theirs.sender.gossip)
         || theirs.members.contains(&mine.sender.gossip)
     {
@@ -95,6 +97,15 @@ mod tests {
         // Same generation: the smaller id is older.
         let same_gen = view(&[8, 9], (5, 9));
         assert_eq!(decide(&same_gen, &two), Verdict::WeMerge);
+    }
+
+    #[test]
+    fn views_that_share_members_but_not_each_other_are_two_clusters() {
+        // Members 3 and 4 are seen by both sides; the senders 1 and 5 do not see each other.
+        let mine = view(&[1, 3, 4], (10, 1));
+        let theirs = view(&[5, 6, 3, 4], (12, 5));
+        assert_eq!(decide(&mine, &theirs), Verdict::WeMerge);
+        assert_eq!(decide(&theirs, &mine), Verdict::TheyMerge);
     }
 
     #[test]
