@@ -712,10 +712,15 @@ impl Driver {
         let current = self.foca.identity().clone();
         let identity = current.renew().unwrap_or(current);
         // Only the members of the cluster being left: the ones it saw go down may be the other
-        // side, which this member joins.
+        // side, which this member joins. Nor any member at an address of the cluster it joins:
+        // a member that merges back alone may already have let some of them in again, and
+        // ignoring them would leave it unable to join (it refuses the tables of a coordinator
+        // it does not see, and so merged again and again, alone: a 30-minute Jepsen run).
         for member in self.foca.iter_members() {
             let id = member.id();
-            self.excluded.insert((id.id, id.generation));
+            if !targets.contains(&id.gossip) {
+                self.excluded.insert((id.id, id.generation));
+            }
         }
         self.state.set_local(identity.clone());
         self.state.forget_peers();
