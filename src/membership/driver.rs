@@ -119,6 +119,7 @@ pub(crate) struct Driver {
     /// This driver's instance number, stamped on every datagram with a counter.
     instance: u64,
     counter: u64,
+    /// How often to send every peer a heartbeat; `None`: never (no split-brain protection).
     heartbeat_interval: Option<Duration>,
     /// Set while this member drains datagrams that waited in the socket while it was stalled:
     /// heartbeats among them are old news, not signs of life.
@@ -300,21 +301,15 @@ impl Driver {
         if live * 2 > live + gone {
             return false;
         }
-        let mut targets: Vec<SocketAddr> = Vec::new();
+        let peers = self.state.peer_identities();
         let known = self
             .foca
             .iter_members()
             .map(|m| m.id().gossip)
-            .chain(self.state.peer_identities().iter().map(|p| p.gossip))
+            .chain(peers.iter().map(|p| p.gossip))
             .chain(self.state.recently_gone(self.remember_down))
-            .chain(self.seeds.iter().copied())
-            .collect::<Vec<_>>();
-        for addr in known {
-            if addr != identity.gossip && !targets.contains(&addr) {
-                targets.push(addr);
-            }
-        }
-        targets.truncate(16);
+            .chain(self.seeds.iter().copied());
+        let targets = distinct_targets(known, &[identity.gossip]);
         if targets.is_empty() {
             return false;
         }
@@ -614,16 +609,14 @@ impl Driver {
             self.verdict = None;
             return;
         }
-        let own = self.foca.identity().gossip;
+        // Its own address is among the members'.
         let members: Vec<SocketAddr> = self.state.members().iter().map(|m| m.gossip_addr).collect();
-        let mut targets: Vec<SocketAddr> = self.state.recently_gone(self.remember_down);
-        for seed in &self.seeds {
-            if !targets.contains(seed) {
-                targets.push(*seed);
-            }
-        }
-        targets.retain(|t| *t != own && !members.contains(t));
-        targets.truncate(16);
+        let known = self
+            .state
+            .recently_gone(self.remember_down)
+            .into_iter()
+            .chain(self.seeds.iter().copied());
+        let targets = distinct_targets(known, &members);
         let view = self.my_view();
         for target in targets {
             self.queue_datagram(Kind::Probe, &view, target);
@@ -897,6 +890,24 @@ impl Driver {
 }
 
 /// The wall clock in Unix milliseconds, stamped on datagrams for the replay window.
+/// At most 16 distinct addresses from `known`, in order, none of them in `except`: whom a
+/// probe or a merge back reaches.
+fn distinct_targets(
+    known: impl Iterator<Item = SocketAddr>,
+    except: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    for addr in known {
+        if targets.len() == 16 {
+            break;
+        }
+        if !except.contains(&addr) && !targets.contains(&addr) {
+            targets.push(addr);
+        }
+    }
+    targets
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

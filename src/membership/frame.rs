@@ -11,8 +11,8 @@
 //! `kind` 0 carries a foca (SWIM) message, kind 1 a leave notice (the leaving member's identity,
 //! postcard-encoded), kinds 2 to 4 the split-brain probes, their answers and merge orders
 //! (postcard), kind 5 a heartbeat (the sender's id and generation, postcard) that members with
-//! split-brain protection send every peer, to count who they recently heard from. `key id` names the secret that signed the datagram (0: unsigned, and no tag
-//! follows); `instance` is a random number the sending member drew when it started, `counter`
+//! split-brain protection send every peer, to count who they recently heard from. `key id`
+//! names the secret that signed the datagram (0: unsigned, and no tag follows); `instance` is a random number the sending member drew when it started, `counter`
 //! numbers its datagrams, and `sent ms` is its clock (Unix milliseconds). The `tag` (16 bytes,
 //! signed datagrams only) is HMAC-SHA256, truncated, over everything before it (see
 //! [`crate::security`]).

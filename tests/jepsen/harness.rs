@@ -664,6 +664,13 @@ impl Shared {
     }
 }
 
+/// A client's pause before its next operation: [`FAILED_PAUSE`] after one that did not succeed.
+async fn pace(succeeded: bool) {
+    if !succeeded {
+        tokio::time::sleep(FAILED_PAUSE).await;
+    }
+}
+
 /// Runs `op` on `endpoint` within [`OP_TIMEOUT`]; a kill of the member ends it as unknown.
 async fn call<T>(
     endpoint: &Endpoint,
@@ -708,11 +715,9 @@ async fn set_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         let outcome = call(&endpoint, map.set(&key, &n)).await;
         let complete = shared.now();
         let entry = shared.record(&mut client, (key, n), invoke, complete, outcome);
-        let failed = !matches!(entry.outcome, Outcome::Ok(_));
+        let succeeded = matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().set.push(entry);
-        if failed {
-            tokio::time::sleep(FAILED_PAUSE).await;
-        }
+        pace(succeeded).await;
     }
 }
 
@@ -761,11 +766,9 @@ async fn register_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             _ => {}
         }
         let entry = shared.record(&mut client, op, invoke, complete, outcome);
-        let failed = !matches!(entry.outcome, Outcome::Ok(_));
+        let succeeded = matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().register.push((key, entry));
-        if failed {
-            tokio::time::sleep(FAILED_PAUSE).await;
-        }
+        pace(succeeded).await;
     }
 }
 
@@ -794,11 +797,9 @@ async fn queue_client(shared: Arc<Shared>, worker: u64, seed: u64) {
         };
         let complete = shared.now();
         let entry = shared.record(&mut client, op, invoke, complete, outcome);
-        let failed = !matches!(entry.outcome, Outcome::Ok(_));
+        let succeeded = matches!(entry.outcome, Outcome::Ok(_));
         shared.histories.lock().unwrap().queue.push(entry);
-        if failed {
-            tokio::time::sleep(FAILED_PAUSE).await;
-        }
+        pace(succeeded).await;
     }
 }
 
@@ -839,7 +840,7 @@ async fn lock_client(shared: Arc<Shared>, worker: u64, seed: u64) {
             }
         };
         let Some(guard) = guard else {
-            tokio::time::sleep(FAILED_PAUSE).await;
+            pace(false).await;
             continue;
         };
         let fence = guard.fence();

@@ -171,18 +171,8 @@ impl Namespaces {
                     if self.cuts.contains(&(at, source)) {
                         continue;
                     }
-                    ip(&[
-                        "-n",
-                        &self.spaces[at].name,
-                        "rule",
-                        "add",
-                        "pref",
-                        DROP_PREF,
-                        "from",
-                        &source.to_string(),
-                        "blackhole",
-                    ])
-                    .expect("a drop rule installs");
+                    self.drop_rule("add", at, source)
+                        .expect("a drop rule installs");
                     self.cuts.push((at, source));
                 }
             }
@@ -192,19 +182,26 @@ impl Namespaces {
     /// Removes every cut.
     pub fn heal(&mut self) {
         for (at, source) in std::mem::take(&mut self.cuts) {
-            ip(&[
-                "-n",
-                &self.spaces[at].name,
-                "rule",
-                "del",
-                "pref",
-                DROP_PREF,
-                "from",
-                &source.to_string(),
-                "blackhole",
-            ])
-            .expect("a drop rule is removed");
+            self.drop_rule("del", at, source)
+                .expect("a drop rule is removed");
         }
+    }
+
+    /// Adds or deletes (`action`) the rule in namespace `at` that drops packets from `source`.
+    fn drop_rule(&self, action: &str, at: usize, source: Ipv4Addr) -> Result<(), String> {
+        let source = source.to_string();
+        let space = &self.spaces[at].name;
+        ip(&[
+            "-n",
+            space,
+            "rule",
+            action,
+            "pref",
+            DROP_PREF,
+            "from",
+            &source,
+            "blackhole",
+        ])
     }
 }
 
