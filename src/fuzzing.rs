@@ -75,7 +75,7 @@ pub(crate) fn datagram_payload(kind: Kind, payload: &[u8]) {
             let _ = postcard::from_bytes::<(Identity, Vec<SocketAddr>)>(payload);
         }
         Kind::Heartbeat => {
-            let _ = postcard::from_bytes::<(u64, u64)>(payload);
+            let _ = postcard::from_bytes::<crate::membership::Heartbeat>(payload);
         }
     }
 }

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::GridConfig;
 use crate::error::{Error, Result};
@@ -109,7 +110,10 @@ impl Grid {
             .clone()
             .unwrap_or_else(|| format!("member-{gossip_addr}"));
         let identity = Identity::new(id, gossip_addr, rpc_addr, Arc::from(name.as_str()));
-        let membership = Arc::new(MembershipState::new(identity.clone()));
+        let membership = Arc::new(MembershipState::new(
+            identity.clone(),
+            config.swim.heartbeat_tolerance(),
+        ));
         let cluster_hash = frame::cluster_hash(&config.cluster_name);
         let cancel = CancellationToken::new();
 
@@ -210,12 +214,18 @@ impl Grid {
             udp,
             membership.clone(),
         );
-        let driver_task = tokio::spawn(driver.run(command_rx, cancel.clone()));
-        let cleanup_task = tokio::spawn(forget_gone_peers(
-            membership.subscribe(),
-            node.clone(),
-            cancel.clone(),
-        ));
+        // The member's long-lived tasks log inside a span naming it: several members in one
+        // process (tests, demos) stay told apart.
+        let span = tracing::info_span!("member", id = %id);
+        let driver_task = tokio::spawn(
+            driver
+                .run(command_rx, cancel.clone())
+                .instrument(span.clone()),
+        );
+        let cleanup_task = tokio::spawn(
+            forget_gone_peers(membership.subscribe(), node.clone(), cancel.clone())
+                .instrument(span.clone()),
+        );
 
         let has_seeds = config.seeds.iter().any(|s| *s != gossip_addr);
         let metrics_listener = match config.metrics_bind {
@@ -272,14 +282,18 @@ impl Grid {
         // oldest and so the coordinator. Have a table before returning, so the first operation
         // does not wait for one.
         coordinator::step(&node).await;
-        let coordinator_task = tokio::spawn(coordinator::run(node.clone()));
-        let anti_entropy_task = tokio::spawn(crate::store::anti_entropy::run(node.clone()));
-        let expiry_task = tokio::spawn(crate::store::expiry::run(node.clone()));
-        let lock_task = tokio::spawn(crate::lock::owner::run(node.clone()));
-        let merge_task = tokio::spawn(crate::split_brain::merge::run(
-            node.clone(),
-            grid.inner.commands.clone(),
-        ));
+        let coordinator_task =
+            tokio::spawn(coordinator::run(node.clone()).instrument(span.clone()));
+        let anti_entropy_task =
+            tokio::spawn(crate::store::anti_entropy::run(node.clone()).instrument(span.clone()));
+        let expiry_task =
+            tokio::spawn(crate::store::expiry::run(node.clone()).instrument(span.clone()));
+        let lock_task =
+            tokio::spawn(crate::lock::owner::run(node.clone()).instrument(span.clone()));
+        let merge_task = tokio::spawn(
+            crate::split_brain::merge::run(node.clone(), grid.inner.commands.clone())
+                .instrument(span),
+        );
         grid.inner
             .tasks
             .lock()

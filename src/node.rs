@@ -1247,7 +1247,7 @@ impl Node {
                     .partition(partition)
                     .is_some_and(|d| d.has_copy())
                 {
-                    tracing::trace!(member = %self.me, partition, "dropping this member's copy");
+                    tracing::debug!(member = %self.me, partition, "dropping this member's copy");
                 }
                 self.store.drop_partition(partition);
             }

@@ -111,6 +111,12 @@ where
         Ok(())
     }
 
+    /// The partition that holds `key` (its replicas are
+    /// `Grid::partition_table().replicas[partition]`): the same for every member of a cluster.
+    pub fn partition_of<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<u32> {
+        self.key(key).map(|(partition, _)| partition)
+    }
+
     fn key<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<(u32, Bytes)> {
         self.check_name()?;
         let bytes = codec::encode(key)?;

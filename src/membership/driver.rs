@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::frame::{self, FrameError, Kind};
 use super::identity::Identity;
 use super::timers::TimerQueue;
-use super::{Counters, MemberId, MembershipState};
+use super::{Counters, Heartbeat, MemberId, MembershipState};
 use crate::fault::FaultSwitch;
 use crate::security::{Keyring, ReplayGuard, TAG_LEN};
 use crate::split_brain::discovery::{self, ClusterView, Verdict};
@@ -70,6 +70,16 @@ pub(crate) struct DriverConfig {
     /// How often to send every peer a heartbeat (members with split-brain protection count the
     /// peers they recently heard from); `None`: no heartbeats.
     pub(crate) heartbeat_interval: Option<Duration>,
+}
+
+/// What [`Driver::screen`] made of a SWIM datagram.
+enum Screened {
+    /// Handed to foca as it is.
+    Unchanged,
+    /// Handed to foca without the down updates it ignores.
+    Rewritten(Vec<u8>),
+    /// Handled here: foca does not see it.
+    Consumed,
 }
 
 /// A verdict that this member's cluster merges into another, waiting for confirmation.
@@ -124,6 +134,8 @@ pub(crate) struct Driver {
     /// Set while this member drains datagrams that waited in the socket while it was stalled:
     /// heartbeats among them are old news, not signs of life.
     stale_heartbeats: bool,
+    /// Set when the view changed: heartbeats go out at the next flush.
+    beat_now: bool,
 }
 
 impl Driver {
@@ -168,6 +180,7 @@ impl Driver {
             counter: 0,
             heartbeat_interval: config.heartbeat_interval,
             stale_heartbeats: false,
+            beat_now: false,
         }
     }
 
@@ -404,18 +417,30 @@ impl Driver {
                 tracing::debug!(%from, "ignored a down verdict from a member this one considers down");
                 true
             }
-            Kind::Swim => match self.foca.handle_data(payload, &mut self.runtime) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::trace!(%from, error = %e, "foca rejected datagram");
-                    false
+            Kind::Swim => match self.screen(payload) {
+                Screened::Consumed => {
+                    tracing::info!(%from, "declared down by a member this one sees alive: it is on the other side of a split");
+                    true
+                }
+                screened => {
+                    let data = match &screened {
+                        Screened::Rewritten(data) => data.as_slice(),
+                        _ => payload,
+                    };
+                    match self.foca.handle_data(data, &mut self.runtime) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::trace!(%from, error = %e, "foca rejected datagram");
+                            false
+                        }
+                    }
                 }
             },
             Kind::Leave => self.on_leave_notice(payload),
-            Kind::Heartbeat => match postcard::from_bytes::<(u64, u64)>(payload) {
-                Ok((id, generation)) => {
+            Kind::Heartbeat => match postcard::from_bytes::<Heartbeat>(payload) {
+                Ok(beat) => {
                     if !self.stale_heartbeats {
-                        self.state.heard_from(MemberId(id), generation);
+                        self.state.beat(beat);
                     }
                     true
                 }
@@ -447,6 +472,120 @@ impl Driver {
         } else {
             &counters.dropped_invalid_payload
         });
+    }
+
+    /// Screens a SWIM datagram before foca sees it, against verdicts that come from the other
+    /// side of a split. Records that its sender was heard from.
+    ///
+    /// - A "you are down" verdict (foca's `TurnUndead`, or a down update about this member's
+    ///   current identity) from a sender this member still considers alive, while it holds a
+    ///   cluster's table: the sender is declared down here instead of obeyed, and the datagram
+    ///   is consumed. Such a sender was on the other side of a split whose failure detection
+    ///   ended first there: its side promoted backups, started afresh the partitions it held no
+    ///   copy of, and publishes tables without this member. Obeying (renewing, and staying with
+    ///   every member as before) made this member take that side's tables, which leave it out,
+    ///   and drop copies holding writes the other side never saw (a Jepsen run lost thousands
+    ///   of acknowledged inserts that way when a 2 | 3 split healed after the minority's failure
+    ///   detection ended and before the majority's did). Declaring the sender down makes the two
+    ///   sides see each other as down, so they are two clusters, and the merge protocol
+    ///   ([`crate::split_brain`]) folds the smaller into the larger, whichever detected first. A
+    ///   member that was cut off alone ends up seeing nobody, and merges back.
+    /// - A down update about another member this member heard from within the heartbeat
+    ///   tolerance is dropped (the datagram is rewritten without it): that member is alive and
+    ///   reachable from here, and the verdict comes from a member that lost sight of it, such
+    ///   as one that was cut off and is back. SWIM takes down updates as final, so without this
+    ///   one member back from isolation declared healthy members of the majority down
+    ///   everywhere, and the majority fell apart.
+    fn screen(&mut self, payload: &[u8]) -> Screened {
+        use bytes::{Buf, BufMut};
+        let mut data = payload;
+        let Ok(header) = foca::Codec::<Identity>::decode_header(&mut PostcardCodec, &mut data)
+        else {
+            return Screened::Unchanged;
+        };
+        // Only a member that sees this one alive talks to it: one that declared it down sends it
+        // nothing but that verdict, which must not count for split-brain protection.
+        if !self.stale_heartbeats && header.message != foca::Message::TurnUndead {
+            self.state.heard_from(header.src.id, header.src.generation);
+        }
+        let established = self.state.is_established() && !self.self_leaving;
+        let sender_active = || self.foca.iter_members().any(|m| *m.id() == header.src);
+        let me = self.foca.identity().clone();
+        if header.message == foca::Message::TurnUndead {
+            if header.dst == me && established && sender_active() {
+                self.declare_down(header.src);
+                return Screened::Consumed;
+            }
+            return Screened::Unchanged;
+        }
+        if data.remaining() < 2
+            || matches!(
+                header.message,
+                foca::Message::Announce | foca::Message::Broadcast
+            )
+        {
+            return Screened::Unchanged;
+        }
+        let count = data.get_u16();
+        let mut updates = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            match foca::Codec::<Identity>::decode_member(&mut PostcardCodec, &mut data) {
+                Ok(update) => updates.push(update),
+                // foca rejects it as it is.
+                Err(_) => return Screened::Unchanged,
+            }
+        }
+        if established
+            && sender_active()
+            && updates
+                .iter()
+                .any(|u| u.state() == foca::State::Down && *u.id() == me)
+        {
+            self.declare_down(header.src);
+            return Screened::Consumed;
+        }
+        let tolerance = (self.swim.probe_period + self.swim.suspect_to_down_after) / 2;
+        let before = updates.len();
+        updates.retain(|u| {
+            let id = u.id();
+            !(u.state() == foca::State::Down
+                && *id != me
+                && self.state.heard_within(id.id, id.generation, tolerance))
+        });
+        if updates.len() == before {
+            return Screened::Unchanged;
+        }
+        tracing::debug!(
+            dropped = before - updates.len(),
+            "ignored down verdicts on members heard from just now"
+        );
+        let mut rewritten = Vec::with_capacity(payload.len());
+        if foca::Codec::<Identity>::encode_header(&mut PostcardCodec, &header, &mut rewritten)
+            .is_err()
+        {
+            return Screened::Unchanged;
+        }
+        rewritten.put_u16(updates.len() as u16);
+        for update in &updates {
+            if foca::Codec::<Identity>::encode_member(&mut PostcardCodec, update, &mut rewritten)
+                .is_err()
+            {
+                return Screened::Unchanged;
+            }
+        }
+        rewritten.extend_from_slice(data);
+        Screened::Rewritten(rewritten)
+    }
+
+    /// Declares `member` down in this member's view (and so, through gossip, in its side's).
+    fn declare_down(&mut self, member: Identity) {
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::down(member)),
+            true,
+            &mut self.runtime,
+        ) {
+            tracing::debug!(error = %e, "could not declare a member down");
+        }
     }
 
     /// Whether `payload` is a "you are down" message (foca's `TurnUndead`) from a sender this
@@ -550,7 +689,13 @@ impl Driver {
             return;
         }
         let me = self.foca.identity();
-        let beat = (me.id.0, me.generation);
+        let (coordinator, countable_ms) = self.state.heartbeat_countable();
+        let beat = Heartbeat {
+            id: me.id.0,
+            generation: me.generation,
+            coordinator,
+            countable_ms,
+        };
         for peer in self.state.peer_identities() {
             self.queue_datagram(Kind::Heartbeat, &beat, peer.gossip);
         }
@@ -804,6 +949,11 @@ impl Driver {
                 None => break,
             }
         }
+        // The view changed: peers learn at once whom this member follows now, and a new peer
+        // counts for split-brain protection without waiting for the next heartbeat round.
+        if std::mem::take(&mut self.beat_now) && self.heartbeat_interval.is_some() {
+            self.send_heartbeats();
+        }
         for (to, mut datagram) in std::mem::take(&mut self.outbox) {
             self.send(&mut datagram, to).await;
         }
@@ -852,14 +1002,17 @@ impl Driver {
     fn on_notification(&mut self, notification: OwnedNotification<Identity>) {
         match notification {
             OwnedNotification::MemberUp(identity) => {
+                self.beat_now = true;
                 self.leaving.remove(&(identity.id, identity.generation));
                 self.state.peer_up(identity);
             }
             OwnedNotification::MemberDown(identity) => {
+                self.beat_now = true;
                 let left = self.leaving.remove(&(identity.id, identity.generation));
                 self.state.peer_gone(&identity, left);
             }
             OwnedNotification::Rename(old, new) => {
+                self.beat_now = true;
                 // The identity at an address was replaced (a restart, or a rejoin with a higher
                 // generation). If the old one was live, the new one is live too and foca sends no
                 // MemberUp for it.

@@ -218,9 +218,64 @@ pub(crate) struct MembershipState {
     merge_orders: watch::Sender<(u64, Vec<SocketAddr>)>,
     /// Members of the clusters this member merged away from (see [`Self::forget_peers`]).
     left_behind: RwLock<std::collections::HashSet<MemberId>>,
-    /// When each peer (id, generation) was last heard from: a heartbeat, or joining the view.
+    /// When each peer (id, generation) was last heard from: any datagram but a down verdict, or
+    /// joining the view.
     heard: RwLock<BTreeMap<MemberId, (u64, std::time::Instant)>>,
+    /// Each peer's last heartbeat: what split-brain protection counts.
+    beats: RwLock<BTreeMap<MemberId, Beat>>,
+    /// This member's coordinator (see [`Self::coordinator_key`]), and from when others may
+    /// count it for split-brain protection under that coordinator.
+    stint: RwLock<Stint>,
+    /// The heartbeat tolerance: how long a heartbeat counts, and how long a member that
+    /// switched coordinators stays uncounted (see [`Self::quorum_present`]).
+    tolerance: std::time::Duration,
     pub(crate) counters: Counters,
+}
+
+/// A heartbeat as a member sends it to every peer in its view (members with split-brain
+/// protection only): who sends it, its coordinator, and for how long it has had that
+/// coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Heartbeat {
+    pub(crate) id: u64,
+    pub(crate) generation: u64,
+    /// The sender's coordinator: (generation, id) of the oldest member it sees.
+    pub(crate) coordinator: (u64, u64),
+    /// For how long the sender has been countable under that coordinator, in milliseconds
+    /// (negative: it will be in that many).
+    pub(crate) countable_ms: i64,
+}
+
+/// This member's time under one coordinator.
+#[derive(Debug, Clone, Copy)]
+struct Stint {
+    coordinator: (u64, u64),
+    /// From when this member may be counted under `coordinator`.
+    countable_from: std::time::Instant,
+    /// When this member last sent a heartbeat naming `coordinator` while it held a table (none
+    /// sent: nobody could count it under `coordinator`).
+    advertised: Option<std::time::Instant>,
+    /// Until when this member may still be counted under an earlier coordinator.
+    released: std::time::Instant,
+}
+
+/// How long from `from` to `now` in milliseconds, negative if `from` is later.
+fn countable_ms(from: std::time::Instant, now: std::time::Instant) -> i64 {
+    let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    if from <= now {
+        ms(now - from)
+    } else {
+        -ms(from - now)
+    }
+}
+
+/// A peer's last heartbeat, as received.
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    generation: u64,
+    at: std::time::Instant,
+    coordinator: (u64, u64),
+    countable_ms: i64,
 }
 
 /// A member seen going down or leaving.
@@ -232,7 +287,15 @@ struct Gone {
 }
 
 impl MembershipState {
-    pub(crate) fn new(local: Identity) -> Self {
+    /// `tolerance`: the heartbeat tolerance ([`crate::SwimConfig::heartbeat_tolerance`]).
+    pub(crate) fn new(local: Identity, tolerance: std::time::Duration) -> Self {
+        let now = std::time::Instant::now();
+        let stint = Stint {
+            coordinator: (local.generation, local.id.0),
+            countable_from: now,
+            advertised: None,
+            released: now,
+        };
         MembershipState {
             local: RwLock::new(local),
             peers: RwLock::new(BTreeMap::new()),
@@ -244,6 +307,9 @@ impl MembershipState {
             merge_orders: watch::channel((0, Vec::new())).0,
             left_behind: Default::default(),
             heard: Default::default(),
+            beats: Default::default(),
+            stint: RwLock::new(stint),
+            tolerance,
             counters: Counters::default(),
         }
     }
@@ -357,23 +423,110 @@ impl MembershipState {
         read(&self.peers).len()
     }
 
-    /// Records a heartbeat from member `id` at `generation`.
+    /// Records a datagram (a heartbeat, a SWIM message) from member `id` at `generation`.
     pub(crate) fn heard_from(&self, id: MemberId, generation: u64) {
         write(&self.heard).insert(id, (generation, std::time::Instant::now()));
     }
 
-    /// How many live peers (in the view) this member heard from within `within`: the members
-    /// split-brain protection counts, which drop out after a split well before failure
-    /// detection takes them out of the view.
-    pub(crate) fn recently_heard(&self, within: std::time::Duration) -> usize {
+    /// Whether this member heard from `id` at `generation` (a heartbeat or a SWIM datagram)
+    /// within `within`.
+    pub(crate) fn heard_within(
+        &self,
+        id: MemberId,
+        generation: u64,
+        within: std::time::Duration,
+    ) -> bool {
+        read(&self.heard)
+            .get(&id)
+            .is_some_and(|(g, at)| *g == generation && at.elapsed() <= within)
+    }
+
+    /// Records a peer's heartbeat.
+    pub(crate) fn beat(&self, beat: Heartbeat) {
+        let id = MemberId(beat.id);
+        self.heard_from(id, beat.generation);
+        write(&self.beats).insert(
+            id,
+            Beat {
+                generation: beat.generation,
+                at: std::time::Instant::now(),
+                coordinator: beat.coordinator,
+                countable_ms: beat.countable_ms,
+            },
+        );
+    }
+
+    /// This member's coordinator, and for how long it has been countable under it in
+    /// milliseconds (negative: it will be in that many), as its next heartbeat says. A member
+    /// without a table yet serves nothing and is never counted (`i64::MIN`).
+    pub(crate) fn heartbeat_countable(&self) -> ((u64, u64), i64) {
+        self.note_coordinator();
         let now = std::time::Instant::now();
+        let mut stint = write(&self.stint);
+        if !self.is_established() {
+            return (stint.coordinator, i64::MIN);
+        }
+        stint.advertised = Some(now);
+        (stint.coordinator, countable_ms(stint.countable_from, now))
+    }
+
+    /// Notes a change of the view: the coordinator may have changed. A member that others
+    /// may have counted under its old coordinator becomes countable under the new one only
+    /// once they stopped counting it: the tolerance (plus a quarter, for heartbeats on their
+    /// way) after its last heartbeat naming the old one.
+    fn note_coordinator(&self) {
+        let key = self.coordinator_key();
+        let now = std::time::Instant::now();
+        let mut stint = write(&self.stint);
+        if stint.coordinator == key {
+            return;
+        }
+        if let Some(last) = stint.advertised {
+            stint.released = stint
+                .released
+                .max(last + self.tolerance + self.tolerance / 4);
+        }
+        *stint = Stint {
+            coordinator: key,
+            countable_from: stint.released.max(now),
+            advertised: None,
+            released: stint.released,
+        };
+    }
+
+    /// How many members split-brain protection counts as present, this one included: the live
+    /// peers (in the view) whose heartbeat arrived within the tolerance and that are countable
+    /// under the same coordinator as this member (which must be countable itself).
+    ///
+    /// Members drop out within `tolerance` of a split, well before failure detection takes them
+    /// out of the view on the other side, so a minority stops serving before the majority can
+    /// take its partitions over. Counting only members that agree on the coordinator keeps two
+    /// overlapping views (after a heal, before the sides see each other as down, a member can
+    /// see both sides alive and follow either side's tables) from both reaching the minimum: a
+    /// member is counted in one coordinator's group at a time, and only once it has been there
+    /// for the tolerance, so by the time a member switching sides counts on the new one, the old
+    /// one stopped counting it. A member that saw nobody under its old coordinator (a member
+    /// that just started, or was alone) was counted by nobody, and counts at once.
+    pub(crate) fn quorum_present(&self) -> usize {
+        self.note_coordinator();
+        let stint = *read(&self.stint);
+        let coordinator = stint.coordinator;
+        if stint.countable_from > std::time::Instant::now() {
+            return 1;
+        }
+        let tolerance = self.tolerance;
         let peers = read(&self.peers);
-        let heard = read(&self.heard);
-        peers
+        let beats = read(&self.beats);
+        1 + peers
             .values()
             .filter(|p| {
-                heard.get(&p.id).is_some_and(|(generation, at)| {
-                    *generation == p.generation && now.duration_since(*at) <= within
+                beats.get(&p.id).is_some_and(|b| {
+                    let age = b.at.elapsed();
+                    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                    b.generation == p.generation
+                        && age <= tolerance
+                        && b.coordinator == coordinator
+                        && b.countable_ms.saturating_add(age_ms) >= 0
                 })
             })
             .count()
@@ -412,12 +565,13 @@ impl MembershipState {
 
     pub(crate) fn set_local(&self, identity: Identity) {
         *write(&self.local) = identity;
+        self.note_coordinator();
     }
 
     /// A peer is alive. Replaces an older generation of the same member, which counts as down.
     pub(crate) fn peer_up(&self, identity: Identity) {
         write(&self.gone).remove(&identity.id);
-        // Joining the view is news of it: its heartbeats follow within a heartbeat interval.
+        // Joining the view is news of it.
         self.heard_from(identity.id, identity.generation);
         let previous = {
             let mut peers = write(&self.peers);
@@ -426,6 +580,7 @@ impl MembershipState {
                 _ => peers.insert(identity.id, identity.clone()),
             }
         };
+        self.note_coordinator();
         if let Some(previous) = previous {
             self.emit(MembershipEvent::Down(Member::from_identity(
                 &previous, false,
@@ -445,6 +600,8 @@ impl MembershipState {
             };
         }
         write(&self.heard).remove(&identity.id);
+        write(&self.beats).remove(&identity.id);
+        self.note_coordinator();
         write(&self.gone).insert(
             identity.id,
             Gone {
@@ -498,7 +655,7 @@ mod tests {
 
     #[test]
     fn view_tracks_up_down_left_and_new_generations() {
-        let state = MembershipState::new(identity(1, 1, 1));
+        let state = MembershipState::new(identity(1, 1, 1), std::time::Duration::from_secs(1));
         let mut events = state.events.read().unwrap().as_ref().unwrap().subscribe();
         state.peer_up(identity(2, 2, 1));
         state.peer_up(identity(2, 2, 1)); // duplicate: no event

@@ -40,10 +40,7 @@ impl Node {
         let Some(protection) = protection.filter(|p| p.guards(write)) else {
             return Ok(());
         };
-        let present = self
-            .membership
-            .recently_heard(self.config.swim.heartbeat_tolerance())
-            + 1;
+        let present = self.membership.quorum_present();
         if present >= protection.min_cluster_size {
             return Ok(());
         }

@@ -249,11 +249,27 @@ pub struct RegisterReport {
 
 /// The last 40 operations of the shortest prefix (in invocation order) of a non-linearizable
 /// register history that is not linearizable either, found by bisection: where the anomaly is.
+///
+/// An operation of the prefix still running when the first operation left out was invoked may
+/// have seen that operation's effect (a read returning a write invoked after it), so its
+/// outcome counts as unknown in the prefix: otherwise a prefix could look wrong only because
+/// it was cut.
 fn failing_tail(entries: &[RegisterEntry], budget: u64) -> Vec<RegisterEntry> {
     let mut sorted: Vec<&RegisterEntry> = entries.iter().collect();
     sorted.sort_by_key(|e| e.invoke);
-    let prefix =
-        |n: usize| -> Vec<RegisterEntry> { sorted[..n].iter().map(|e| (*e).clone()).collect() };
+    let prefix = |n: usize| -> Vec<RegisterEntry> {
+        let cut = sorted.get(n).map_or(Micros::MAX, |e| e.invoke);
+        sorted[..n]
+            .iter()
+            .map(|e| {
+                let mut e = (*e).clone();
+                if e.complete > cut && !matches!(e.outcome, Outcome::Fail(_)) {
+                    e.outcome = Outcome::Unknown("running when the prefix was cut".into());
+                }
+                e
+            })
+            .collect()
+    };
     let (mut good, mut bad) = (0, sorted.len());
     while bad - good > 1 {
         let mid = good + (bad - good) / 2;
@@ -263,7 +279,10 @@ fn failing_tail(entries: &[RegisterEntry], budget: u64) -> Vec<RegisterEntry> {
             good = mid;
         }
     }
-    prefix(bad)[bad.saturating_sub(40)..].to_vec()
+    sorted[bad.saturating_sub(40)..bad]
+        .iter()
+        .map(|e| (*e).clone())
+        .collect()
 }
 
 pub fn check_registers(history: &[(String, RegisterEntry)], budget: u64) -> RegisterReport {

@@ -908,6 +908,8 @@ pub struct Summary {
     timeline: Vec<(Fault, usize, u64, u64)>,
     /// Invoke times of the lost set writes.
     lost_times: Vec<u64>,
+    /// How many lost set writes each partition held.
+    lost_partitions: BTreeMap<u32, usize>,
     set_ops: (usize, usize, usize),
     set: checker::SetReport,
     register_ops: (usize, usize, usize),
@@ -981,7 +983,8 @@ impl fmt::Display for Summary {
             }
             writeln!(
                 f,
-                "  lost set writes were invoked from {first} to {last}; by serving slot {slots:?}"
+                "  lost set writes were invoked from {first} to {last}; by serving slot {slots:?}; by partition {:?}",
+                self.lost_partitions
             )?;
         }
         writeln!(f, "  set:      {}", ops(self.set_ops))?;
@@ -1271,6 +1274,15 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
         duration: elapsed,
         faults,
         timeline,
+        lost_partitions: {
+            let mut by = BTreeMap::new();
+            for key in &set.lost {
+                if let Ok(p) = map.partition_of(key) {
+                    *by.entry(p).or_default() += 1;
+                }
+            }
+            by
+        },
         lost_times: {
             let lost: std::collections::HashSet<&String> = set.lost.iter().collect();
             histories
