@@ -1126,6 +1126,7 @@ impl Node {
                 && before.primary(p).is_none()
                 && let Some(data) = self.store.partition(p)
             {
+                data.start_lineage();
                 data.claim_copy();
             }
         }
@@ -1315,6 +1316,7 @@ impl Node {
                     // copy's must stay above any the lost one handed out, which were taken under
                     // older tables (the lost copy may only be on the other side of a split).
                     data.raise_seq(version.saturating_mul(1 << 32));
+                    data.start_lineage();
                 }
                 // Promoted: a continuing backup may hold mutations of the dead primary that this
                 // member never saw, or miss some it did; they get this member's copy.
@@ -1361,6 +1363,7 @@ impl Node {
                     Ok(Fetched::Header(header)) => {
                         let (seq, _, digest) = data.state();
                         if (header.seq, header.digest) == (seq, digest) {
+                            data.adopt_lineage(header.lineage);
                             return self.pulled(i);
                         }
                         tracing::debug!(partition, %source, "copy differs from the source's; pulling it whole");
@@ -1490,7 +1493,10 @@ impl Node {
             table.and_then(|t| PartitionTable::from_proto(t, self.config.partition_count));
         let requested_version = requested.as_ref().map_or(0, |t| t.version);
         if let Some(table) = requested {
-            self.apply_table(table);
+            let (version, publisher) = (table.version, table.publisher);
+            if self.apply_table(table) {
+                tracing::debug!(member = %self.me, version, %publisher, ?from, partition, "applied the table a pull came with");
+            }
         }
         let data = self
             .store
@@ -1617,7 +1623,10 @@ impl Node {
             && let Some(table) =
                 PartitionTable::from_proto(table.get_ref(), self.config.partition_count)
         {
-            self.apply_table(table);
+            let (version, publisher) = (table.version, table.publisher);
+            if self.apply_table(table) {
+                tracing::debug!(member = %self.me, version, %publisher, ?source, "applied a fetched table");
+            }
         }
     }
 

@@ -238,6 +238,10 @@ impl Node {
                 MapOp::LockMerge { fence } => *fence,
                 _ => 0,
             },
+            lineage: match op {
+                MapOp::Merge { lineage, .. } | MapOp::QueueOffer { lineage, .. } => *lineage,
+                _ => 0,
+            },
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -400,6 +404,7 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             token: request.token,
             capacity: request.capacity,
             wait: std::time::Duration::from_millis(request.wait_ms),
+            lineage: request.lineage,
         },
         proto::MapOp::QueuePoll => MapOp::QueuePoll {
             token: request.token,
@@ -430,6 +435,7 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             updated_ms: request.updated_ms,
             hits: request.hits,
             expires_at_ms: request.expires_at_ms,
+            lineage: request.lineage,
         },
         proto::MapOp::Remove => MapOp::Remove,
         proto::MapOp::Delete => MapOp::Delete,

@@ -50,6 +50,9 @@ pub(crate) enum MapOp {
         token: u64,
         capacity: u64,
         wait: Duration,
+        /// For an item a merge hands over: the lineage of the partition copy it comes from
+        /// (0: a client's offer).
+        lineage: u64,
     },
     QueuePoll {
         token: u64,
@@ -90,6 +93,8 @@ pub(crate) enum MapOp {
         updated_ms: u64,
         hits: u32,
         expires_at_ms: u64,
+        /// The lineage of the partition copy the entry comes from (0: unknown).
+        lineage: u64,
     },
     Remove,
     Delete,

@@ -82,13 +82,6 @@ enum Screened {
     Consumed,
 }
 
-/// A verdict that this member's cluster merges into another, waiting for confirmation.
-struct PendingVerdict {
-    /// The other cluster's coordinator.
-    theirs: (u64, u64),
-    first_seen: Instant,
-}
-
 pub(crate) struct Driver {
     foca: SwimNode,
     runtime: AccumulatingRuntime<Identity>,
@@ -117,7 +110,9 @@ pub(crate) struct Driver {
     /// Identities of the cluster this member left to merge into another: their datagrams are
     /// ignored (they come back, if ever, under renewed identities).
     excluded: HashSet<(MemberId, u64)>,
-    verdict: Option<PendingVerdict>,
+    /// Verdicts that this member's cluster merges into another, waiting for confirmation: when
+    /// each was first seen, by the other cluster's coordinator.
+    verdicts: std::collections::HashMap<(u64, u64), Instant>,
     /// Set once this member ordered or got a merge order, until it rejoined.
     merge_ordered: bool,
     /// Framed datagrams other than foca's, sent at the next flush.
@@ -170,7 +165,7 @@ impl Driver {
             probe_interval: config.probe_interval,
             remember_down: config.remember_down,
             excluded: HashSet::new(),
-            verdict: None,
+            verdicts: std::collections::HashMap::new(),
             merge_ordered: false,
             outbox: Vec::new(),
             rejoin_targets: Vec::new(),
@@ -301,17 +296,16 @@ impl Driver {
     /// (live, recently gone, seeds) and hands everything over through the merge policies.
     /// Returns whether a merge was ordered.
     ///
-    /// Only a member on the smaller side does: one that sees at most half of the members it
-    /// knew (live ones plus those it saw go down lately). After a split heals, the larger side
-    /// hears from the smaller one that it was declared down too; it keeps its data and rejoins
-    /// with its peers, and the smaller side merges into it.
+    /// A member that holds a table never renews in place, with its peers as they are: its
+    /// new generation would make it younger than members of the side that declared it down,
+    /// one of which could then coordinate the rejoined members and make them drop their copies
+    /// for its tables (a Jepsen run lost 19,304 acknowledged inserts that way, when the larger
+    /// side of a split renewed after the grace of [`Driver::is_stale_verdict`] and the
+    /// smaller side's oldest member became everyone's coordinator). The larger side normally
+    /// never gets here: it declares the senders of such verdicts down
+    /// ([`Driver::screen`]), and the merge protocol folds the smaller side in first.
     fn merge_back_after_declared_down(&mut self, identity: &Identity) -> bool {
         if !self.state.is_established() || self.self_leaving || self.merge_ordered {
-            return false;
-        }
-        let live = self.state.peer_count() + 1;
-        let gone = self.state.recently_gone(self.remember_down).len();
-        if live * 2 > live + gone {
             return false;
         }
         let peers = self.state.peer_identities();
@@ -596,10 +590,11 @@ impl Driver {
     /// off: it declared everyone down, and obeying would make a healthy member of the majority
     /// (the coordinator, say) renew itself and be declared down everywhere. So a member with
     /// live peers ignores such verdicts for a grace period (twice a probe period plus the
-    /// suspicion timeout) from a sender that keeps sending them: the member that was cut off, with no live peer, obeys the majority's
-    /// verdict at once, renews and rejoins, and its own verdicts stop. When two groups of several
-    /// members each were apart, both keep receiving verdicts past the grace period and obey
-    /// them, so they still merge.
+    /// suspicion timeout, plus four split-brain probe intervals) from a sender that keeps
+    /// sending them: the member that was cut off, with no live peer, obeys the majority's
+    /// verdict at once, merges back and its own verdicts stop. Two groups of several members
+    /// each are normally merged by the merge protocol within the grace period; if it failed to
+    /// find them, both keep receiving verdicts past it and obey them, so they still merge.
     fn is_stale_verdict(&mut self, payload: &[u8], from: SocketAddr) -> bool {
         let Ok(header) = foca::Codec::<Identity>::decode_header(&mut PostcardCodec, payload) else {
             return false;
@@ -618,7 +613,11 @@ impl Driver {
         if !has_peers || sender_active {
             return false;
         }
-        let grace = (self.swim.probe_period + self.swim.suspect_to_down_after) * 2;
+        // Long enough for the merge protocol to find the other side and fold the smaller one
+        // in (a probe round, a confirming one, the merge): obeying makes a member that holds a
+        // table merge back on its own.
+        let grace = (self.swim.probe_period + self.swim.suspect_to_down_after) * 2
+            + self.probe_interval * 4;
         // Verdicts come back with every announce to a down member; a longer silence starts a
         // new run.
         let run = grace
@@ -632,6 +631,7 @@ impl Driver {
         if now.duration_since(seen.1) > run {
             *seen = (now, now);
         }
+        let first_of_run = seen.0 == now;
         seen.1 = now;
         let ignore = now.duration_since(seen.0) < grace;
         self.ignored_verdicts
@@ -640,8 +640,13 @@ impl Driver {
             self.ignored_verdicts.remove(&from);
             return false;
         }
-        // Tell the sender it is down, as foca would have: a member that was cut off and has no
-        // live peer obeys at once, renews and rejoins, and its verdicts stop.
+        // Tell the sender it is down, as foca would have, once per run: a member that was cut
+        // off and has no live peer obeys at once, merges back, and its verdicts stop. Answering
+        // every verdict kept two sides that each saw the other down answering each other's
+        // answers until both obeyed past the grace period, the larger side included.
+        if !first_of_run {
+            return true;
+        }
         let verdict = foca::Header {
             src: self.foca.identity().clone(),
             src_incarnation: Default::default(),
@@ -751,7 +756,7 @@ impl Driver {
     /// recently that are not members now (at most 16 per round, the most recent first).
     async fn probe_other_clusters(&mut self) {
         if !self.coordinates() {
-            self.verdict = None;
+            self.verdicts.clear();
             return;
         }
         // Its own address is among the members'.
@@ -779,34 +784,27 @@ impl Driver {
             return;
         }
         let now = Instant::now();
-        let confirmed = match &self.verdict {
-            Some(v) if v.theirs == theirs.coordinator => {
-                let age = now.duration_since(v.first_seen);
-                if age > self.probe_interval * 4 {
-                    // Stale: start over.
-                    self.verdict = None;
-                    false
-                } else {
-                    age >= self.probe_interval
-                }
-            }
-            _ => false,
-        };
-        if !confirmed {
-            if self.verdict.is_none() {
-                tracing::info!(
-                    their_size = theirs.size,
-                    our_size = mine.size,
-                    "found another cluster of this name; merging into it if it persists"
-                );
-                self.verdict = Some(PendingVerdict {
-                    theirs: theirs.coordinator,
-                    first_seen: now,
-                });
-            }
+        // The same verdict on the same coordinator for a probe interval confirms it; one older
+        // than four intervals has gone stale and starts over. Verdicts are kept per
+        // coordinator: answers from members that do not agree yet on their coordinator must not
+        // keep resetting one another (one kept for a coordinator no answer names any more left
+        // a 30-minute Jepsen run stuck, an isolated coordinator and the majority never merging).
+        let stale = self.probe_interval * 4;
+        self.verdicts
+            .retain(|_, first| now.duration_since(*first) <= stale);
+        let first_seen = *self.verdicts.entry(theirs.coordinator).or_insert_with(|| {
+            tracing::info!(
+                their_size = theirs.size,
+                our_size = mine.size,
+                their_coordinator = ?theirs.coordinator,
+                "found another cluster of this name; merging into it if it persists"
+            );
+            now
+        });
+        if now.duration_since(first_seen) < self.probe_interval {
             return;
         }
-        self.verdict = None;
+        self.verdicts.clear();
         let mut targets = theirs.members.clone();
         if !targets.contains(&theirs.sender.gossip) {
             targets.push(theirs.sender.gossip);
@@ -869,7 +867,7 @@ impl Driver {
         self.timers = TimerQueue::new();
         self.outbox.clear();
         self.ignored_verdicts.clear();
-        self.verdict = None;
+        self.verdicts.clear();
         self.merge_ordered = false;
         self.rejoin_targets = targets
             .iter()

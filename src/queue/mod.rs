@@ -175,6 +175,7 @@ where
                     token,
                     capacity: self.capacity,
                     wait,
+                    lineage: 0,
                 })
                 .await;
             match result {

@@ -191,6 +191,24 @@ impl Node {
             Ok(locked) => locked,
             Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        if let MapOp::QueueOffer { lineage, .. } = op {
+            let guarded = crate::queue::queue_of(map)
+                .is_some_and(|q| self.config.queue_config(q).split_brain_protection.is_some());
+            if crate::split_brain::merge::superseded_by_same_lineage(
+                *lineage,
+                data.lineage(),
+                guarded,
+            ) {
+                self.merge
+                    .superseded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let result = OpResult {
+                    applied: true,
+                    ..OpResult::default()
+                };
+                return Ok((Outcome::Done(result), Vec::new()));
+            }
+        }
         let mut acks = Vec::new();
         let entries = data.entries_or_create(map);
         let index = self.queue_index(map);

@@ -5,9 +5,10 @@
 //! clusters (the sides of a split that healed, or two clusters started apart with the same
 //! name), even when some members appear in both: after a split that healed as failure detection
 //! ended, members that renewed their identity can be seen by both sides while the two sides
-//! still do not see each other, and each side's coordinator keeps publishing its own tables. [`decide`] says which of them merges into the
-//! other: the one with fewer members; on a tie, the one whose coordinator is younger, so the
-//! older coordinator keeps coordinating.
+//! still do not see each other, and each side's coordinator keeps publishing its own tables.
+//! [`decide`] says which of them merges into the other: the one with fewer members; on a tie,
+//! or when the views share members (whose sizes then count them on both sides), the one whose
+//! coordinator is younger, so the older coordinator keeps coordinating.
 
 use std::net::SocketAddr;
 
@@ -51,7 +52,18 @@ pub(crate) fn decide(mine: &ClusterView, theirs: &ClusterView) -> Verdict {
     {
         return Verdict::Same;
     }
-    match mine.size.cmp(&theirs.size) {
+    // Views that share members (members that still see both sides) have sizes that count
+    // those members twice, and each side may count them differently: by size, both sides could
+    // decide to merge into the other at once (a Jepsen run had a 3 | 2 split's two sides each
+    // merge into the other after a heal, and dropped a partition on the way). Their
+    // coordinators, though, are the same two for both sides.
+    let overlap = mine.members.iter().any(|m| theirs.members.contains(m));
+    let by_size = if overlap {
+        std::cmp::Ordering::Equal
+    } else {
+        mine.size.cmp(&theirs.size)
+    };
+    match by_size {
         std::cmp::Ordering::Less => Verdict::WeMerge,
         std::cmp::Ordering::Greater => Verdict::TheyMerge,
         // The older coordinator (smaller generation, then id) keeps coordinating.
@@ -104,8 +116,28 @@ mod tests {
         // Members 3 and 4 are seen by both sides; the senders 1 and 5 do not see each other.
         let mine = view(&[1, 3, 4], (10, 1));
         let theirs = view(&[5, 6, 3, 4], (12, 5));
-        assert_eq!(decide(&mine, &theirs), Verdict::WeMerge);
-        assert_eq!(decide(&theirs, &mine), Verdict::TheyMerge);
+        // Not by size (the shared members count on both sides): the younger coordinator's side
+        // merges, whichever side decides.
+        assert_eq!(decide(&mine, &theirs), Verdict::TheyMerge);
+        assert_eq!(decide(&theirs, &mine), Verdict::WeMerge);
+    }
+
+    #[test]
+    fn both_sides_reach_opposite_verdicts_whatever_their_sizes_say() {
+        // Each side counts a shared member (3) as its own; by size each would merge into the
+        // other.
+        let a = view(&[1, 2, 3], (10, 1));
+        let b = view(&[5, 6, 3], (12, 5));
+        let b_seen_by_a = ClusterView {
+            size: 4,
+            ..b.clone()
+        };
+        let a_seen_by_b = ClusterView {
+            size: 4,
+            ..a.clone()
+        };
+        let verdicts = (decide(&a, &b_seen_by_a), decide(&b, &a_seen_by_b));
+        assert_eq!(verdicts, (Verdict::TheyMerge, Verdict::WeMerge));
     }
 
     #[test]

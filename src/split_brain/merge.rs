@@ -22,6 +22,22 @@ use crate::node::{Acks, Node, Outcome};
 use crate::rpc::proto;
 use crate::store::Record;
 
+/// Whether a merging entry (or queue item) from a copy of lineage `merging` is left out on a
+/// primary whose copy has lineage `here`, for a structure `guarded` by split-brain protection.
+///
+/// A guarded structure on the smaller side of a split refused every operation once it stopped
+/// hearing from enough members, and it could not acknowledge a write its backups on the other
+/// side did not have. So where the larger side's copy descends from the same copy (same
+/// lineage: it promoted a backup, or kept its primary), the smaller side has nothing the larger
+/// side lacks; handing its copy over would only bring back what the larger side changed since:
+/// queue items it polled, register values it overwrote or keys it removed (a Jepsen run polled
+/// 80 queue items twice that way). Where the larger side started the partition afresh (no copy
+/// of it was on its side), the smaller side's copy is the only one, and it is merged as usual.
+/// Unguarded structures always merge: both sides served them during the split.
+pub(crate) fn superseded_by_same_lineage(merging: u64, here: u64, guarded: bool) -> bool {
+    guarded && merging != 0 && merging == here
+}
+
 /// The internal map of merge tokens applied recently, per partition.
 pub(crate) const MERGED: &str = "\u{0}merged";
 
@@ -46,12 +62,16 @@ pub(crate) enum Captured {
         record: Record,
         /// Makes the hand-over apply once however often it is sent.
         token: u64,
+        /// The lineage of the partition copy it comes from.
+        lineage: u64,
     },
     /// The waiting items of one queue, in queue order: (offer token, payload).
     Queue {
         partition: u32,
         map: Arc<str>,
         items: Vec<(u64, Bytes)>,
+        /// The lineage of the partition copy they come from.
+        lineage: u64,
     },
     /// A lock's fence counter.
     LockFence {
@@ -77,6 +97,9 @@ pub(crate) struct MergeState {
     locks_merged: AtomicU64,
     /// Captured items not handed over yet.
     pub(crate) pending: AtomicU64,
+    /// Entries and queue items of guarded structures a primary here left out of a merge: its
+    /// copy descends from the one they came from (see [`superseded_by_same_lineage`]).
+    pub(crate) superseded: AtomicU64,
     /// Hand-over attempts that failed and were retried.
     retries: AtomicU64,
 }
@@ -99,6 +122,11 @@ pub struct SplitBrainStats {
     pub pending: u64,
     /// Hand-over attempts that failed and were retried.
     pub retries: u64,
+    /// Entries and queue items of structures with split-brain protection that a primary on
+    /// this member left out of a merge, because its copy of the partition descends from the one
+    /// they came from: the merging side could not have changed them (it had no quorum), and
+    /// taking them would undo what this side did since (items polled, values overwritten).
+    pub superseded: u64,
 }
 
 impl MergeState {
@@ -111,6 +139,7 @@ impl MergeState {
             locks_merged: get(&self.locks_merged),
             pending: get(&self.pending),
             retries: get(&self.retries),
+            superseded: get(&self.superseded),
         }
     }
 }
@@ -132,6 +161,11 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
             continue;
         }
         handled = seq;
+        // From the order on, no table is taken: the cluster being left may change its
+        // coordinator and tables while this member waits for its takeovers, and a table taken
+        // now could move away what it is about to capture.
+        node.merge.joining.store(true, Ordering::Release);
+        node.merge.rejoined.store(false, Ordering::Release);
         node.settle_takeovers().await;
         let mut captured = node.stop_leading_and_capture();
         captured.append(&mut carried);
@@ -188,8 +222,9 @@ impl Node {
             };
             if table.primary(partition) == Some(self.me) {
                 let _seq = data.lock();
+                let lineage = data.lineage();
                 for (map, entries) in data.maps() {
-                    capture_map(partition, &map, &entries, now, &mut captured);
+                    capture_map(partition, lineage, &map, &entries, now, &mut captured);
                 }
             }
             self.store.drop_partition(partition);
@@ -285,6 +320,7 @@ impl Node {
                 key,
                 record,
                 token,
+                lineage,
             } => {
                 let op = MapOp::Merge {
                     token: *token,
@@ -292,6 +328,7 @@ impl Node {
                     updated_ms: record.updated_ms,
                     hits: record.hits,
                     expires_at_ms: record.expires_at_ms,
+                    lineage: *lineage,
                 };
                 self.route(*partition, map, key.clone(), op).await?;
                 self.merge.entries_merged.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +337,7 @@ impl Node {
                 partition,
                 map,
                 items,
+                lineage,
             } => {
                 for (token, payload) in items {
                     let op = MapOp::QueueOffer {
@@ -308,6 +346,7 @@ impl Node {
                         // Appended whatever the capacity: the items were acknowledged.
                         capacity: 0,
                         wait: Duration::ZERO,
+                        lineage: *lineage,
                     };
                     self.route(*partition, map, Bytes::new(), op).await?;
                     self.merge
@@ -363,6 +402,7 @@ impl Node {
             updated_ms,
             hits,
             expires_at_ms,
+            lineage,
         } = op
         else {
             return Err(Error::Remote {
@@ -375,6 +415,14 @@ impl Node {
             Ok(locked) => locked,
             Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        if superseded_by_same_lineage(
+            *lineage,
+            data.lineage(),
+            self.config.map_config(map).split_brain_protection.is_some(),
+        ) {
+            self.merge.superseded.fetch_add(1, Ordering::Relaxed);
+            return Ok((Outcome::Done(OpResult::default()), Vec::new()));
+        }
         let mut acks = Vec::new();
         let now = crate::store::now_ms();
         let merged = data.entries_or_create(MERGED);
@@ -512,6 +560,7 @@ impl Node {
 /// Captures one map of a partition this member led.
 fn capture_map(
     partition: u32,
+    lineage: u64,
     map: &Arc<str>,
     entries: &crate::store::Entries,
     now: u64,
@@ -531,6 +580,7 @@ fn capture_map(
                 partition,
                 map: map.clone(),
                 items: items.into_values().collect(),
+                lineage,
             });
         }
         return;
@@ -569,6 +619,7 @@ fn capture_map(
             key: Bytes::copy_from_slice(stored.key()),
             record: stored.record(),
             token: rand::random(),
+            lineage,
         });
     });
 }

@@ -113,6 +113,11 @@ pub(crate) struct PartitionData {
     /// cleared when it drops its copy. A member without one must not serve the partition to a new
     /// primary (an empty snapshot would replace real data), nor keep it as a promoted backup.
     has_copy: AtomicBool,
+    /// The lineage of this copy: drawn when the partition starts empty (a cluster's first
+    /// table, or every replica lost) and carried by every copy made from it (snapshots,
+    /// promotions). Two copies of one lineage hold the same history up to where they diverged;
+    /// a merge uses it to tell a partition the larger side kept from one it started afresh.
+    lineage: std::sync::atomic::AtomicU64,
 }
 
 impl PartitionData {
@@ -124,7 +129,29 @@ impl PartitionData {
             epoch: std::sync::atomic::AtomicU64::new(0),
             ready: Notify::new(),
             has_copy: AtomicBool::new(false),
+            lineage: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// This copy's lineage (0: none yet).
+    pub(crate) fn lineage(&self) -> u64 {
+        self.lineage.load(Ordering::Acquire)
+    }
+
+    /// Takes `lineage` (a source's whose copy matches this one) if this copy has none yet.
+    pub(crate) fn adopt_lineage(&self, lineage: u64) {
+        let _ = self
+            .lineage
+            .compare_exchange(0, lineage, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Starts a new lineage: the partition starts empty here.
+    pub(crate) fn start_lineage(&self) {
+        let mut lineage = 0;
+        while lineage == 0 {
+            lineage = rand::random::<u64>();
+        }
+        self.lineage.store(lineage, Ordering::Release);
     }
 
     /// The entries of `map`, if the partition has any.
@@ -296,7 +323,9 @@ impl Store {
     pub(crate) fn snapshot(&self, partition: u32) -> Option<snapshot::Snapshot> {
         let data = self.partition(partition)?;
         let seq = data.lock();
-        Some(snapshot::Snapshot::take(partition, *seq, &data.maps))
+        let mut snapshot = snapshot::Snapshot::take(partition, *seq, &data.maps);
+        snapshot.lineage = data.lineage();
+        Some(snapshot)
     }
 
     /// Replaces the partition's contents with a received snapshot.
@@ -311,6 +340,7 @@ impl Store {
             data.maps.insert(Arc::from(name), Arc::new(entries));
         }
         data.has_copy.store(true, Ordering::Release);
+        data.lineage.store(staged.header.lineage, Ordering::Release);
         *seq = staged.header.seq;
         true
     }

@@ -84,6 +84,8 @@ pub(crate) struct Snapshot {
     pub(crate) entries: u64,
     /// Approximate payload size (keys and values).
     pub(crate) bytes: u64,
+    /// The copy's lineage (see `PartitionData::lineage`).
+    pub(crate) lineage: u64,
     maps: Vec<(Arc<str>, CopiedEntries)>,
 }
 
@@ -120,6 +122,7 @@ impl Snapshot {
             digest,
             entries,
             bytes,
+            lineage: 0,
             maps,
         }
     }
@@ -133,6 +136,7 @@ impl Snapshot {
             entries: if full { self.entries } else { 0 },
             table_version,
             full,
+            lineage: self.lineage,
         }
     }
 

@@ -43,6 +43,12 @@ pub struct RunConfig {
 const PARTITIONS: u32 = 32;
 /// The structures with split-brain protection: a side of fewer than 3 members refuses them.
 const QUORUM: usize = 3;
+/// Two backups: every partition has 3 copies, so on 5 members any side with a quorum of 3 holds
+/// a copy of every partition (`BACKUPS + 1 > members - QUORUM`). With one backup a 2 | 3 split
+/// can leave both copies of a partition on the minority, and the majority serves it started
+/// afresh: the guarded structures in it lose their state for the split (see the README's
+/// guarantees), which is what split-brain protection with too few backups gives, not a fault.
+const BACKUPS: u8 = 2;
 /// A client gives up on an operation after this long: the outcome is unknown, and the client
 /// is retired.
 const OP_TIMEOUT: Duration = Duration::from_secs(6);
@@ -57,6 +63,7 @@ fn member_config(cluster: &str) -> GridConfig {
     GridConfig {
         cluster_name: cluster.to_string(),
         partition_count: PARTITIONS,
+        backup_count: BACKUPS,
         rpc_timeout: Duration::from_secs(2),
         maps: vec![(
             "register".to_string(),
@@ -86,7 +93,7 @@ fn member_config(cluster: &str) -> GridConfig {
 /// The same settings as a `peergrid node` file.
 fn node_file(cluster: &str, seed: SocketAddr, bind: Ipv4Addr) -> String {
     format!(
-        "cluster_name = \"{cluster}\"\npartitions = {PARTITIONS}\nrpc_timeout_ms = 2000\n\
+        "cluster_name = \"{cluster}\"\npartitions = {PARTITIONS}\nbackups = {BACKUPS}\nrpc_timeout_ms = 2000\n\
          gossip_bind = \"{bind}:0\"\nrpc_bind = \"{bind}:0\"\nseeds = [\"{seed}\"]\n\
          [maps.register]\nmin_cluster_size = {QUORUM}\n[queues.queue]\nmin_cluster_size = {QUORUM}\n\
          [locks.lock]\nmin_cluster_size = {QUORUM}\n"
