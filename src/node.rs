@@ -135,6 +135,9 @@ pub(crate) struct Node {
     /// step, or an older table's failed install could release a newer takeover. Never held
     /// across an `.await`.
     pub(crate) table_lock: std::sync::Mutex<()>,
+    /// A coordinator whose tables leave out members this member hears from, and since when
+    /// (see [`Node::leaves_out_live_members`]).
+    pub(crate) disagreement: std::sync::Mutex<Option<(MemberId, std::time::Instant)>>,
     /// Members that announced a graceful leave; the coordinator assigns them nothing.
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
@@ -1106,6 +1109,9 @@ impl Node {
             );
             return false;
         }
+        if self.leaves_out_live_members(&table, &before) {
+            return false;
+        }
         // The previous primary as the coordinator knew it, or as this member did.
         let takeovers: Vec<u32> = (0..table.partition_count())
             .filter(|&p| {
@@ -1184,6 +1190,66 @@ impl Node {
         true
     }
 
+    /// Whether `table` (another member's) leaves out a member this member sees, heard from within
+    /// the heartbeat tolerance, and that holds replicas in the current table: its coordinator
+    /// lost sight of a member the rest still reach, and its tables would take that member's
+    /// partitions away from it. Such a table is refused.
+    ///
+    /// The coordinator is then the member that was cut off: back from an isolation too short
+    /// for the others to declare it down, it still coordinates them, and promoted backups for
+    /// the members it declared down while alone (a Jepsen run: its stale copies served, and
+    /// acknowledged inserts were lost). If it goes on publishing such tables for twice the
+    /// tolerance, this member declares it down: the members that see each other form the
+    /// cluster, and the coordinator merges back.
+    fn leaves_out_live_members(&self, table: &PartitionTable, before: &PartitionTable) -> bool {
+        if table.publisher == self.me || table.members.is_empty() {
+            self.disagreement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            return false;
+        }
+        let tolerance = self.config.swim.heartbeat_tolerance();
+        let left_out: Vec<MemberId> = self
+            .membership
+            .peer_identities()
+            .into_iter()
+            .filter(|p| {
+                !table.members.contains(&p.id)
+                    && before.replicas.iter().any(|r| r.contains(&p.id))
+                    && self.membership.heard_within(p.id, p.generation, tolerance)
+            })
+            .map(|p| p.id)
+            .collect();
+        let mut disagreement = self.disagreement.lock().unwrap_or_else(|p| p.into_inner());
+        if left_out.is_empty() {
+            disagreement.take();
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let since = match *disagreement {
+            Some((publisher, since)) if publisher == table.publisher => since,
+            _ => {
+                *disagreement = Some((table.publisher, now));
+                now
+            }
+        };
+        tracing::debug!(
+            member = %self.me,
+            version = table.version,
+            publisher = %table.publisher,
+            ?left_out,
+            "refusing a table that leaves out members this member hears from"
+        );
+        if now.duration_since(since) > tolerance * 2
+            && let Some(publisher) = self.membership.peer(table.publisher)
+        {
+            disagreement.take();
+            self.membership.declare_down(publisher);
+        }
+        true
+    }
+
     /// For each partition: take over from the previous primary if this member became primary;
     /// give backups a snapshot where their copy may be behind; forget partitions this member no
     /// longer replicates.
@@ -1222,9 +1288,27 @@ impl Node {
             let previous_primary = current
                 .previous_primary(partition)
                 .or(previous.primary(partition));
+            // The other replicas, old and new: a promoted backup compares its copy with theirs.
+            let mut others: Vec<MemberId> = Vec::new();
+            for &m in previous
+                .replicas(partition)
+                .iter()
+                .chain(current.replicas(partition))
+            {
+                if m != self.me && !others.contains(&m) {
+                    others.push(m);
+                }
+            }
             tokio::spawn(async move {
-                node.take_over(partition, sources, previous_primary, was_replica, table)
-                    .await
+                node.take_over(
+                    partition,
+                    sources,
+                    others,
+                    previous_primary,
+                    was_replica,
+                    table,
+                )
+                .await
             });
         }
         for partition in 0..current.partition_count() {
@@ -1270,6 +1354,7 @@ impl Node {
         &self,
         partition: u32,
         sources: Vec<MemberId>,
+        others: Vec<MemberId>,
         previous_primary: Option<MemberId>,
         was_replica: bool,
         table: proto::Table,
@@ -1287,7 +1372,7 @@ impl Node {
             return;
         };
         let version = table.version;
-        let outcome = self.pull(partition, &sources, table).await;
+        let outcome = self.pull(partition, &sources, table.clone()).await;
         let continuing = |node: &Self| {
             let current = node.table.current();
             current.backups(partition).to_vec()
@@ -1317,6 +1402,8 @@ impl Node {
                     // older tables (the lost copy may only be on the other side of a split).
                     data.raise_seq(version.saturating_mul(1 << 32));
                     data.start_lineage();
+                } else if self.catch_up_from_replicas(partition, &others, table).await {
+                    tracing::info!(member = %self.me, partition, "promoted with the freshest copy among the other replicas");
                 }
                 // Promoted: a continuing backup may hold mutations of the dead primary that this
                 // member never saw, or miss some it did; they get this member's copy.
@@ -1402,6 +1489,64 @@ impl Node {
             }
         }
         Pulled::Nothing
+    }
+
+    /// A backup promoted after its primary went: if another replica holds a later state of the
+    /// same lineage, this member takes it before it serves. Returns whether it did.
+    ///
+    /// The backups of a primary that was cut off from some of them are not equal: one that was
+    /// on the primary's side has the writes the primary made since (applied and seen by reads,
+    /// though not acknowledged to their writers, for lack of the other backup's answer), one
+    /// that was cut off does not. Promoting the stale one, and then sending its copy to the
+    /// other, dropped writes that reads had returned (a Jepsen run: a member isolated, declared
+    /// its primary down, and on the heal became the partition's primary with its stale copy).
+    async fn catch_up_from_replicas(
+        &self,
+        partition: u32,
+        others: &[MemberId],
+        table: proto::Table,
+    ) -> bool {
+        let Some(data) = self.store.partition(partition) else {
+            return false;
+        };
+        let (own_seq, _, _) = data.state();
+        let lineage = data.lineage();
+        let wait = self.config.rpc_timeout;
+        let mut freshest: Option<(u64, crate::membership::identity::Identity)> = None;
+        for &other in others {
+            let Some(peer) = self.membership.peer(other) else {
+                continue;
+            };
+            let request = proto::FetchSnapshotRequest {
+                partition,
+                table: Some(table.clone()),
+                full: false,
+            };
+            if let Ok(Ok(Fetched::Header(header))) =
+                tokio::time::timeout(wait, self.fetch_from(&peer, request, false)).await
+                && header.seq > own_seq
+                && (lineage == 0 || header.lineage == lineage)
+                && freshest.as_ref().is_none_or(|(seq, _)| header.seq > *seq)
+            {
+                freshest = Some((header.seq, peer));
+            }
+        }
+        let Some((seq, peer)) = freshest else {
+            return false;
+        };
+        let request = proto::FetchSnapshotRequest {
+            partition,
+            table: Some(table),
+            full: true,
+        };
+        match tokio::time::timeout(wait * 2, self.fetch_from(&peer, request, true)).await {
+            Ok(Ok(Fetched::Whole(staged)))
+                if staged.header.partition == partition && staged.header.seq >= seq =>
+            {
+                self.store.install(staged)
+            }
+            _ => false,
+        }
     }
 
     fn pulled(&self, source_index: usize) -> Pulled {
@@ -1824,11 +1969,12 @@ mod tests {
             publisher: node.me,
             replicas: current.replicas.clone(),
             previous: current.previous.clone(),
+            members: Vec::new(),
         });
         settled(&[&a, &b]).await;
         // And the republish the coordinator really makes.
         let current = node.table.current();
-        node.apply_table(current.successor(node.me, current.replicas.clone()));
+        node.apply_table(current.successor(node.me, Vec::new(), current.replicas.clone()));
         settled(&[&a, &b]).await;
         assert_eq!(present(&map).await, 300, "acknowledged writes survive");
     }

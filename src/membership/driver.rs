@@ -234,6 +234,14 @@ impl Driver {
                     // receive; a seed that is not up yet causes it. Nothing to do.
                     Err(e) => tracing::trace!(error = %e, "gossip socket receive error"),
                 },
+                _ = self.state.down_requested.notified() => {
+                    for peer in self.state.take_down_requests() {
+                        if self.foca.iter_members().any(|m| *m.id() == peer) {
+                            tracing::warn!(peer = %peer.id, "declaring a member down: its tables leave out members this one hears from");
+                            self.declare_down(peer);
+                        }
+                    }
+                }
                 _ = seed_tick.tick() => self.announce_to_seeds_if_alone(),
                 _ = probe_tick.tick() => self.probe_other_clusters().await,
             }

@@ -221,6 +221,11 @@ pub(crate) struct MembershipState {
     /// When each peer (id, generation) was last heard from: any datagram but a down verdict, or
     /// joining the view.
     heard: RwLock<BTreeMap<MemberId, (u64, std::time::Instant)>>,
+    /// Peers the rest of the member found to be on the other side of a split (see
+    /// [`Self::declare_down`]); the membership task declares them down.
+    down_requests: std::sync::Mutex<Vec<Identity>>,
+    /// Wakes the membership task for `down_requests`.
+    pub(crate) down_requested: tokio::sync::Notify,
     /// Each peer's last heartbeat: what split-brain protection counts.
     beats: RwLock<BTreeMap<MemberId, Beat>>,
     /// This member's coordinator (see [`Self::coordinator_key`]), and from when others may
@@ -308,6 +313,8 @@ impl MembershipState {
             left_behind: Default::default(),
             heard: Default::default(),
             beats: Default::default(),
+            down_requests: Default::default(),
+            down_requested: tokio::sync::Notify::new(),
             stint: RwLock::new(stint),
             tolerance,
             counters: Counters::default(),
@@ -423,6 +430,20 @@ impl MembershipState {
         read(&self.peers).len()
     }
 
+    /// Asks the membership task to declare `peer` down: it is on the other side of a split.
+    pub(crate) fn declare_down(&self, peer: Identity) {
+        self.down_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(peer);
+        self.down_requested.notify_one();
+    }
+
+    /// The peers [`Self::declare_down`] asked for since the last call.
+    pub(crate) fn take_down_requests(&self) -> Vec<Identity> {
+        std::mem::take(&mut *self.down_requests.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Records a datagram (a heartbeat, a SWIM message) from member `id` at `generation`.
     pub(crate) fn heard_from(&self, id: MemberId, generation: u64) {
         write(&self.heard).insert(id, (generation, std::time::Instant::now()));
@@ -459,10 +480,30 @@ impl MembershipState {
     /// This member's coordinator, and for how long it has been countable under it in
     /// milliseconds (negative: it will be in that many), as its next heartbeat says. A member
     /// without a table yet serves nothing and is never counted (`i64::MIN`).
+    ///
+    /// A member that heard no peer's heartbeat for the tolerance while it had peers was cut off:
+    /// it counts again only three tolerances after it hears from them again. Back from an
+    /// isolation too short for the others to declare it down, it may still coordinate them
+    /// with tables built from its isolated view; they refuse those, and declare it down after
+    /// twice the tolerance ([`crate::node::Node`]'s table check). Until then it must not serve
+    /// guarded operations from the partitions it took over alone.
     pub(crate) fn heartbeat_countable(&self) -> ((u64, u64), i64) {
         self.note_coordinator();
         let now = std::time::Instant::now();
+        let cut_off = {
+            let peers = read(&self.peers);
+            let beats = read(&self.beats);
+            // The freshest heartbeat from a peer in the view; none yet (just joined): not cut off.
+            peers
+                .values()
+                .filter_map(|p| beats.get(&p.id).map(|b| b.at.elapsed()))
+                .min()
+                .is_some_and(|age| age > self.tolerance)
+        };
         let mut stint = write(&self.stint);
+        if cut_off {
+            stint.countable_from = stint.countable_from.max(now + self.tolerance * 3);
+        }
         if !self.is_established() {
             return (stint.coordinator, i64::MIN);
         }

@@ -98,7 +98,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
             version,
             ..(*current).clone()
         };
-        node.apply_table(above.successor(node.me, current.replicas.clone()));
+        node.apply_table(above.successor(node.me, view_ids(node), current.replicas.clone()));
         publish(node).await;
         return true;
     }
@@ -145,7 +145,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
             promoted,
             "members gone: promoting their backups"
         );
-        node.apply_table(current.successor(node.me, repaired));
+        node.apply_table(current.successor(node.me, view_ids(node), repaired));
         publish(node).await;
         return true;
     }
@@ -161,7 +161,7 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
             publisher = %current.publisher,
             "coordinating now: republishing the current table"
         );
-        node.apply_table(current.successor(node.me, current.replicas.clone()));
+        node.apply_table(current.successor(node.me, view_ids(node), current.replicas.clone()));
         publish(node).await;
         return true;
     }
@@ -189,9 +189,14 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
         left = migration::differing(&next, &target),
         "migration step"
     );
-    node.apply_table(current.successor(node.me, next));
+    node.apply_table(current.successor(node.me, view_ids(node), next));
     publish(node).await;
     true
+}
+
+/// The members this member sees live, itself included: what a table it publishes records.
+fn view_ids(node: &Node) -> Vec<MemberId> {
+    node.membership.members().iter().map(|m| m.id).collect()
 }
 
 /// Pushes the current table to every peer; returns each answer: the table the peer holds after

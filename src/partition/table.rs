@@ -20,6 +20,8 @@ pub(crate) struct PartitionTable {
     pub(crate) replicas: Vec<Vec<MemberId>>,
     /// Per partition: the primary in the table this one replaced at the coordinator.
     pub(crate) previous: Vec<Option<MemberId>>,
+    /// The members the coordinator saw live when it published the table (empty: not known).
+    pub(crate) members: Vec<MemberId>,
 }
 
 impl PartitionTable {
@@ -30,14 +32,22 @@ impl PartitionTable {
             publisher: MemberId(0),
             replicas: vec![Vec::new(); partition_count as usize],
             previous: vec![None; partition_count as usize],
+            members: Vec::new(),
         }
     }
 
-    /// The table that replaces `self` with `replicas`, published by `publisher`.
-    pub(crate) fn successor(&self, publisher: MemberId, replicas: Vec<Vec<MemberId>>) -> Self {
+    /// The table that replaces `self` with `replicas`, published by `publisher`, which sees
+    /// `members` live.
+    pub(crate) fn successor(
+        &self,
+        publisher: MemberId,
+        members: Vec<MemberId>,
+        replicas: Vec<Vec<MemberId>>,
+    ) -> Self {
         PartitionTable {
             version: self.version.saturating_add(1),
             publisher,
+            members,
             previous: (0..replicas.len() as u32)
                 .map(|p| self.primary(p))
                 .collect(),
@@ -85,6 +95,7 @@ impl PartitionTable {
             replica_counts: self.replicas.iter().map(|r| r.len() as u32).collect(),
             owners: self.replicas.iter().flatten().map(|m| m.0).collect(),
             previous_primaries: self.previous.iter().map(|m| m.map_or(0, |m| m.0)).collect(),
+            members: self.members.iter().map(|m| m.0).collect(),
         }
     }
 
@@ -134,6 +145,7 @@ impl PartitionTable {
             publisher: MemberId(table.publisher),
             replicas,
             previous,
+            members: table.members.iter().map(|&m| MemberId(m)).collect(),
         })
     }
 }
@@ -199,6 +211,7 @@ mod tests {
             publisher: MemberId(9),
             replicas: vec![vec![MemberId(1), MemberId(2)], vec![MemberId(2)], vec![]],
             previous: vec![Some(MemberId(2)), None, None],
+            members: Vec::new(),
         };
         let wire = table.to_proto();
         assert_eq!(PartitionTable::from_proto(&wire, 3), Some(table.clone()));
@@ -219,6 +232,7 @@ mod tests {
             publisher: MemberId(publisher),
             replicas: vec![vec![MemberId(publisher)]; 2],
             previous: vec![None; 2],
+            members: Vec::new(),
         };
         assert!(holder.apply(t(2, 5)).is_some());
         assert!(holder.apply(t(1, 9)).is_none());
