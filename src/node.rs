@@ -446,10 +446,95 @@ impl Node {
             | MapOp::LockInfo
             | MapOp::LockMerge { .. }
             | MapOp::LockSweep) => self.lock_execute(partition, map, key, op).await,
+            op if self.guarded_read(map, &key, &op) => {
+                let unconfirmed = self
+                    .store
+                    .partition(partition)
+                    .map_or(0, |d| d.unconfirmed());
+                let outcome = self
+                    .execute_local_as(partition, map, key, &op, writer.as_ref())
+                    .await?;
+                self.read_barrier(partition, unconfirmed).await?;
+                Ok(outcome)
+            }
             op => {
                 self.execute_local_as(partition, map, key, &op, writer.as_ref())
                     .await
             }
+        }
+    }
+
+    /// Holds a guarded read's answer until the backups hold what it saw. A read on the primary
+    /// sees writes as soon as they are applied there, before the backups acknowledge them; if
+    /// the primary was cut off just then (its backups unreachable, its quorum not yet run out),
+    /// the read returned a write that the promoted backup never had, and a later read the value
+    /// before it (a Jepsen run: a register read back in time). So the read waits until every
+    /// item queued to the partition's backups so far is answered (nothing to wait for when
+    /// they are idle), and fails as not backed up if a mutation of the partition was not
+    /// stored since `unconfirmed` (the count before the read) was taken: the caller retries.
+    ///
+    /// A mutation a backup did not store earlier (its writer got `NotBackedUp`) may be on this
+    /// member alone: until a snapshot taken since reached every backup, a guarded read sends
+    /// one to each first (once; the partition is confirmed from then on), and fails as not
+    /// backed up if one does not take it or there is no backup at all (a primary cut off
+    /// alone, whose table lists none, serves nothing only it holds).
+    pub(crate) async fn read_barrier(&self, partition: u32, unconfirmed: u64) -> Result<()> {
+        let backups = self.table.current().backups(partition).to_vec();
+        let wait = self.config.rpc_timeout;
+        for backup in backups {
+            if !self.replication.idle(backup) && !self.replication.flush(backup, wait).await {
+                return Err(Error::Timeout {
+                    operation: "read barrier (backup acknowledgement)",
+                    member: self.me,
+                    after: wait,
+                });
+            }
+        }
+        let now = self
+            .store
+            .partition(partition)
+            .map_or(0, |d| d.unconfirmed());
+        if now != unconfirmed {
+            return Err(Error::NotBackedUp { partition });
+        }
+        let Some(data) = self.store.partition(partition) else {
+            return Ok(());
+        };
+        if data.confirmed() >= now {
+            return Ok(());
+        }
+        let backups = self.table.current().backups(partition).to_vec();
+        if backups.is_empty() {
+            return Err(Error::NotBackedUp { partition });
+        }
+        let mut answers = Vec::with_capacity(backups.len());
+        for backup in backups {
+            let (ack, answer) = oneshot::channel();
+            self.replication.send(
+                backup,
+                Item::Snapshot {
+                    partition,
+                    ack: Some(ack),
+                },
+            );
+            answers.push(answer);
+        }
+        let answers = tokio::time::timeout(wait * 2, futures::future::join_all(answers))
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "read barrier (backup snapshot)",
+                member: self.me,
+                after: wait * 2,
+            })?;
+        // A snapshot of a partition this member no longer leads is not sent (and answers as
+        // stored): the read is then asked again of the new primary.
+        let leads = self.table.current().primary(partition) == Some(self.me);
+        if leads && answers.iter().all(|a| matches!(a, Ok(Ack::Stored))) {
+            tracing::debug!(member = %self.me, partition, "every backup holds this copy again; guarded reads pass");
+            data.confirm(now);
+            Ok(())
+        } else {
+            Err(Error::NotBackedUp { partition })
         }
     }
 
@@ -1320,7 +1405,13 @@ impl Node {
                 // with when the takeover ends.
                 for &backup in current.backups(partition) {
                     if !previous.replicas(partition).contains(&backup) {
-                        self.replication.send(backup, Item::Snapshot { partition });
+                        self.replication.send(
+                            backup,
+                            Item::Snapshot {
+                                partition,
+                                ack: None,
+                            },
+                        );
                     }
                 }
             }
@@ -1382,7 +1473,13 @@ impl Node {
             Pulled::FromReplica => {
                 // Not the previous primary's last state: every backup gets this member's.
                 for backup in continuing(self) {
-                    self.replication.send(backup, Item::Snapshot { partition });
+                    self.replication.send(
+                        backup,
+                        Item::Snapshot {
+                            partition,
+                            ack: None,
+                        },
+                    );
                 }
             }
             Pulled::Nothing => {
@@ -1409,7 +1506,13 @@ impl Node {
                 // member never saw, or miss some it did; they get this member's copy.
                 data.claim_copy();
                 for backup in continuing(self) {
-                    self.replication.send(backup, Item::Snapshot { partition });
+                    self.replication.send(
+                        backup,
+                        Item::Snapshot {
+                            partition,
+                            ack: None,
+                        },
+                    );
                 }
             }
         }

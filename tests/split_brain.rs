@@ -576,3 +576,81 @@ async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partiti
     );
     assert_eq!(on_majority.get(&key).await.unwrap(), Some(2));
 }
+
+/// A read on a primary sees a write as soon as it is applied there, before the backups
+/// acknowledge it. A guarded read waits for them: on a primary cut off from its backups, a read
+/// of a write they never got fails instead of returning a value the majority, which promotes a
+/// backup, does not have. (Without the wait the isolated member read 2, and the majority then
+/// read 1: a register read back in time, which a Jepsen run found.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_read_never_returns_a_write_the_backups_do_not_hold() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(5, |c| {
+        tune(c);
+        c.maps = vec![(
+            "guarded".to_string(),
+            MapConfig {
+                split_brain_protection: Some(SplitBrainProtection::new(3)),
+                ..MapConfig::default()
+            },
+        )];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    let isolated = 2;
+    let isolated_id = cluster.grid(isolated).local_member().id;
+    let on_isolated: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
+    let key = (0..)
+        .map(|n| format!("key{n}"))
+        .find(|k| on_isolated.owner(k).unwrap() == Some(isolated_id))
+        .expect("a key the isolated member leads");
+    on_isolated.set(&key, &1).await.unwrap();
+
+    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
+    cluster
+        .switch
+        .split(&[cluster.slots[isolated].gossip], &others);
+    // A write on the isolated primary: applied there, its backups out of reach.
+    let write = {
+        let map: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
+        let key = key.clone();
+        tokio::spawn(async move { map.set(&key, &2).await })
+    };
+    // Reads there until it refuses them for lack of a quorum.
+    let mut reads = Vec::new();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while tokio::time::Instant::now() < until {
+        let read = on_isolated.get(&key).await;
+        let refused = matches!(read, Err(Error::QuorumNotPresent { .. }));
+        reads.push(read);
+        if refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        matches!(reads.last(), Some(Err(Error::QuorumNotPresent { .. }))),
+        "the isolated member refuses at last: {:?}",
+        reads.last()
+    );
+    let write = write.await.unwrap();
+    assert!(
+        write.is_err(),
+        "the isolated write is not acknowledged: {write:?}"
+    );
+    // The majority promoted a backup, which never had 2.
+    let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
+    let value = eventually("a read on the majority", || on_majority.get(&key)).await;
+    assert_eq!(
+        value,
+        Some(1),
+        "the unacknowledged write is not on the majority"
+    );
+    let read_two = reads.iter().filter(|r| matches!(r, Ok(Some(2)))).count();
+    assert_eq!(
+        read_two,
+        0,
+        "{read_two} of {} reads on the isolated member returned the write its backups never got",
+        reads.len()
+    );
+}

@@ -787,8 +787,28 @@ impl Driver {
         if !self.coordinates() {
             return;
         }
+        // A view whose coordinator or sender this member now sees under a newer generation was
+        // sent before that member renewed and joined this cluster: it describes nothing any
+        // more. Its members' addresses overlap this view's (the renewed members are here), and
+        // by coordinator age it said this cluster merges (a Jepsen run: the majority's
+        // coordinator merged into the minority that had just merged into it, and queue items
+        // both sides handed over were polled twice).
+        let members: Vec<(u64, u64)> = self
+            .state
+            .members()
+            .iter()
+            .map(|m| (m.generation, m.id.0))
+            .collect();
+        if discovery::outdated(&theirs, &members) {
+            self.verdicts.remove(&theirs.coordinator);
+            return;
+        }
         let mine = self.my_view();
         if discovery::decide(&mine, &theirs) != Verdict::WeMerge {
+            // The verdict must hold without a break: a contrary view from that cluster starts
+            // it over (one reached while the views overlapped, kept through views that said
+            // the other side merges, made both sides merge into each other).
+            self.verdicts.remove(&theirs.coordinator);
             return;
         }
         let now = Instant::now();

@@ -72,6 +72,15 @@ pub(crate) fn decide(mine: &ClusterView, theirs: &ClusterView) -> Verdict {
     }
 }
 
+/// Whether `theirs` was sent before its coordinator or its sender renewed: `members` (this
+/// member's view, as (generation, id)) holds that member under a newer generation, so it has
+/// merged into this cluster since, and the view describes a cluster that is gone.
+pub(crate) fn outdated(theirs: &ClusterView, members: &[(u64, u64)]) -> bool {
+    let renewed =
+        |(generation, id): (u64, u64)| members.iter().any(|&(g, i)| i == id && g > generation);
+    renewed(theirs.coordinator) || renewed((theirs.sender.generation, theirs.sender.id.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +155,20 @@ mod tests {
         assert_eq!(decide(&a, &view(&[3, 4], (2, 4))), Verdict::Same);
         assert_eq!(decide(&a, &view(&[5], (10, 1))), Verdict::Same);
         assert_eq!(decide(&a, &a.clone()), Verdict::Same);
+    }
+
+    #[test]
+    fn a_view_from_before_its_coordinator_renewed_and_joined_is_outdated() {
+        // Their coordinator (generation 5, id 4) and their sender (port 5, generation 1).
+        let theirs = view(&[5, 4], (5, 4));
+        assert!(!outdated(&theirs, &[(10, 1), (5, 4)]));
+        // The coordinator merged into this cluster: it is here under a newer generation.
+        assert!(outdated(&theirs, &[(10, 1), (11, 4)]));
+        // The sender merged.
+        assert!(outdated(&theirs, &[(10, 1), (12, 5)]));
+        // And its view still overlaps this one and would, by coordinator age, say this cluster
+        // merges into it: without the check, both sides merged into each other.
+        let mine = view(&[1, 4], (10, 1));
+        assert_eq!(decide(&mine, &theirs), Verdict::WeMerge);
     }
 }

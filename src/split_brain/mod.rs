@@ -88,9 +88,13 @@ pub trait MergeFunction: Send + Sync + 'static {
 /// protocol says otherwise. Instead, the coordinator (oldest member) of each side sends a probe,
 /// every [`crate::GridConfig::split_brain_probe_interval`], to the configured seeds and to the
 /// members it saw go down in the last `swim.remove_down_after`, and any member answers a probe
-/// with its view: its coordinator, its size and its members. Two views with no member in common
-/// are two clusters; the smaller one (fewer members; on a tie, the one whose coordinator is
-/// younger) merges into the larger one, once the same verdict held for a probe interval.
+/// with its view: its coordinator, its size and its members. Two views with different
+/// coordinators whose senders do not see each other are two clusters. If they have no member in
+/// common, the smaller one (fewer members; on a tie, the one whose coordinator is younger)
+/// merges into the larger one; if some members appear in both (they still see both sides, as a
+/// heal that comes while failure detection ends leaves them), sizes count those members twice
+/// and each side differently, so the side whose coordinator is younger merges, a decision both
+/// sides reach alike. The verdict must hold, for the same coordinator, for a probe interval.
 ///
 /// The merging side's coordinator orders each of its members to merge, then merges itself. A
 /// merging member:

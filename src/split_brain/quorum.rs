@@ -21,6 +21,16 @@ impl Node {
         self.check_protection(structure, name, protection, write)
     }
 
+    /// Whether `op` on `map` is a single-key read that split-brain protection guards: such a
+    /// read passes a read barrier (see [`Node::read_barrier`]).
+    pub(crate) fn guarded_read(&self, map: &str, key: &[u8], op: &MapOp) -> bool {
+        if !self.quorum_guarded || !op.is_read() {
+            return false;
+        }
+        let (_, _, protection) = self.protection_of(map, key);
+        protection.is_some_and(|p| p.guards(false)) && !self.config.map_config(map).async_backups
+    }
+
     /// [`Node::check_quorum`] for a whole-map operation (`size`, `clear`, batches).
     pub(crate) fn check_map_quorum(&self, map: &str, write: bool) -> Result<()> {
         if !self.quorum_guarded {

@@ -144,8 +144,13 @@ async fn check(
                 backup_state = ?held.get(&p),
                 "anti-entropy: backup drifted from its primary; sending a fresh snapshot"
             );
-            node.replication
-                .send(backup, Item::Snapshot { partition: p });
+            node.replication.send(
+                backup,
+                Item::Snapshot {
+                    partition: p,
+                    ack: None,
+                },
+            );
             node.stats
                 .anti_entropy_repairs
                 .fetch_add(1, Ordering::Relaxed);

@@ -118,6 +118,11 @@ pub(crate) struct PartitionData {
     /// promotions). Two copies of one lineage hold the same history up to where they diverged;
     /// a merge uses it to tell a partition the larger side kept from one it started afresh.
     lineage: std::sync::atomic::AtomicU64,
+    /// Synchronous mutations a backup did not store (declared down, or the partition moved):
+    /// a read barrier compares it before and after a read (see [`crate::node::Node`]).
+    unconfirmed: std::sync::atomic::AtomicU64,
+    /// The `unconfirmed` count up to which a snapshot reached every backup since.
+    confirmed: std::sync::atomic::AtomicU64,
 }
 
 impl PartitionData {
@@ -130,7 +135,30 @@ impl PartitionData {
             ready: Notify::new(),
             has_copy: AtomicBool::new(false),
             lineage: std::sync::atomic::AtomicU64::new(0),
+            unconfirmed: std::sync::atomic::AtomicU64::new(0),
+            confirmed: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many synchronous mutations of this partition a backup did not store so far.
+    pub(crate) fn unconfirmed(&self) -> u64 {
+        self.unconfirmed.load(Ordering::Acquire)
+    }
+
+    /// Counts a synchronous mutation a backup did not store.
+    pub(crate) fn note_unconfirmed(&self) {
+        self.unconfirmed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The `unconfirmed` count up to which every backup has since installed a snapshot: below
+    /// [`Self::unconfirmed`], this copy may hold writes that are on this member alone.
+    pub(crate) fn confirmed(&self) -> u64 {
+        self.confirmed.load(Ordering::Acquire)
+    }
+
+    /// Records that every backup installed a snapshot taken after `unconfirmed` was counted.
+    pub(crate) fn confirm(&self, unconfirmed: u64) {
+        self.confirmed.fetch_max(unconfirmed, Ordering::AcqRel);
     }
 
     /// This copy's lineage (0: none yet).

@@ -50,8 +50,12 @@ pub(crate) enum Item {
         mutation: proto::Mutation,
         ack: Option<oneshot::Sender<Ack>>,
     },
-    /// Install a snapshot of the partition, taken when the item is sent.
-    Snapshot { partition: u32 },
+    /// Install a snapshot of the partition, taken when the item is sent, with a channel for
+    /// whether the backup installed it.
+    Snapshot {
+        partition: u32,
+        ack: Option<oneshot::Sender<Ack>>,
+    },
 }
 
 impl Item {
@@ -127,7 +131,12 @@ impl Replication {
             // Declared down here already (the table naming it is not replaced yet): the write
             // is not backed up there, and its writer learns so now rather than after waiting
             // out a member that will not answer.
-            resolve(&mut vec![item], &BTreeSet::new(), Ack::BackupGone);
+            resolve(
+                &self.deps.store,
+                &mut vec![item],
+                &BTreeSet::new(),
+                Ack::BackupGone,
+            );
             return;
         }
         let replicator = self.replicators.entry(backup).or_insert_with(|| {
@@ -159,7 +168,12 @@ impl Replication {
             // The task ended (the member was given up on): the write is not backed up there.
             drop(replicator);
             self.replicators.remove(&backup);
-            resolve(&mut vec![item], &BTreeSet::new(), Ack::BackupGone);
+            resolve(
+                &self.deps.store,
+                &mut vec![item],
+                &BTreeSet::new(),
+                Ack::BackupGone,
+            );
         }
     }
 
@@ -247,7 +261,7 @@ async fn run(
         deps.snapshot_backlog
             .fetch_sub(count_snapshots(batch), Ordering::Relaxed);
         answered(batch.len());
-        resolve(batch, &BTreeSet::new(), Ack::BackupGone);
+        resolve(&deps.store, batch, &BTreeSet::new(), Ack::BackupGone);
     };
     loop {
         let first = tokio::select! {
@@ -276,7 +290,7 @@ async fn run(
                     deps.snapshot_backlog
                         .fetch_sub(count_snapshots(&batch), Ordering::Relaxed);
                     let n = batch.len();
-                    resolve(&mut batch, &not_taken, Ack::Stored);
+                    resolve(&deps.store, &mut batch, &not_taken, Ack::Stored);
                     answered(n);
                     break;
                 }
@@ -314,12 +328,12 @@ fn count_snapshots(batch: &[Item]) -> u64 {
 
 /// Answers every mutation of `batch` (and empties it): `NotTaken` for the partitions in
 /// `not_taken`, `answer` for the rest.
-fn resolve(batch: &mut Vec<Item>, not_taken: &BTreeSet<u32>, answer: Ack) {
+/// Every answer but `Stored` is counted on the partition's copy (read barriers look at it).
+fn resolve(store: &Store, batch: &mut Vec<Item>, not_taken: &BTreeSet<u32>, answer: Ack) {
     for item in batch.drain(..) {
-        if let Item::Mutation {
+        if let Item::Snapshot {
             partition,
             ack: Some(ack),
-            ..
         } = item
         {
             let _ = ack.send(if not_taken.contains(&partition) {
@@ -327,6 +341,25 @@ fn resolve(batch: &mut Vec<Item>, not_taken: &BTreeSet<u32>, answer: Ack) {
             } else {
                 answer
             });
+            continue;
+        }
+        if let Item::Mutation {
+            partition,
+            ack: Some(ack),
+            ..
+        } = item
+        {
+            let answer = if not_taken.contains(&partition) {
+                Ack::NotTaken
+            } else {
+                answer
+            };
+            if answer != Ack::Stored
+                && let Some(data) = store.partition(partition)
+            {
+                data.note_unconfirmed();
+            }
+            let _ = ack.send(answer);
         }
     }
 }
@@ -359,7 +392,7 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
     let snapshots: BTreeSet<u32> = batch
         .iter()
         .filter_map(|item| match item {
-            Item::Snapshot { partition } if leads(*partition) => Some(*partition),
+            Item::Snapshot { partition, .. } if leads(*partition) => Some(*partition),
             _ => None,
         })
         .collect();

@@ -1040,6 +1040,10 @@ impl fmt::Display for Summary {
             self.queue.missing.len(),
             self.queue.lost()
         )?;
+        if !self.queue.duplicated.is_empty() {
+            let shown = &self.queue.duplicated[..self.queue.duplicated.len().min(10)];
+            writeln!(f, "              polled twice: {shown:?}")?;
+        }
         for line in &self.queue_detail {
             writeln!(f, "              {line}")?;
         }
