@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Two members in this process over real loopback sockets, backup count 1, 100-byte values; member
-//! a also keeps a near cache of a copy of the remote keys.
+//! a also keeps a near cache of a copy of the remote keys. A copy of the remote keys is also in a
+//! map with split-brain protection on reads, whose reads wait for writes in flight to the
+//! backups: measured alone, and with 8 tasks writing to the same keys meanwhile.
 //! Every figure is measured in rounds that interleave the systems under test, and the report
 //! gives the median over rounds. The echo is the member-to-member gRPC path with no map work:
 //! the floor a remote operation cannot beat. Nothing here asserts on time.
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use peergrid::{Grid, GridConfig, Map, MapConfig, NearCacheConfig};
+use peergrid::{Grid, GridConfig, Map, MapConfig, NearCacheConfig, SplitBrainProtection};
 use support::median;
 use tokio::time::Instant;
 
@@ -37,15 +39,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         near_cache: Some(NearCacheConfig::default()),
         ..MapConfig::default()
     };
+    // "bench-guarded": split-brain protection (2 members) on both members.
+    let guarded = (
+        "bench-guarded".to_string(),
+        MapConfig {
+            split_brain_protection: Some(SplitBrainProtection::new(2)),
+            ..MapConfig::default()
+        },
+    );
     let a = Grid::join(GridConfig {
         cluster_name: name.clone(),
-        maps: vec![("bench-near".to_string(), near)],
+        maps: vec![("bench-near".to_string(), near), guarded.clone()],
         ..GridConfig::ephemeral()
     })
     .await?;
     let b = Grid::join(GridConfig {
         cluster_name: name,
         seeds: vec![a.local_member().gossip_addr],
+        maps: vec![guarded],
         ..GridConfig::ephemeral()
     })
     .await?;
@@ -83,6 +94,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|k| (k.clone(), value.clone())),
     )
     .await?;
+    let guarded_map: Map<String, Bytes> = a.map("bench-guarded");
+    guarded_map
+        .put_all(remote.iter().map(|k| (k.clone(), value.clone())))
+        .await?;
     let near_map: Map<String, Bytes> = a.map("bench-near");
     near_map
         .put_all(remote.iter().map(|k| (k.clone(), value.clone())))
@@ -113,6 +128,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("remote get, 64 tasks", vec![]),
         ("echo, 64 tasks", vec![]),
         ("local get, 64 tasks", vec![]),
+        ("remote get, 64 tasks, guarded map", vec![]),
+        ("remote get, 64 tasks, 8 tasks writing", vec![]),
+        ("remote get, 64 tasks, 8 tasks writing, guarded map", vec![]),
     ];
     for _ in 0..rounds {
         rows[0].1.push(
@@ -176,6 +194,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         throughput[2]
             .1
             .push(support::gets_per_sec(64, concurrent_for, &map, &local).await?);
+        throughput[3]
+            .1
+            .push(support::gets_per_sec(64, concurrent_for, &guarded_map, &remote).await?);
+        for (row, target) in [(4, &map), (5, &guarded_map)] {
+            let writers = writing(target, &remote, &value, 8);
+            throughput[row]
+                .1
+                .push(support::gets_per_sec(64, concurrent_for, target, &remote).await?);
+            writers.cancel();
+        }
     }
 
     println!(
@@ -223,6 +251,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  remote get p50 / near-cache hit p50: {:.0}  (target at least 50)",
         medians[2].p50_us / medians[5].p50_us
     );
+    println!(
+        "  guarded / unguarded remote get ops/s (64):          {:.2}",
+        tput[3] / tput[0]
+    );
+    println!(
+        "  the same while 8 tasks write (reads wait for them): {:.2}",
+        tput[5] / tput[4]
+    );
     let near_stats = near_map.local_stats();
     println!(
         "  near-cache hit ratio over the run:  {:.3} ({} hits, {} misses)",
@@ -231,6 +267,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         near_stats.near_cache_misses
     );
     Ok(())
+}
+
+/// Starts `tasks` tasks setting `keys` of `map` in turn until the returned token is cancelled.
+fn writing(
+    map: &Map<String, Bytes>,
+    keys: &Arc<Vec<String>>,
+    value: &Bytes,
+    tasks: usize,
+) -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    for t in 0..tasks {
+        let (map, keys, value, stop) = (map.clone(), keys.clone(), value.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = t;
+            while !stop.is_cancelled() {
+                let _ = map.set(&keys[i % keys.len()], &value).await;
+                i += tasks;
+            }
+        });
+    }
+    stop
 }
 
 async fn wait_settled(a: &Grid, b: &Grid) {

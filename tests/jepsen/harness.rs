@@ -1085,11 +1085,27 @@ impl fmt::Display for Summary {
 
 /// Runs `config` on a runtime of its own. A process run uses network namespaces when it can
 /// (the runtime's threads then live in this process's namespace), and says so when it cannot.
-pub fn run_blocking(config: RunConfig) -> Summary {
+///
+/// A process run that asks only for splits, where network namespaces cannot be made, falls
+/// back to in-process members split through the fault switch (and says so).
+pub fn run_blocking(mut config: RunConfig) -> Summary {
     let net = match config.mode {
         Mode::InProcess => None,
         Mode::Processes => match Namespaces::create() {
             Ok(net) => Some(net),
+            Err(why)
+                if config
+                    .faults
+                    .iter()
+                    .all(|f| ["isolate", "split"].contains(f)) =>
+            {
+                println!(
+                    "network namespaces cannot be used ({why}): splitting in-process members \
+                     through the fault switch instead"
+                );
+                config.mode = Mode::InProcess;
+                None
+            }
             Err(why) => {
                 println!(
                     "network namespaces cannot be used ({why}): this run has no splits; the \
