@@ -95,9 +95,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     let guarded_map: Map<String, Bytes> = a.map("bench-guarded");
-    guarded_map
+    // Protection counts a member once its heartbeats say it follows the same coordinator.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = guarded_map
         .put_all(remote.iter().map(|k| (k.clone(), value.clone())))
-        .await?;
+        .await
+    {
+        if !matches!(e, peergrid::Error::QuorumNotPresent { .. }) || Instant::now() > deadline {
+            return Err(e.into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let near_map: Map<String, Bytes> = a.map("bench-near");
     near_map
         .put_all(remote.iter().map(|k| (k.clone(), value.clone())))

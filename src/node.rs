@@ -413,6 +413,11 @@ impl Node {
         caller_version: u64,
         writer: Option<HolderId>,
     ) -> Result<Outcome<OpResult>> {
+        // A local operation may complete without ever waiting: a caller looping over them
+        // would hold its worker thread, and starve the membership task of it (a benchmark's
+        // 64 tasks of local gets stalled it for 2 s, long enough to lose the quorum). Tokio's
+        // task budget makes such a loop yield now and then.
+        tokio::task::coop::consume_budget().await;
         self.catch_up(caller_version).await;
         self.check_quorum(map, &key, &op)?;
         match op {

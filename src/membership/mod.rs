@@ -228,6 +228,8 @@ pub(crate) struct MembershipState {
     pub(crate) down_requested: tokio::sync::Notify,
     /// Each peer's last heartbeat: what split-brain protection counts.
     beats: RwLock<BTreeMap<MemberId, Beat>>,
+    /// When the last heartbeat from any peer arrived (none yet: `None`).
+    last_beat: RwLock<Option<std::time::Instant>>,
     /// This member's coordinator (see [`Self::coordinator_key`]), and from when others may
     /// count it for split-brain protection under that coordinator.
     stint: RwLock<Stint>,
@@ -313,6 +315,7 @@ impl MembershipState {
             left_behind: Default::default(),
             heard: Default::default(),
             beats: Default::default(),
+            last_beat: Default::default(),
             down_requests: Default::default(),
             down_requested: tokio::sync::Notify::new(),
             stint: RwLock::new(stint),
@@ -466,6 +469,7 @@ impl MembershipState {
     pub(crate) fn beat(&self, beat: Heartbeat) {
         let id = MemberId(beat.id);
         self.heard_from(id, beat.generation);
+        *write(&self.last_beat) = Some(std::time::Instant::now());
         write(&self.beats).insert(
             id,
             Beat {
@@ -481,25 +485,23 @@ impl MembershipState {
     /// milliseconds (negative: it will be in that many), as its next heartbeat says. A member
     /// without a table yet serves nothing and is never counted (`i64::MIN`).
     ///
-    /// A member that heard no peer's heartbeat for the tolerance while it had peers was cut off:
-    /// it counts again only three tolerances after it hears from them again. Back from an
-    /// isolation too short for the others to declare it down, it may still coordinate them
-    /// with tables built from its isolated view; they refuse those, and declare it down after
-    /// twice the tolerance ([`crate::node::Node`]'s table check). Until then it must not serve
-    /// guarded operations from the partitions it took over alone.
+    /// A member that heard no heartbeat for the tolerance and declared members down since was
+    /// cut off, and lost them while it was: it counts again only three tolerances after it
+    /// hears from its peers again. Back from an isolation too short for the others to declare
+    /// it down, it may still coordinate them with tables built from its isolated view; they
+    /// refuse those, and declare it down after twice the tolerance ([`crate::node::Node`]'s
+    /// table check). Until then it must not serve guarded operations from the partitions it
+    /// took over alone. A member that only heard nobody for a while (a stall under load, its
+    /// heartbeats dropped) counts again at its next heartbeat: it changed nothing meanwhile.
     pub(crate) fn heartbeat_countable(&self) -> ((u64, u64), i64) {
         self.note_coordinator();
         let now = std::time::Instant::now();
-        let cut_off = {
-            let peers = read(&self.peers);
-            let beats = read(&self.beats);
-            // The freshest heartbeat from a peer in the view; none yet (just joined): not cut off.
-            peers
-                .values()
-                .filter_map(|p| beats.get(&p.id).map(|b| b.at.elapsed()))
-                .min()
-                .is_some_and(|age| age > self.tolerance)
-        };
+        let cut_off = read(&self.last_beat).is_some_and(|last| {
+            now.duration_since(last) > self.tolerance
+                && read(&self.gone)
+                    .values()
+                    .any(|g| g.at > last + self.tolerance)
+        });
         let mut stint = write(&self.stint);
         if cut_off {
             stint.countable_from = stint.countable_from.max(now + self.tolerance * 3);
