@@ -502,15 +502,9 @@ async fn a_member_cut_off_alone_merges_back_with_what_it_wrote() {
     let _: &Grid = alone;
 }
 
-/// The failure-detection window, closed: split-brain protection counts the members a member
-/// recently heard from (heartbeats), not its membership view. An isolated primary therefore
-/// stops serving guarded reads within the heartbeat tolerance, before the rest declare it down
-/// and promote its backup: no read it serves after the majority's new write returns the old
-/// value. (Counting the view, the isolated member served reads for as long as failure
-/// detection took, and read the old value after the majority had acknowledged the new one.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partitions_over() {
-    let _turn = SPLITS.acquire().await.unwrap();
+/// Five members with map "guarded" (a minimum of 3 members), settled, and a key member
+/// `leader` leads.
+async fn five_with_a_guarded_key_led_by(leader: usize) -> (Cluster, usize, String) {
     let cluster = Cluster::start_with(5, |c| {
         tune(c);
         c.maps = vec![(
@@ -523,13 +517,26 @@ async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partiti
     })
     .await;
     cluster.wait_table_settled().await;
-    let isolated = 2;
-    let isolated_id = cluster.grid(isolated).local_member().id;
-    let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
+    let leader_id = cluster.grid(leader).local_member().id;
+    let map: peergrid::Map<String, u64> = cluster.grid(leader).map("guarded");
     let key = (0..)
         .map(|n| format!("key{n}"))
-        .find(|k| on_majority.owner(k).unwrap() == Some(isolated_id))
-        .expect("a key the isolated member leads");
+        .find(|k| map.owner(k).unwrap() == Some(leader_id))
+        .expect("a key the member leads");
+    (cluster, leader, key)
+}
+
+/// The failure-detection window, closed: split-brain protection counts the members a member
+/// recently heard from (heartbeats), not its membership view. An isolated primary therefore
+/// stops serving guarded reads within the heartbeat tolerance, before the rest declare it down
+/// and promote its backup: no read it serves after the majority's new write returns the old
+/// value. (Counting the view, the isolated member served reads for as long as failure
+/// detection took, and read the old value after the majority had acknowledged the new one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partitions_over() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let (cluster, isolated, key) = five_with_a_guarded_key_led_by(2).await;
+    let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
     on_majority.set(&key, &1).await.unwrap();
 
     let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
@@ -585,25 +592,8 @@ async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partiti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guarded_read_never_returns_a_write_the_backups_do_not_hold() {
     let _turn = SPLITS.acquire().await.unwrap();
-    let cluster = Cluster::start_with(5, |c| {
-        tune(c);
-        c.maps = vec![(
-            "guarded".to_string(),
-            MapConfig {
-                split_brain_protection: Some(SplitBrainProtection::new(3)),
-                ..MapConfig::default()
-            },
-        )];
-    })
-    .await;
-    cluster.wait_table_settled().await;
-    let isolated = 2;
-    let isolated_id = cluster.grid(isolated).local_member().id;
+    let (cluster, isolated, key) = five_with_a_guarded_key_led_by(2).await;
     let on_isolated: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
-    let key = (0..)
-        .map(|n| format!("key{n}"))
-        .find(|k| on_isolated.owner(k).unwrap() == Some(isolated_id))
-        .expect("a key the isolated member leads");
     on_isolated.set(&key, &1).await.unwrap();
 
     let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
