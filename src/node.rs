@@ -495,16 +495,13 @@ impl Node {
                 });
             }
         }
-        let now = self
-            .store
-            .partition(partition)
-            .map_or(0, |d| d.unconfirmed());
-        if now != unconfirmed {
-            return Err(Error::NotBackedUp { partition });
-        }
         let Some(data) = self.store.partition(partition) else {
             return Ok(());
         };
+        let now = data.unconfirmed();
+        if now != unconfirmed {
+            return Err(Error::NotBackedUp { partition });
+        }
         if data.confirmed() >= now {
             return Ok(());
         }
@@ -512,7 +509,9 @@ impl Node {
         if backups.is_empty() {
             return Err(Error::NotBackedUp { partition });
         }
-        let mut answers = Vec::with_capacity(backups.len());
+        // Acknowledged like a write's mutations: a backup that does not install it makes the
+        // read not backed up.
+        let mut acks: Acks = Vec::with_capacity(backups.len());
         for backup in backups {
             let (ack, answer) = oneshot::channel();
             self.replication.send(
@@ -522,25 +521,17 @@ impl Node {
                     ack: Some(ack),
                 },
             );
-            answers.push(answer);
+            acks.push((partition, answer));
         }
-        let answers = tokio::time::timeout(wait * 2, futures::future::join_all(answers))
-            .await
-            .map_err(|_| Error::Timeout {
-                operation: "read barrier (backup snapshot)",
-                member: self.me,
-                after: wait * 2,
-            })?;
+        self.await_acks(acks).await?;
         // A snapshot of a partition this member no longer leads is not sent (and answers as
         // stored): the read is then asked again of the new primary.
-        let leads = self.table.current().primary(partition) == Some(self.me);
-        if leads && answers.iter().all(|a| matches!(a, Ok(Ack::Stored))) {
-            tracing::debug!(member = %self.me, partition, "every backup holds this copy again; guarded reads pass");
-            data.confirm(now);
-            Ok(())
-        } else {
-            Err(Error::NotBackedUp { partition })
+        if self.table.current().primary(partition) != Some(self.me) {
+            return Err(Error::NotBackedUp { partition });
         }
+        tracing::debug!(member = %self.me, partition, "every backup holds this copy again; guarded reads pass");
+        data.confirm(now);
+        Ok(())
     }
 
     /// Runs an owner-side operation that may wait for a change (a queue's poll or offer, a
