@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Cuts and heals traffic between pairs of members. Cheap to clone; clones share the same cuts.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +20,8 @@ pub struct FaultSwitch {
     stream_breaks: Arc<(AtomicU64, AtomicU64)>,
     /// Near-cache invalidation batches still to drop, and how many were dropped.
     invalidation_drops: Arc<(AtomicU64, AtomicU64)>,
+    /// False suspicions still to act on: (the member that suspects, the member it declares down).
+    suspicions: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>,
 }
 
 fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -99,6 +101,36 @@ impl FaultSwitch {
         take(&self.invalidation_drops)
     }
 
+    /// Makes the member at gossip address `at` declare the member at `of` down, as a failure
+    /// detector that suspected it wrongly would (a starved process, acks lost on the way): at
+    /// the next datagram it handles, if it sees `of` alive then. Links stay up, so the rest of
+    /// the cluster keeps seeing both.
+    pub fn false_suspicion(&self, at: SocketAddr, of: SocketAddr) {
+        self.suspicions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((at, of));
+    }
+
+    /// The members the member at `at` is to declare down (see [`Self::false_suspicion`]).
+    pub(crate) fn take_false_suspicions(&self, at: SocketAddr) -> Vec<SocketAddr> {
+        let mut suspicions = self
+            .suspicions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if suspicions.is_empty() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        suspicions.retain(|&(by, of)| {
+            if by == at {
+                taken.push(of);
+            }
+            by != at
+        });
+        taken
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
         self.cuts
             .write()
@@ -137,5 +169,20 @@ mod tests {
         assert!(!switch.is_cut(a, b) && switch.is_cut(a, c));
         switch.heal_all();
         assert!(!switch.is_cut(a, c));
+    }
+
+    #[test]
+    fn false_suspicions_are_taken_once_by_the_member_that_suspects() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let switch = FaultSwitch::new();
+        switch.false_suspicion(a, b);
+        switch.false_suspicion(c, b);
+        switch.false_suspicion(a, c);
+        assert!(switch.take_false_suspicions(b).is_empty());
+        assert_eq!(switch.take_false_suspicions(a), vec![b, c]);
+        assert!(switch.take_false_suspicions(a).is_empty());
+        assert_eq!(switch.clone().take_false_suspicions(c), vec![b]);
     }
 }

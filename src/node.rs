@@ -138,6 +138,10 @@ pub(crate) struct Node {
     /// A coordinator whose tables leave out members this member hears from, and since when
     /// (see [`Node::leaves_out_live_members`]).
     pub(crate) disagreement: std::sync::Mutex<Option<(MemberId, std::time::Instant)>>,
+    /// Members the coordinator's tables list that this member saw go down, and since when (see
+    /// [`Node::notice_members_listed_but_down`]).
+    pub(crate) listed_but_down:
+        std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Instant>>,
     /// Members that announced a graceful leave; the coordinator assigns them nothing.
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
@@ -1269,6 +1273,60 @@ impl Node {
             signal.value().notify_waiters();
         }
         true
+    }
+
+    /// Watches the tables this member's coordinator pushes for members it lists that this
+    /// member saw go down and does not see since: the two of them each declared the other down
+    /// (a verdict from a member that was itself being declared down can do it), while the
+    /// coordinator and the rest see both. Nothing else reunites them: they have one
+    /// coordinator, so no probe finds two clusters, and SWIM never takes an identity back once
+    /// down. Once that lasts the grace [`crate::membership`] gives a down verdict (long enough
+    /// for the coordinator to see a member that really went down), the younger of the two
+    /// merges back as a member declared down does, with a renewed identity that both sides
+    /// take in, and hands over what it holds (a 30-minute Jepsen run stayed with two members
+    /// apart this way for three minutes, until the harness gave up).
+    pub(crate) fn notice_members_listed_but_down(&self, table: &PartitionTable) {
+        let mut listed_but_down = self
+            .listed_but_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let from_coordinator = table.publisher != self.me
+            && self.membership.peer(table.publisher).is_some()
+            && self.coordinator() == Some(table.publisher)
+            && table.members.contains(&self.me);
+        if !from_coordinator {
+            listed_but_down.clear();
+            return;
+        }
+        let apart: Vec<(MemberId, u64)> = table
+            .members
+            .iter()
+            .filter(|&&id| id != self.me && self.membership.peer(id).is_none())
+            .filter_map(|&id| self.membership.gone_generation(id).map(|g| (id, g)))
+            .collect();
+        listed_but_down.retain(|id, _| apart.iter().any(|(a, _)| a == id));
+        let swim = &self.config.swim;
+        let grace = (swim.probe_period + swim.suspect_to_down_after) * 2
+            + self.config.split_brain_probe_interval * 4;
+        let me = (self.membership.local_generation(), self.me.as_u64());
+        let now = std::time::Instant::now();
+        let mut younger_than = None;
+        for (id, generation) in apart {
+            let since = *listed_but_down.entry(id).or_insert(now);
+            if now.duration_since(since) > grace && (generation, id.as_u64()) < me {
+                younger_than = Some(id);
+            }
+        }
+        if let Some(peer) = younger_than {
+            listed_but_down.clear();
+            drop(listed_but_down);
+            tracing::warn!(
+                member = %self.me,
+                %peer,
+                "this member and one the coordinator lists see each other down: merging back"
+            );
+            self.membership.request_merge_back();
+        }
     }
 
     /// Whether `table` (another member's) leaves out a member this member sees, heard from within

@@ -241,6 +241,10 @@ impl Driver {
                             self.declare_down(peer);
                         }
                     }
+                    if self.state.take_merge_back_request() {
+                        let me = self.foca.identity().clone();
+                        self.merge_back_after_declared_down(&me);
+                    }
                 }
                 _ = seed_tick.tick() => self.announce_to_seeds_if_alone(),
                 _ = probe_tick.tick() => self.probe_other_clusters().await,
@@ -302,7 +306,9 @@ impl Driver {
     /// table. Instead it merges back, as the smaller side of a healed split does: its merge
     /// task captures what it leads, rejoins as a renewed member through the members it knows
     /// (live, recently gone, seeds) and hands everything over through the merge policies.
-    /// Returns whether a merge was ordered.
+    /// Returns whether a merge was ordered. The rest of the member asks for the same when this
+    /// member and one its coordinator lists each see the other down
+    /// ([`crate::node::Node::notice_members_listed_but_down`]).
     ///
     /// A member that holds a table never renews in place, with its peers as they are: its
     /// new generation would make it younger than members of the side that declared it down,
@@ -370,6 +376,7 @@ impl Driver {
     }
 
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        self.act_on_false_suspicions();
         let state = self.state.clone();
         let counters = &state.counters;
         if datagram.len() > self.max_datagram_size {
@@ -1015,6 +1022,25 @@ impl Driver {
             Err(e) => {
                 Counters::bump(&counters.send_errors);
                 tracing::trace!(%to, error = %e, "gossip send failed");
+            }
+        }
+    }
+
+    /// Declares down the members a test's fault switch says this one suspects wrongly (see
+    /// [`FaultSwitch::false_suspicion`]).
+    fn act_on_false_suspicions(&mut self) {
+        let Some(switch) = &self.fault_switch else {
+            return;
+        };
+        for of in switch.take_false_suspicions(self.foca.identity().gossip) {
+            let suspected = self
+                .foca
+                .iter_members()
+                .map(|m| m.id().clone())
+                .find(|id| id.gossip == of);
+            if let Some(member) = suspected {
+                tracing::info!(peer = %member.id, "fault switch: declaring a live member down");
+                self.declare_down(member);
             }
         }
     }

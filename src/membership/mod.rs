@@ -224,7 +224,10 @@ pub(crate) struct MembershipState {
     /// Peers the rest of the member found to be on the other side of a split (see
     /// [`Self::declare_down`]); the membership task declares them down.
     down_requests: std::sync::Mutex<Vec<Identity>>,
-    /// Wakes the membership task for `down_requests`.
+    /// Whether the rest of the member asked the membership task to merge back into its cluster
+    /// (see [`Self::request_merge_back`]).
+    merge_back_requested: std::sync::atomic::AtomicBool,
+    /// Wakes the membership task for `down_requests` and `merge_back_requested`.
     pub(crate) down_requested: tokio::sync::Notify,
     /// Each peer's last heartbeat: what split-brain protection counts.
     beats: RwLock<BTreeMap<MemberId, Beat>>,
@@ -317,6 +320,7 @@ impl MembershipState {
             beats: Default::default(),
             last_beat: Default::default(),
             down_requests: Default::default(),
+            merge_back_requested: Default::default(),
             down_requested: tokio::sync::Notify::new(),
             stint: RwLock::new(stint),
             tolerance,
@@ -445,6 +449,18 @@ impl MembershipState {
     /// The peers [`Self::declare_down`] asked for since the last call.
     pub(crate) fn take_down_requests(&self) -> Vec<Identity> {
         std::mem::take(&mut *self.down_requests.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the membership task to merge this member back into its cluster under a renewed
+    /// identity, as a member declared down does.
+    pub(crate) fn request_merge_back(&self) {
+        self.merge_back_requested.store(true, Ordering::Release);
+        self.down_requested.notify_one();
+    }
+
+    /// Whether [`Self::request_merge_back`] was called since the last call.
+    pub(crate) fn take_merge_back_request(&self) -> bool {
+        self.merge_back_requested.swap(false, Ordering::AcqRel)
     }
 
     /// Records a datagram (a heartbeat, a SWIM message) from member `id` at `generation`.

@@ -232,6 +232,7 @@ pub(crate) async fn publish(node: &Arc<Node>) -> Vec<(u64, u64, u32, u64)> {
 /// Handles a pushed table: applies it if newer and reports what this member now has.
 pub(crate) fn on_publish(node: &Arc<Node>, table: &proto::Table) -> proto::PublishTableResponse {
     if let Some(table) = PartitionTable::from_proto(table, node.config.partition_count) {
+        node.notice_members_listed_but_down(&table);
         node.apply_table(table);
     }
     let current = node.table.current();
