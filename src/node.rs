@@ -1194,6 +1194,22 @@ impl Node {
             );
             return false;
         }
+        // A table that records this member under an earlier generation gives it what it held
+        // before it renewed its identity and dropped its copies: its coordinator has not seen it
+        // renew yet, and will publish a table that leaves it out.
+        if table.publisher != self.me
+            && table
+                .generation_of(self.me)
+                .is_some_and(|g| g != self.membership.local_generation())
+        {
+            tracing::debug!(
+                member = %self.me,
+                version = table.version,
+                publisher = %table.publisher,
+                "refusing a table from before this member renewed"
+            );
+            return false;
+        }
         if self.leaves_out_live_members(&table, &before) {
             return false;
         }
@@ -1303,6 +1319,9 @@ impl Node {
             .iter()
             .filter(|&&id| id != self.me && self.membership.peer(id).is_none())
             .filter_map(|&id| self.membership.gone_generation(id).map(|g| (id, g)))
+            // Listed under the generation that went: a member that renewed is merely not seen
+            // here yet.
+            .filter(|&(id, g)| table.generation_of(id).is_none_or(|listed| listed == g))
             .collect();
         listed_but_down.retain(|id, _| apart.iter().any(|(a, _)| a == id));
         let swim = &self.config.swim;
@@ -1356,6 +1375,10 @@ impl Node {
             .filter(|p| {
                 !table.members.contains(&p.id)
                     && before.replicas.iter().any(|r| r.contains(&p.id))
+                    // A member that renewed since holds nothing of what `before` gave it.
+                    && before
+                        .generation_of(p.id)
+                        .is_none_or(|g| g == p.generation)
                     && self.membership.heard_within(p.id, p.generation, tolerance)
             })
             .map(|p| p.id)
@@ -2127,6 +2150,7 @@ mod tests {
             replicas: current.replicas.clone(),
             previous: current.previous.clone(),
             members: Vec::new(),
+            generations: Vec::new(),
         });
         settled(&[&a, &b]).await;
         // And the republish the coordinator really makes.

@@ -652,12 +652,26 @@ async fn a_guarded_read_never_returns_a_write_the_backups_do_not_hold() {
 /// probe to find, and SWIM never takes a down identity back: the younger of the two merges
 /// back under a renewed identity, and every member sees every other again, every entry kept.
 /// (A 30-minute Jepsen run stayed with two members apart this way until the harness gave up.)
+/// The coordinator sees the member renew without ever seeing it gone: it must still promote
+/// the backups of what the member led (it kept the member as primary of partitions it had
+/// emptied, and with a merge policy that discards, every key the member led was lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_that_see_each_other_down_are_reunited() {
     let _turn = SPLITS.acquire().await.unwrap();
     // Heartbeats flow (a guarded map): the coordinator and the fourth member keep hearing from
-    // both, and ignore the verdicts the two gossip about each other.
-    let cluster = Cluster::start_with(4, with_guarded_map).await;
+    // both, and ignore the verdicts the two gossip about each other. Map "m" discards what a
+    // merge hands over: what the merging member led must be on its backups, promoted.
+    let cluster = Cluster::start_with(4, |c| {
+        with_guarded_map(c);
+        c.maps.push((
+            "m".to_string(),
+            MapConfig {
+                merge_policy: MergePolicy::Discard,
+                ..MapConfig::default()
+            },
+        ));
+    })
+    .await;
     cluster.wait_table_settled().await;
     let map: peergrid::Map<String, u64> = cluster.grid(0).map("m");
     for n in 0..500u64 {

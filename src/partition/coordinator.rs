@@ -132,8 +132,22 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
         node.config.backup_count,
     );
     // A member is gone: its primaries pass to their first live backups at once, settled or not
-    // (the promoted members hold the data; the repair moves nothing).
-    let live: BTreeSet<MemberId> = node.membership.members().iter().map(|m| m.id).collect();
+    // (the promoted members hold the data; the repair moves nothing). So is a member that
+    // renewed its identity since the table, though its id is live again: it merged back, and
+    // dropped its copies to hand what it led over (a 30-minute Jepsen run: a member renewed while
+    // the coordinator kept seeing it, kept leading its partitions with nothing in them, and
+    // lock fences started over at 1).
+    let live: BTreeSet<MemberId> = node
+        .membership
+        .members()
+        .iter()
+        .filter(|m| {
+            current
+                .generation_of(m.id)
+                .is_none_or(|g| g == m.generation)
+        })
+        .map(|m| m.id)
+        .collect();
     let repaired = migration::repair(&current.replicas, &live, &target);
     if current.version > 0 && repaired != current.replicas {
         let promoted = (0..current.partition_count())
@@ -194,9 +208,14 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
     true
 }
 
-/// The members this member sees live, itself included: what a table it publishes records.
-fn view_ids(node: &Node) -> Vec<MemberId> {
-    node.membership.members().iter().map(|m| m.id).collect()
+/// The members this member sees live, itself included, with their generations: what a table it
+/// publishes records.
+fn view_ids(node: &Node) -> Vec<(MemberId, u64)> {
+    node.membership
+        .members()
+        .iter()
+        .map(|m| (m.id, m.generation))
+        .collect()
 }
 
 /// Pushes the current table to every peer; returns each answer: the table the peer holds after

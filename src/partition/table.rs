@@ -22,6 +22,8 @@ pub(crate) struct PartitionTable {
     pub(crate) previous: Vec<Option<MemberId>>,
     /// The members the coordinator saw live when it published the table (empty: not known).
     pub(crate) members: Vec<MemberId>,
+    /// The generation of each of `members`, in the same order (empty: not known).
+    pub(crate) generations: Vec<u64>,
 }
 
 impl PartitionTable {
@@ -33,21 +35,24 @@ impl PartitionTable {
             replicas: vec![Vec::new(); partition_count as usize],
             previous: vec![None; partition_count as usize],
             members: Vec::new(),
+            generations: Vec::new(),
         }
     }
 
     /// The table that replaces `self` with `replicas`, published by `publisher`, which sees
-    /// `members` live.
+    /// `members` live (each with its generation).
     pub(crate) fn successor(
         &self,
         publisher: MemberId,
-        members: Vec<MemberId>,
+        members: Vec<(MemberId, u64)>,
         replicas: Vec<Vec<MemberId>>,
     ) -> Self {
+        let (members, generations) = members.into_iter().unzip();
         PartitionTable {
             version: self.version.saturating_add(1),
             publisher,
             members,
+            generations,
             previous: (0..replicas.len() as u32)
                 .map(|p| self.primary(p))
                 .collect(),
@@ -58,6 +63,12 @@ impl PartitionTable {
     /// The previous primary of `partition`, per the coordinator.
     pub(crate) fn previous_primary(&self, partition: u32) -> Option<MemberId> {
         self.previous.get(partition as usize).copied().flatten()
+    }
+
+    /// The generation the publisher saw `member` at, if the table records it.
+    pub(crate) fn generation_of(&self, member: MemberId) -> Option<u64> {
+        let i = self.members.iter().position(|&m| m == member)?;
+        self.generations.get(i).copied()
     }
 
     /// Whether `self` supersedes `other`.
@@ -96,6 +107,7 @@ impl PartitionTable {
             owners: self.replicas.iter().flatten().map(|m| m.0).collect(),
             previous_primaries: self.previous.iter().map(|m| m.map_or(0, |m| m.0)).collect(),
             members: self.members.iter().map(|m| m.0).collect(),
+            generations: self.generations.clone(),
         }
     }
 
@@ -140,12 +152,16 @@ impl PartitionTable {
         } else {
             return None;
         };
+        if !table.generations.is_empty() && table.generations.len() != table.members.len() {
+            return None;
+        }
         Some(PartitionTable {
             version: table.version,
             publisher: MemberId(table.publisher),
             replicas,
             previous,
             members: table.members.iter().map(|&m| MemberId(m)).collect(),
+            generations: table.generations.clone(),
         })
     }
 }
@@ -211,7 +227,8 @@ mod tests {
             publisher: MemberId(9),
             replicas: vec![vec![MemberId(1), MemberId(2)], vec![MemberId(2)], vec![]],
             previous: vec![Some(MemberId(2)), None, None],
-            members: Vec::new(),
+            members: vec![MemberId(1), MemberId(2)],
+            generations: vec![7, 8],
         };
         let wire = table.to_proto();
         assert_eq!(PartitionTable::from_proto(&wire, 3), Some(table.clone()));
@@ -219,9 +236,14 @@ mod tests {
         let mut short = wire.clone();
         short.owners.pop();
         assert_eq!(PartitionTable::from_proto(&short, 3), None);
-        let mut long = wire;
+        let mut long = wire.clone();
         long.owners.push(5);
         assert_eq!(PartitionTable::from_proto(&long, 3), None);
+        assert_eq!(table.generation_of(MemberId(2)), Some(8));
+        assert_eq!(table.generation_of(MemberId(3)), None);
+        let mut unmatched = wire;
+        unmatched.generations.pop();
+        assert_eq!(PartitionTable::from_proto(&unmatched, 3), None);
     }
 
     #[test]
@@ -233,6 +255,7 @@ mod tests {
             replicas: vec![vec![MemberId(publisher)]; 2],
             previous: vec![None; 2],
             members: Vec::new(),
+            generations: Vec::new(),
         };
         assert!(holder.apply(t(2, 5)).is_some());
         assert!(holder.apply(t(1, 9)).is_none());
