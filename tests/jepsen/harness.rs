@@ -905,6 +905,28 @@ impl Fault {
     }
 }
 
+/// `op` until it succeeds, retried while it fails for a missing quorum (which changes nothing):
+/// as a client would. A member that healed counts its peers for split-brain protection only
+/// after their heartbeats, and one that declared members down while it heard none only three
+/// tolerances after, so a cluster that converged and is safe may still refuse guarded
+/// operations for a moment. Any other error, or a quorum missing for [`RECOVERY`], fails the run.
+async fn until_quorate<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = peergrid::Result<T>>,
+{
+    let until = Instant::now() + RECOVERY;
+    loop {
+        match op().await {
+            Ok(value) => return value,
+            Err(Error::QuorumNotPresent { .. }) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+    }
+}
+
 /// What a run did and found.
 pub struct Summary {
     mode: Mode,
@@ -1276,9 +1298,9 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
     let map = grid.map::<String, u64>("set");
     let mut final_read = HashMap::new();
     for chunk in keys.chunks(1000) {
-        final_read.extend(map.get_all(chunk).await.expect("final read"));
+        final_read.extend(until_quorate("final read", || map.get_all(chunk)).await);
     }
-    let size = map.size().await.expect("final size");
+    let size = until_quorate("final size", || map.size()).await;
     let mut set = checker::check_set(&histories.set, &final_read);
     if size > final_read.len() as u64 {
         set.unexpected.push(format!(
@@ -1289,7 +1311,7 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
     let queue = grid.queue::<u64>("queue");
     let mut drained = Vec::new();
     loop {
-        let batch = queue.drain(1000).await.expect("final drain");
+        let batch = until_quorate("final drain", || queue.drain(1000)).await;
         if batch.is_empty() {
             break;
         }
