@@ -142,6 +142,8 @@ pub(crate) struct Node {
     /// [`Node::notice_members_listed_but_down`]).
     pub(crate) listed_but_down:
         std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Instant>>,
+    /// When [`Node::notice_members_listed_but_down`] last had this member merge back.
+    pub(crate) merged_back_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// Members that announced a graceful leave; the coordinator assigns them nothing.
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
@@ -1196,11 +1198,13 @@ impl Node {
         }
         // A table that records this member under an earlier generation gives it what it held
         // before it renewed its identity and dropped its copies: its coordinator has not seen it
-        // renew yet, and will publish a table that leaves it out.
+        // renew yet, and will publish a table that leaves it out. (One that gives it nothing is
+        // harmless.)
         if table.publisher != self.me
             && table
                 .generation_of(self.me)
-                .is_some_and(|g| g != self.membership.local_generation())
+                .is_some_and(|g| g < self.membership.local_generation())
+            && table.replicas.iter().any(|r| r.contains(&self.me))
         {
             tracing::debug!(
                 member = %self.me,
@@ -1296,8 +1300,11 @@ impl Node {
     /// (a verdict from a member that was itself being declared down can do it), while the
     /// coordinator and the rest see both. Nothing else reunites them: they have one
     /// coordinator, so no probe finds two clusters, and SWIM never takes an identity back once
-    /// down. Once that lasts the grace [`crate::membership`] gives a down verdict (long enough
-    /// for the coordinator to see a member that really went down), the younger of the two
+    /// down. The coordinator publishes a new table as soon as a member it records goes (see
+    /// [`crate::partition::coordinator`]), so tables that keep listing the member mean the
+    /// coordinator keeps seeing it. Once that lasts the grace the membership task gives a down
+    /// verdict (long enough for the coordinator to see a member that really went down), and
+    /// not within four graces of the last time, the younger of the two
     /// merges back as a member declared down does, with a renewed identity that both sides
     /// take in, and hands over what it holds (a 30-minute Jepsen run stayed with two members
     /// apart this way for three minutes, until the harness gave up).
@@ -1336,9 +1343,20 @@ impl Node {
                 younger_than = Some(id);
             }
         }
+        // Not again soon after a merge back: two members that cannot reach each other, but both
+        // reach the coordinator, would otherwise have the younger merge back every grace.
+        let mut merged_back = self
+            .merged_back_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if merged_back.is_some_and(|at| now.duration_since(at) < grace * 4) {
+            return;
+        }
         if let Some(peer) = younger_than {
             listed_but_down.clear();
             drop(listed_but_down);
+            *merged_back = Some(now);
+            drop(merged_back);
             tracing::warn!(
                 member = %self.me,
                 %peer,

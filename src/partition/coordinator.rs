@@ -137,19 +137,23 @@ pub(crate) async fn step(node: &Arc<Node>) -> bool {
     // dropped its copies to hand what it led over (a 30-minute Jepsen run: a member renewed while
     // the coordinator kept seeing it, kept leading its partitions with nothing in them, and
     // lock fences started over at 1).
-    let live: BTreeSet<MemberId> = node
-        .membership
-        .members()
-        .iter()
-        .filter(|m| {
-            current
-                .generation_of(m.id)
-                .is_none_or(|g| g == m.generation)
-        })
-        .map(|m| m.id)
-        .collect();
+    let view = node.membership.members();
+    let renewed = |m: &crate::membership::Member| {
+        current
+            .generation_of(m.id)
+            .is_some_and(|g| m.generation > g)
+    };
+    let live: BTreeSet<MemberId> = view.iter().filter(|m| !renewed(m)).map(|m| m.id).collect();
     let repaired = migration::repair(&current.replicas, &live, &target);
-    if current.version > 0 && repaired != current.replicas {
+    // Members the table records that are gone or renewed, even if they held nothing: members
+    // read the recorded ones as what the coordinator sees now (see
+    // `Node::notice_members_listed_but_down`), and a renewed member takes no table that records
+    // it under its earlier generation and gives it replicas.
+    let recorded_outdated = current
+        .members
+        .iter()
+        .any(|&id| view.iter().find(|m| m.id == id).is_none_or(&renewed));
+    if current.version > 0 && (repaired != current.replicas || recorded_outdated) {
         let promoted = (0..current.partition_count())
             .filter(|&p| current.primary(p) != repaired[p as usize].first().copied())
             .count();
