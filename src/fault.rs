@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 /// Cuts and heals traffic between pairs of members. Cheap to clone; clones share the same cuts.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +23,8 @@ pub struct FaultSwitch {
     invalidation_drops: Arc<(AtomicU64, AtomicU64)>,
     /// False suspicions still to act on: (the member that suspects, the member it declares down).
     suspicions: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>,
+    /// How long each item a merging member hands over waits first, in milliseconds.
+    merge_hand_over_delay_ms: Arc<AtomicU64>,
 }
 
 fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -110,6 +113,20 @@ impl FaultSwitch {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push((at, of));
+    }
+
+    /// Makes every item (entry, queue, lock fence) a merging member sharing this switch hands
+    /// over wait `delay` first, as a hand-over of a large share over a slow network would: long
+    /// enough for the cluster to change under it. Zero (the default) turns the delay off.
+    pub fn slow_merge_hand_over(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.merge_hand_over_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long each merged item waits before it is handed over (see
+    /// [`Self::slow_merge_hand_over`]).
+    pub(crate) fn merge_hand_over_delay(&self) -> Duration {
+        Duration::from_millis(self.merge_hand_over_delay_ms.load(Ordering::SeqCst))
     }
 
     /// The members the member at `at` is to declare down (see [`Self::false_suspicion`]).

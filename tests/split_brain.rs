@@ -730,3 +730,75 @@ async fn two_members_that_see_each_other_down_are_reunited() {
         500
     );
 }
+
+/// A merge order that comes while a hand-over is under way interrupts it: what was not started
+/// yet goes along with the new order at once (it waited for the whole hand-over, which for a
+/// member holding hundreds of thousands of entries kept two clusters apart for minutes), and
+/// nothing is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_merge_order_interrupts_a_hand_over_and_takes_the_rest_along() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    const ENTRIES: u64 = 64 * 12;
+    let cluster = Cluster::start_with(3, tune).await;
+    cluster.wait_table_settled().await;
+    let alone = cluster.grid(2);
+    let cut_alone = || {
+        let others = [cluster.slots[0].gossip, cluster.slots[1].gossip];
+        cluster.switch.split(&[cluster.slots[2].gossip], &others);
+    };
+    let is_alone = || {
+        let alone = alone.members().len() == 1
+            && cluster.grid(0).members().len() == 2
+            && cluster.grid(1).members().len() == 2;
+        async move { alone.then_some(()) }
+    };
+    cut_alone();
+    wait_for("the member to be alone", DEADLINE, is_alone).await;
+    let map: peergrid::Map<String, u64> = alone.map("m");
+    for n in 0..ENTRIES {
+        let key = format!("k{n}");
+        eventually("a write while alone", || map.set(&key, &n)).await;
+    }
+    // Each item waits before it is handed over: the hand-over takes 12 rounds of 3 s.
+    cluster.switch.slow_merge_hand_over(Duration::from_secs(3));
+    cluster.switch.heal_all();
+    wait_for("the hand-over to be under way", DEADLINE, || {
+        let s = alone.split_brain_stats();
+        let under_way = s.merges == 1 && s.entries_merged >= 1 && s.pending > 0;
+        async move { under_way.then_some(()) }
+    })
+    .await;
+    cut_alone();
+    wait_for("the member to be alone again", DEADLINE, is_alone).await;
+    cluster.switch.heal_all();
+    wait_for(
+        "the new merge order to interrupt the hand-over",
+        DEADLINE,
+        || {
+            let s = alone.split_brain_stats();
+            async move { (s.interrupted >= 1).then_some(s) }
+        },
+    )
+    .await;
+    cluster.switch.slow_merge_hand_over(Duration::ZERO);
+    cluster.wait_converged().await;
+    wait_for(
+        "the member to merge again and hand everything over",
+        DEADLINE,
+        || {
+            let s = alone.split_brain_stats();
+            async move { (s.merges >= 2 && s.pending == 0).then_some(()) }
+        },
+    )
+    .await;
+    cluster.wait_table_settled().await;
+    for i in [0, 1] {
+        let s = cluster.grid(i).split_brain_stats();
+        assert_eq!((s.merges, s.interrupted), (0, 0), "member {i}");
+    }
+    let check: peergrid::Map<String, u64> = cluster.grid(0).map("m");
+    for n in 0..ENTRIES {
+        assert_eq!(check.get(&format!("k{n}")).await.unwrap(), Some(n), "k{n}");
+    }
+    assert_eq!(check.size().await.unwrap(), ENTRIES);
+}

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -102,6 +102,8 @@ pub(crate) struct MergeState {
     pub(crate) superseded: AtomicU64,
     /// Hand-over attempts that failed and were retried.
     retries: AtomicU64,
+    /// Hand-overs a new merge order interrupted.
+    interrupted: AtomicU64,
 }
 
 /// Counters of this member's merges after network splits, from
@@ -127,6 +129,9 @@ pub struct SplitBrainStats {
     /// they came from: the merging side could not have changed them (it had no quorum), and
     /// taking them would undo what this side did since (items polled, values overwritten).
     pub superseded: u64,
+    /// Hand-overs a new merge order interrupted: what was not started yet went along with the
+    /// new order (what was in flight finished first, so nothing is handed over twice).
+    pub interrupted: u64,
 }
 
 impl MergeState {
@@ -140,6 +145,7 @@ impl MergeState {
             pending: get(&self.pending),
             retries: get(&self.retries),
             superseded: get(&self.superseded),
+            interrupted: get(&self.interrupted),
         }
     }
 }
@@ -270,13 +276,21 @@ impl Node {
             if remaining.is_empty() {
                 return remaining;
             }
+            // A new merge order stops new items from starting (they go along with the order,
+            // unattempted); those in flight finish, so no queue item is handed over twice.
+            let interrupted = Arc::new(AtomicBool::new(false));
             let node = self.clone();
+            let stop = interrupted.clone();
             let attempts = futures::stream::iter(remaining)
                 .map(|item| {
                     let node = node.clone();
+                    let stop = stop.clone();
                     async move {
+                        if stop.load(Ordering::Acquire) {
+                            return (item, None);
+                        }
                         let ok = node.hand_over_one(&item).await;
-                        (item, ok)
+                        (item, Some(ok))
                     }
                 })
                 .buffer_unordered(IN_FLIGHT);
@@ -285,18 +299,29 @@ impl Node {
             loop {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return failed,
+                    changed = orders.changed(), if !interrupted.load(Ordering::Acquire) => {
+                        if changed.is_ok() {
+                            tracing::info!(member = %self.me, "a new merge order interrupts the hand-over");
+                        }
+                        interrupted.store(true, Ordering::Release);
+                        self.merge.interrupted.fetch_add(1, Ordering::Relaxed);
+                    }
                     next = attempts.next() => match next {
-                        Some((_, Ok(()))) => {
+                        Some((_, Some(Ok(())))) => {
                             self.merge.pending.fetch_sub(1, Ordering::Relaxed);
                         }
-                        Some((item, Err(e))) => {
+                        Some((item, Some(Err(e)))) => {
                             tracing::debug!(error = %e, "merge hand-over failed; retrying");
                             self.merge.retries.fetch_add(1, Ordering::Relaxed);
                             failed.push(item);
                         }
+                        Some((item, None)) => failed.push(item),
                         None => break,
                     },
                 }
+            }
+            if interrupted.load(Ordering::Acquire) {
+                return failed;
             }
             if failed.is_empty() {
                 tracing::info!(member = %self.me, stats = ?self.merge.stats(), "merge handed over");
@@ -313,6 +338,15 @@ impl Node {
     }
 
     async fn hand_over_one(self: &Arc<Self>, item: &Captured) -> Result<()> {
+        if let Some(delay) = self
+            .config
+            .fault_switch
+            .as_ref()
+            .map(|switch| switch.merge_hand_over_delay())
+            .filter(|delay| !delay.is_zero())
+        {
+            tokio::time::sleep(delay).await;
+        }
         match item {
             Captured::Entry {
                 partition,
