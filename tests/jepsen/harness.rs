@@ -580,7 +580,9 @@ impl Cluster {
         minority
     }
 
-    async fn stop(mut self) {
+    /// Stops every member; the run's directory (member process logs) is removed unless
+    /// `keep_logs`.
+    async fn stop(mut self, keep_logs: bool) {
         for i in 0..self.members.len() {
             if let Member::Process { paused: true, .. } = self.members[i] {
                 self.resume(i);
@@ -592,7 +594,9 @@ impl Cluster {
             }
         }
         self.endpoints.lock().unwrap().clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !keep_logs {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
         // Every member process is gone before its namespace is deleted.
         for m in &mut self.members {
             if let Member::Process { child: Some(c), .. } = m {
@@ -1371,6 +1375,20 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
                     }
                 }
             }
+            // Each item polled twice: the polls that returned it (and whether the final drain
+            // did).
+            for item in queue.duplicated.iter().take(5) {
+                let polls: Vec<_> = histories
+                    .queue
+                    .iter()
+                    .filter(|e| e.outcome == Outcome::Ok(QueueResult::Polled(Some(*item))))
+                    .map(|e| (e.client, e.invoke, e.complete))
+                    .collect();
+                let drained = drained.contains(item);
+                detail.push(format!(
+                    "polled twice {item}: polls (client, invoke, complete) {polls:?}, in the final drain {drained}"
+                ));
+            }
             detail
         },
         queue,
@@ -1379,6 +1397,10 @@ async fn run(config: RunConfig, net: Option<Namespaces>) -> Summary {
         grants: histories.grants.clone(),
         resource: histories.resource,
     };
-    cluster.stop().await;
+    let keep_logs = summary.anomalies() > 0;
+    if keep_logs {
+        println!("member process logs kept in {}", cluster.dir.display());
+    }
+    cluster.stop(keep_logs).await;
     summary
 }
