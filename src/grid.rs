@@ -155,7 +155,6 @@ impl Grid {
             table_lock: std::sync::Mutex::new(()),
             disagreement: std::sync::Mutex::new(None),
             listed_but_down: Default::default(),
-            merged_back_at: Default::default(),
             leaving: std::sync::Mutex::new(Default::default()),
             partition_events: tokio::sync::broadcast::channel(1024).0,
             stats: Default::default(),

@@ -122,6 +122,16 @@ enum Fetched {
 /// An applied mutation's pending backup acknowledgements.
 pub(crate) type Acks = Vec<(u32, oneshot::Receiver<Ack>)>;
 
+/// Members the coordinator's tables list that this member saw go down (see
+/// [`Node::notice_members_listed_but_down`]).
+#[derive(Debug, Default)]
+pub(crate) struct ListedButDown {
+    /// Each such member, and since when it is listed.
+    since: std::collections::BTreeMap<MemberId, std::time::Instant>,
+    /// When this member last merged back because of one.
+    merged_back_at: Option<std::time::Instant>,
+}
+
 pub(crate) struct Node {
     pub(crate) config: GridConfig,
     pub(crate) me: MemberId,
@@ -138,12 +148,8 @@ pub(crate) struct Node {
     /// A coordinator whose tables leave out members this member hears from, and since when
     /// (see [`Node::leaves_out_live_members`]).
     pub(crate) disagreement: std::sync::Mutex<Option<(MemberId, std::time::Instant)>>,
-    /// Members the coordinator's tables list that this member saw go down, and since when (see
-    /// [`Node::notice_members_listed_but_down`]).
-    pub(crate) listed_but_down:
-        std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Instant>>,
-    /// When [`Node::notice_members_listed_but_down`] last had this member merge back.
-    pub(crate) merged_back_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// What [`Node::notice_members_listed_but_down`] keeps between tables.
+    pub(crate) listed_but_down: std::sync::Mutex<ListedButDown>,
     /// Members that announced a graceful leave; the coordinator assigns them nothing.
     pub(crate) leaving: std::sync::Mutex<std::collections::BTreeSet<MemberId>>,
     /// Takeovers started, finished, and partitions lost, for [`crate::Grid::partition_events`].
@@ -1309,7 +1315,7 @@ impl Node {
     /// take in, and hands over what it holds (a 30-minute Jepsen run stayed with two members
     /// apart this way for three minutes, until the harness gave up).
     pub(crate) fn notice_members_listed_but_down(&self, table: &PartitionTable) {
-        let mut listed_but_down = self
+        let mut state = self
             .listed_but_down
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -1318,7 +1324,7 @@ impl Node {
             && self.coordinator() == Some(table.publisher)
             && table.members.contains(&self.me);
         if !from_coordinator {
-            listed_but_down.clear();
+            state.since.clear();
             return;
         }
         let apart: Vec<(MemberId, u64)> = table
@@ -1330,7 +1336,9 @@ impl Node {
             // here yet.
             .filter(|&(id, g)| table.generation_of(id).is_none_or(|listed| listed == g))
             .collect();
-        listed_but_down.retain(|id, _| apart.iter().any(|(a, _)| a == id));
+        state
+            .since
+            .retain(|id, _| apart.iter().any(|(a, _)| a == id));
         let swim = &self.config.swim;
         let grace = (swim.probe_period + swim.suspect_to_down_after) * 2
             + self.config.split_brain_probe_interval * 4;
@@ -1338,25 +1346,23 @@ impl Node {
         let now = std::time::Instant::now();
         let mut younger_than = None;
         for (id, generation) in apart {
-            let since = *listed_but_down.entry(id).or_insert(now);
+            let since = *state.since.entry(id).or_insert(now);
             if now.duration_since(since) > grace && (generation, id.as_u64()) < me {
                 younger_than = Some(id);
             }
         }
         // Not again soon after a merge back: two members that cannot reach each other, but both
         // reach the coordinator, would otherwise have the younger merge back every grace.
-        let mut merged_back = self
+        if state
             .merged_back_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if merged_back.is_some_and(|at| now.duration_since(at) < grace * 4) {
+            .is_some_and(|at| now.duration_since(at) < grace * 4)
+        {
             return;
         }
         if let Some(peer) = younger_than {
-            listed_but_down.clear();
-            drop(listed_but_down);
-            *merged_back = Some(now);
-            drop(merged_back);
+            state.since.clear();
+            state.merged_back_at = Some(now);
+            drop(state);
             tracing::warn!(
                 member = %self.me,
                 %peer,
