@@ -25,6 +25,9 @@ pub struct FaultSwitch {
     suspicions: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>,
     /// How long each item a merging member hands over waits first, in milliseconds.
     merge_hand_over_delay_ms: Arc<AtomicU64>,
+    /// Whether members withhold tables that make them primary of a partition another member
+    /// leads, and how many tables they withheld.
+    withheld_promotions: Arc<(std::sync::atomic::AtomicBool, AtomicU64)>,
 }
 
 fn link(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -127,6 +130,29 @@ impl FaultSwitch {
     /// [`Self::slow_merge_hand_over`]).
     pub(crate) fn merge_hand_over_delay(&self) -> Duration {
         Duration::from_millis(self.merge_hand_over_delay_ms.load(Ordering::SeqCst))
+    }
+
+    /// While `on`, each member sharing this switch refuses every table published by another
+    /// member that makes it the primary of a partition its own table gives to another member,
+    /// as a member whose copy of that publication was lost would: its coordinator and the
+    /// partition's old primary take it to lead the partition, and it does not know. Tables
+    /// that only add it as a backup are taken as usual.
+    pub fn withhold_promotions(&self, on: bool) {
+        self.withheld_promotions.0.store(on, Ordering::SeqCst);
+    }
+
+    /// How many tables members refused while [`Self::withhold_promotions`] was on.
+    pub fn withheld_promotions(&self) -> u64 {
+        self.withheld_promotions.1.load(Ordering::SeqCst)
+    }
+
+    /// Whether a table promoting this member is to be refused (counted if so).
+    pub(crate) fn take_promotion_withheld(&self) -> bool {
+        let on = self.withheld_promotions.0.load(Ordering::SeqCst);
+        if on {
+            self.withheld_promotions.1.fetch_add(1, Ordering::SeqCst);
+        }
+        on
     }
 
     /// The members the member at `at` is to declare down (see [`Self::false_suspicion`]).

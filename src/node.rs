@@ -1223,6 +1223,19 @@ impl Node {
         if self.leaves_out_live_members(&table, &before) {
             return false;
         }
+        if table.publisher != self.me
+            && (0..table.partition_count()).any(|p| {
+                table.primary(p) == Some(self.me) && before.primary(p).is_some_and(|m| m != self.me)
+            })
+            && self
+                .config
+                .fault_switch
+                .as_ref()
+                .is_some_and(|s| s.take_promotion_withheld())
+        {
+            tracing::debug!(member = %self.me, version = table.version, "withholding a table that promotes this member (fault switch)");
+            return false;
+        }
         // The previous primary as the coordinator knew it, or as this member did.
         let takeovers: Vec<u32> = (0..table.partition_count())
             .filter(|&p| {

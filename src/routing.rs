@@ -242,6 +242,17 @@ impl Node {
                 MapOp::Merge { lineage, .. } | MapOp::QueueOffer { lineage, .. } => *lineage,
                 _ => 0,
             },
+            merge_version: match op {
+                MapOp::Merge { version, .. } => *version,
+                _ => 0,
+            },
+            merge_from_primary: matches!(
+                op,
+                MapOp::Merge {
+                    from_primary: true,
+                    ..
+                }
+            ),
         });
         let mut call = self.peer_client(owner)?;
         let response = call
@@ -431,6 +442,8 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
         },
         proto::MapOp::Merge => MapOp::Merge {
             token: request.token,
+            version: request.merge_version,
+            from_primary: request.merge_from_primary,
             value,
             updated_ms: request.updated_ms,
             hits: request.hits,

@@ -87,8 +87,13 @@ pub(crate) enum MapOp {
     /// An entry of the smaller side of a healed split, merged by the map's merge policy on the
     /// key's primary (handled by `split_brain::merge`, not `decide`).
     Merge {
-        /// Identifies this merging entry: applied once however often it is sent.
+        /// Identifies the merging entry's key in the partition copy it comes from (the same on
+        /// the copy's primary and its backups): see `split_brain::merge::merge_identity`.
         token: u64,
+        /// The entry's version in that copy: of two merges of one identity, the newer wins.
+        version: u64,
+        /// Whether it comes from the copy's primary (else from a backup's copy).
+        from_primary: bool,
         value: Bytes,
         updated_ms: u64,
         hits: u32,

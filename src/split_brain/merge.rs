@@ -51,7 +51,7 @@ const IN_FLIGHT: usize = 64;
 /// timeouts if that is longer).
 const JOIN_WITHIN: Duration = Duration::from_secs(10);
 
-/// One thing a merging member captured from a partition it led.
+/// One thing a merging member captured from a partition copy it held.
 #[derive(Debug, Clone)]
 pub(crate) enum Captured {
     /// A map entry.
@@ -60,10 +60,13 @@ pub(crate) enum Captured {
         map: Arc<str>,
         key: Bytes,
         record: Record,
-        /// Makes the hand-over apply once however often it is sent.
+        /// The entry's [`merge_identity`]: the hand-over applies once however often, and from
+        /// however many copies, it is sent.
         token: u64,
         /// The lineage of the partition copy it comes from.
         lineage: u64,
+        /// Whether that copy was the partition's primary (else a backup's).
+        from_primary: bool,
     },
     /// The waiting items of one queue, in queue order: (offer token, payload).
     Queue {
@@ -210,9 +213,20 @@ impl Node {
     }
 
     /// Stops leading anything (the table is emptied, so every operation here is re-routed and
-    /// no table of the old cluster is taken any more) and captures what this member led: map
-    /// entries that are not expired, waiting queue items, and lock fences. Drops every
-    /// partition copy and near-cached entry.
+    /// no table of the old cluster is taken any more) and captures every partition copy this
+    /// member holds as a replica in its table, primary's or backup's: map entries that are not
+    /// expired, waiting queue items, and lock fences. Drops every partition copy and
+    /// near-cached entry. Queue items and lock fences come first: they are few, and a queue's
+    /// items handed over from two copies are told apart by their offer tokens only while the
+    /// receiving queue remembers them.
+    ///
+    /// Not only what this member leads: the members of a cluster that merges away do not all
+    /// hold the same table while it changes under them. A partition whose new primary missed
+    /// the table that made it primary (or whose primary in this member's table is gone, or is
+    /// already in the other cluster) would otherwise be captured by nobody, and every copy of
+    /// it dropped: a Jepsen run lost 617 acknowledged inserts that way. The copies of one
+    /// partition are handed over alike and told apart on the receiving primary (see
+    /// [`merge_identity`]).
     fn stop_leading_and_capture(&self) -> Vec<Captured> {
         let _serial = self.table_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.merge.joining.store(true, Ordering::Release);
@@ -222,19 +236,39 @@ impl Node {
         self.membership.set_established(false);
         let now = crate::store::now_ms();
         let mut captured = Vec::new();
+        let mut entries = Vec::new();
         for partition in 0..table.partition_count() {
             let Some(data) = self.store.partition(partition) else {
                 continue;
             };
-            if table.primary(partition) == Some(self.me) {
+            if table.replicas(partition).contains(&self.me) {
+                let from_primary = table.primary(partition) == Some(self.me);
                 let _seq = data.lock();
                 let lineage = data.lineage();
-                for (map, entries) in data.maps() {
-                    capture_map(partition, lineage, &map, &entries, now, &mut captured);
+                for (map, contents) in data.maps() {
+                    let copy = CopyOf {
+                        partition,
+                        lineage,
+                        from_primary,
+                    };
+                    capture_map(copy, &map, &contents, now, &mut captured, &mut entries);
                 }
             }
             self.store.drop_partition(partition);
         }
+        // Entries of the copies this member led first: a backup's copy of a key that comes
+        // after the primary's, while the receiving primary still remembers the first, is told
+        // apart by its version (see `MergeRecord`).
+        entries.sort_by_key(|c| {
+            matches!(
+                c,
+                Captured::Entry {
+                    from_primary: false,
+                    ..
+                }
+            )
+        });
+        captured.append(&mut entries);
         let all: std::collections::HashSet<u32> = (0..table.partition_count()).collect();
         let nears: Vec<_> = self.near_caches.iter().map(|n| n.value().clone()).collect();
         for near in nears {
@@ -355,9 +389,12 @@ impl Node {
                 record,
                 token,
                 lineage,
+                from_primary,
             } => {
                 let op = MapOp::Merge {
                     token: *token,
+                    version: record.version,
+                    from_primary: *from_primary,
                     value: record.value.clone(),
                     updated_ms: record.updated_ms,
                     hits: record.hits,
@@ -432,6 +469,8 @@ impl Node {
     ) -> Result<(Outcome<OpResult>, Acks)> {
         let MapOp::Merge {
             token,
+            version: merging_version,
+            from_primary,
             value,
             updated_ms,
             hits,
@@ -462,11 +501,15 @@ impl Node {
         let merged = data.entries_or_create(MERGED);
         let token_key = Bytes::copy_from_slice(&token.to_be_bytes());
         let previous_token = merged.get(&token_key);
-        // A merge applied before (its answer lost, or its backups unconfirmed) is not applied
-        // again: a user's policy need not be idempotent. Its token is written again, so the
-        // backups' acknowledgement of this write covers the first one.
-        let write_token = |seq: &mut u64, acks: &mut Acks| {
+        // A merge of this identity applied before (its answer lost, or its backups unconfirmed;
+        // or the same key handed over from another copy of the partition) is not applied again:
+        // a user's policy need not be idempotent. Its record is written again, so the backups'
+        // acknowledgement of this write covers the first one. Only a newer version of the key
+        // in that copy's lineage (or, at one version, the primary's copy after a backup's) goes
+        // on (see `MergeRecord::next`).
+        let write_token = |seq: &mut u64, acks: &mut Acks, remembered: Bytes| {
             let record = Record {
+                value: remembered,
                 version: previous_token.as_ref().map_or(1, |r| r.version + 1),
                 expires_at_ms: now.saturating_add(MERGE_DEDUP_WINDOW.as_millis() as u64),
                 last_access_ms: now,
@@ -479,20 +522,26 @@ impl Node {
             let ctx = (partition, &*table, &self.config.map_config(MERGED));
             self.replicate_change(ctx, *seq, MERGED, token_key.clone(), change, acks);
         };
-        if previous_token.is_some() {
-            write_token(&mut seq, &mut acks);
-            let result = OpResult {
-                applied: true,
-                ..OpResult::default()
-            };
-            return Ok((Outcome::Done(result), acks));
-        }
         let map_config = self.config.map_config(map);
         let entries = data.entries_or_create(map);
         let stored = entries.get(key);
         let current = stored
             .as_ref()
             .filter(|r| !r.is_dead(now, map_config.max_idle_ms()));
+        let next = previous_token.as_ref().map_or(Next::Decide, |r| {
+            MergeRecord::decode(&r.value).map_or(Next::Skip, |earlier| {
+                earlier.next(*merging_version, *from_primary, current.map(|r| r.version))
+            })
+        });
+        if next == Next::Skip {
+            let remembered = previous_token.as_ref().map(|r| r.value.clone());
+            write_token(&mut seq, &mut acks, remembered.unwrap_or_default());
+            let result = OpResult {
+                applied: true,
+                ..OpResult::default()
+            };
+            return Ok((Outcome::Done(result), acks));
+        }
         let merging = MergingEntry {
             value,
             updated_ms: *updated_ms,
@@ -505,10 +554,15 @@ impl Node {
             hits: r.hits,
             expires_at_ms: r.expires_at_ms,
         });
-        let decision = map_config
-            .merge_policy
-            .decide(map, key, existing.as_ref(), &merging);
+        let decision = if next == Next::Replace {
+            MergeOutcome::TakeMerging
+        } else {
+            map_config
+                .merge_policy
+                .decide(map, key, existing.as_ref(), &merging)
+        };
         let version = current.map_or(1, |r| r.version + 1);
+        let took = matches!(decision, MergeOutcome::TakeMerging);
         let record = match decision {
             MergeOutcome::KeepExisting => None,
             MergeOutcome::TakeMerging => Some(Record {
@@ -550,7 +604,16 @@ impl Node {
                 max: self.config.max_value_size,
             });
         }
-        write_token(&mut seq, &mut acks);
+        let remembered = MergeRecord {
+            version: *merging_version,
+            from_primary: *from_primary,
+            outcome: match &record {
+                None => Applied::Kept,
+                Some(r) if took => Applied::Took(r.version),
+                Some(_) => Applied::Decided,
+            },
+        };
+        write_token(&mut seq, &mut acks, remembered.encode());
         let Some(record) = record else {
             return Ok((Outcome::Done(result), acks));
         };
@@ -591,18 +654,136 @@ impl Node {
     }
 }
 
-/// Captures one map of a partition this member led.
-fn capture_map(
+/// The partition copy a map is captured from.
+#[derive(Debug, Clone, Copy)]
+struct CopyOf {
     partition: u32,
     lineage: u64,
+    /// Whether this member led the partition (else it held a backup's copy).
+    from_primary: bool,
+}
+
+/// The identity of a merging entry: its key in one partition copy's lineage. The primary's
+/// copy and its backups' copies of a key share it, so the receiving primary applies a key
+/// handed over from several copies once, taking the newest version (and, at one version, the
+/// primary's, whose reads are counted): see [`MergeRecord`].
+pub(crate) fn merge_identity(partition: u32, lineage: u64, map: &str, key: &[u8]) -> u64 {
+    let mut bytes = Vec::with_capacity(12 + 4 + map.len() + key.len());
+    bytes.extend_from_slice(&partition.to_le_bytes());
+    bytes.extend_from_slice(&lineage.to_le_bytes());
+    bytes.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(map.as_bytes());
+    bytes.extend_from_slice(key);
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// What a primary remembers of a merge it applied, under its identity in [`MERGED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MergeRecord {
+    /// The merged entry's version in its copy.
+    version: u64,
+    /// Whether it came from the copy's primary.
+    from_primary: bool,
+    /// What the map's merge policy made of it.
+    outcome: Applied,
+}
+
+/// What a merge did to the key, as [`MergeRecord`] remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The policy kept the entry that was here.
+    Kept,
+    /// The policy took the merging entry as it was; it was written here at this version.
+    Took(u64),
+    /// The policy made a value of its own, or removed the key.
+    Decided,
+}
+
+impl MergeRecord {
+    const LEN: usize = 18;
+
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.push(u8::from(self.from_primary));
+        let (kind, wrote) = match self.outcome {
+            Applied::Kept => (0, 0),
+            Applied::Took(version) => (1, version),
+            Applied::Decided => (2, 0),
+        };
+        out.push(kind);
+        out.extend_from_slice(&wrote.to_le_bytes());
+        Bytes::from(out)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let outcome = match bytes[9] {
+            0 => Applied::Kept,
+            1 => Applied::Took(word(10)),
+            2 => Applied::Decided,
+            _ => return None,
+        };
+        Some(Self {
+            version: word(0),
+            from_primary: bytes[8] != 0,
+            outcome,
+        })
+    }
+
+    /// What a merge of the same identity, of (`version`, `from_primary`), does given this
+    /// earlier one and the version of the entry here now (if any). Only a newer one goes on: a
+    /// later version, or the same one from the primary's copy after a backup's (which counted
+    /// the reads). It takes the place of what the earlier one took, if nothing changed that
+    /// since; it goes to the policy if the policy kept what was here, or if the entry changed
+    /// since. A value of the policy's own making (or a removal) stays: the policy cannot be
+    /// asked again about the entry that was here before it.
+    fn next(&self, version: u64, from_primary: bool, current: Option<u64>) -> Next {
+        if (version, from_primary) <= (self.version, self.from_primary) {
+            return Next::Skip;
+        }
+        match self.outcome {
+            Applied::Took(wrote) if current == Some(wrote) => Next::Replace,
+            Applied::Took(_) | Applied::Kept => Next::Decide,
+            Applied::Decided => Next::Skip,
+        }
+    }
+}
+
+/// What [`MergeRecord::next`] decides for a later merge of one identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Applied already (or superseded): only the record is written again.
+    Skip,
+    /// Takes the place of the entry the earlier merge wrote.
+    Replace,
+    /// The map's merge policy decides, as for a first merge.
+    Decide,
+}
+
+/// Captures one map of a partition copy: queue items and lock fences into `captured`, map
+/// entries into `entries`.
+fn capture_map(
+    copy: CopyOf,
     map: &Arc<str>,
-    entries: &crate::store::Entries,
+    contents: &crate::store::Entries,
     now: u64,
     captured: &mut Vec<Captured>,
+    entries: &mut Vec<Captured>,
 ) {
+    let CopyOf {
+        partition, lineage, ..
+    } = copy;
     if crate::queue::queue_of(map).is_some() {
         let mut items: BTreeMap<u64, (u64, Bytes)> = BTreeMap::new();
-        entries.for_each(|stored| {
+        contents.for_each(|stored| {
             if let Some((position, token, payload)) =
                 crate::queue::owner::waiting_item(stored.key(), stored.value())
             {
@@ -621,7 +802,7 @@ fn capture_map(
     }
     if &**map == NAMED || &**map == KEYED {
         let map = if &**map == NAMED { NAMED } else { KEYED };
-        entries.for_each(|stored| {
+        contents.for_each(|stored| {
             if let Some(state) = LockState::decode(stored.value()) {
                 let fence = state
                     .holding
@@ -643,17 +824,86 @@ fn capture_map(
         // No other internal map carries state of its own.
         return;
     }
-    entries.for_each(|stored| {
+    contents.for_each(|stored| {
         if stored.is_dead(now, 0) {
             return;
         }
-        captured.push(Captured::Entry {
+        entries.push(Captured::Entry {
             partition,
             map: map.clone(),
             key: Bytes::copy_from_slice(stored.key()),
             record: stored.record(),
-            token: rand::random(),
+            token: merge_identity(partition, lineage, map, stored.key()),
             lineage,
+            from_primary: copy.from_primary,
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_records_round_trip() {
+        for outcome in [Applied::Kept, Applied::Took(7), Applied::Decided] {
+            let record = MergeRecord {
+                version: 42,
+                from_primary: true,
+                outcome,
+            };
+            assert_eq!(MergeRecord::decode(&record.encode()), Some(record));
+        }
+        assert_eq!(MergeRecord::decode(b""), None);
+        let mut bad = MergeRecord {
+            version: 1,
+            from_primary: false,
+            outcome: Applied::Kept,
+        }
+        .encode()
+        .to_vec();
+        bad[9] = 9;
+        assert_eq!(MergeRecord::decode(&bad), None);
+    }
+
+    #[test]
+    fn only_a_newer_copy_of_a_merged_key_goes_on() {
+        let took = MergeRecord {
+            version: 5,
+            from_primary: false,
+            outcome: Applied::Took(3),
+        };
+        // The same version from a backup again, or an older one: applied already.
+        assert_eq!(took.next(5, false, Some(3)), Next::Skip);
+        assert_eq!(took.next(4, true, Some(3)), Next::Skip);
+        // The primary's copy at the same version, or a later version: replaces it, if
+        // unchanged since; else the policy decides.
+        assert_eq!(took.next(5, true, Some(3)), Next::Replace);
+        assert_eq!(took.next(6, false, Some(3)), Next::Replace);
+        assert_eq!(took.next(6, false, Some(4)), Next::Decide);
+        assert_eq!(took.next(6, false, None), Next::Decide);
+        let kept = MergeRecord {
+            outcome: Applied::Kept,
+            ..took
+        };
+        assert_eq!(kept.next(6, false, Some(3)), Next::Decide);
+        let decided = MergeRecord {
+            outcome: Applied::Decided,
+            ..took
+        };
+        assert_eq!(decided.next(6, true, Some(3)), Next::Skip);
+    }
+
+    #[test]
+    fn the_copies_of_a_key_share_its_identity() {
+        let id = merge_identity(3, 99, "m", b"k");
+        assert_eq!(id, merge_identity(3, 99, "m", b"k"));
+        assert_ne!(id, merge_identity(3, 98, "m", b"k"));
+        assert_ne!(id, merge_identity(4, 99, "m", b"k"));
+        // The map name's length is part of it: ("m", "xk") is not ("mx", "k").
+        assert_ne!(
+            merge_identity(3, 99, "m", b"xk"),
+            merge_identity(3, 99, "mx", b"k")
+        );
+    }
 }
