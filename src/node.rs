@@ -433,7 +433,7 @@ impl Node {
         self.catch_up(caller_version).await;
         self.check_quorum(map, &key, &op)?;
         match op {
-            op @ MapOp::Merge { .. } => self.merge_execute(partition, map, key, op).await,
+            op @ MapOp::Merge { .. } => self.merge_execute(partition, map, op).await,
             MapOp::LoadBegin { member, claim } => {
                 self.load_begin(partition, map, key, member, claim).await
             }

@@ -186,8 +186,7 @@ impl Node {
                 MapOp::QueueOffer { token, .. }
                 | MapOp::QueuePoll { token, .. }
                 | MapOp::LockAcquire { token, .. }
-                | MapOp::LockRelease { token, .. }
-                | MapOp::Merge { token, .. } => *token,
+                | MapOp::LockRelease { token, .. } => *token,
                 _ => 0,
             },
             capacity: match op {
@@ -222,18 +221,6 @@ impl Node {
                 MapOp::LockAcquire { queue_for, .. } => millis(*queue_for),
                 _ => 0,
             },
-            updated_ms: match op {
-                MapOp::Merge { updated_ms, .. } => *updated_ms,
-                _ => 0,
-            },
-            hits: match op {
-                MapOp::Merge { hits, .. } => *hits,
-                _ => 0,
-            },
-            expires_at_ms: match op {
-                MapOp::Merge { expires_at_ms, .. } => *expires_at_ms,
-                _ => 0,
-            },
             fence: match op {
                 MapOp::LockMerge { fence } => *fence,
                 _ => 0,
@@ -242,9 +229,20 @@ impl Node {
                 MapOp::Merge { lineage, .. } | MapOp::QueueOffer { lineage, .. } => *lineage,
                 _ => 0,
             },
-            merge_version: match op {
-                MapOp::Merge { version, .. } => *version,
-                _ => 0,
+            merge_entries: match op {
+                MapOp::Merge { entries, .. } => entries
+                    .iter()
+                    .map(|e| proto::MergeEntry {
+                        key: e.key.clone(),
+                        value: e.value.clone(),
+                        updated_ms: e.updated_ms,
+                        hits: e.hits,
+                        expires_at_ms: e.expires_at_ms,
+                        token: e.token,
+                        version: e.version,
+                    })
+                    .collect(),
+                _ => Vec::new(),
             },
             merge_from_primary: matches!(
                 op,
@@ -356,7 +354,7 @@ pub(crate) fn op_to_proto(op: &MapOp) -> (proto::MapOp, Bytes, Bytes) {
         MapOp::LockAcquire { .. } => (proto::MapOp::LockAcquire, none.clone(), none),
         MapOp::LockRelease { .. } => (proto::MapOp::LockRelease, none.clone(), none),
         MapOp::LockMerge { .. } => (proto::MapOp::LockMerge, none.clone(), none),
-        MapOp::Merge { value, .. } => (proto::MapOp::Merge, value.clone(), none),
+        MapOp::Merge { .. } => (proto::MapOp::Merge, none.clone(), none),
         // The sweep never travels; as an info request it changes nothing.
         MapOp::LockInfo | MapOp::LockSweep => (proto::MapOp::LockInfo, none.clone(), none),
         MapOp::Remove => (proto::MapOp::Remove, none.clone(), none),
@@ -441,13 +439,20 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             fence: request.fence,
         },
         proto::MapOp::Merge => MapOp::Merge {
-            token: request.token,
-            version: request.merge_version,
+            entries: request
+                .merge_entries
+                .iter()
+                .map(|e| crate::map::ops::MergeEntry {
+                    key: e.key.clone(),
+                    value: e.value.clone(),
+                    updated_ms: e.updated_ms,
+                    hits: e.hits,
+                    expires_at_ms: e.expires_at_ms,
+                    token: e.token,
+                    version: e.version,
+                })
+                .collect(),
             from_primary: request.merge_from_primary,
-            value,
-            updated_ms: request.updated_ms,
-            hits: request.hits,
-            expires_at_ms: request.expires_at_ms,
             lineage: request.lineage,
         },
         proto::MapOp::Remove => MapOp::Remove,

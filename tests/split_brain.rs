@@ -738,7 +738,7 @@ async fn two_members_that_see_each_other_down_are_reunited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_merge_order_interrupts_a_hand_over_and_takes_the_rest_along() {
     let _turn = SPLITS.acquire().await.unwrap();
-    const ENTRIES: u64 = 64 * 12;
+    const ENTRIES: u64 = 768;
     let cluster = Cluster::start_with(3, tune).await;
     cluster.wait_table_settled().await;
     let alone = cluster.grid(2);
@@ -759,7 +759,8 @@ async fn a_new_merge_order_interrupts_a_hand_over_and_takes_the_rest_along() {
         let key = format!("k{n}");
         eventually("a write while alone", || map.set(&key, &n)).await;
     }
-    // Each item waits before it is handed over: the hand-over takes 12 rounds of 3 s.
+    // Each item (a batch of one partition's entries) waits before it is handed over: 61
+    // batches, 8 at a time, take 8 rounds of 3 s.
     cluster.switch.slow_merge_hand_over(Duration::from_secs(3));
     cluster.switch.heal_all();
     wait_for("the hand-over to be under way", DEADLINE, || {

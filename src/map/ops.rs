@@ -84,21 +84,15 @@ pub(crate) enum MapOp {
     LockMerge {
         fence: u64,
     },
-    /// An entry of the smaller side of a healed split, merged by the map's merge policy on the
-    /// key's primary (handled by `split_brain::merge`, not `decide`).
+    /// Entries of the smaller side of a healed split, all of one partition and map, from one
+    /// copy of the partition there; each merged by the map's merge policy on the partition's
+    /// primary (handled by `split_brain::merge`, not `decide`).
     Merge {
-        /// Identifies the merging entry's key in the partition copy it comes from (the same on
-        /// the copy's primary and its backups): see `split_brain::merge::merge_identity`.
-        token: u64,
-        /// The entry's version in that copy: of two merges of one identity, the newer wins.
-        version: u64,
-        /// Whether it comes from the copy's primary (else from a backup's copy).
+        /// The entries.
+        entries: Vec<MergeEntry>,
+        /// Whether they come from the copy's primary (else from a backup's copy).
         from_primary: bool,
-        value: Bytes,
-        updated_ms: u64,
-        hits: u32,
-        expires_at_ms: u64,
-        /// The lineage of the partition copy the entry comes from (0: unknown).
+        /// The lineage of the partition copy they come from (0: unknown).
         lineage: u64,
     },
     Remove,
@@ -184,6 +178,21 @@ pub(crate) enum Change {
     None,
     Upsert(Bytes, Expiry),
     Remove,
+}
+
+/// One entry of a [`MapOp::Merge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MergeEntry {
+    pub(crate) key: Bytes,
+    pub(crate) value: Bytes,
+    pub(crate) updated_ms: u64,
+    pub(crate) hits: u32,
+    pub(crate) expires_at_ms: u64,
+    /// Identifies the key in the partition copy it comes from (the same on the copy's primary
+    /// and its backups): see `split_brain::merge::merge_identity`.
+    pub(crate) token: u64,
+    /// The entry's version in that copy: of two merges of one token, the newer wins.
+    pub(crate) version: u64,
 }
 
 impl MapOp {

@@ -201,6 +201,9 @@ impl PeerGrid for PeerGridService {
         if !request.map.starts_with('\0') {
             self.check_sizes(&request.key, &request.value)?;
             self.check_sizes(&[], &request.expected)?;
+            for entry in &request.merge_entries {
+                self.check_sizes(&entry.key, &entry.value)?;
+            }
         }
         let op = op_from_proto(&request)
             .ok_or_else(|| Status::invalid_argument("unknown map operation"))?;

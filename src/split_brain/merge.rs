@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::lock::owner::{KEYED, NAMED};
 use crate::lock::state::LockState;
 use crate::map::listen::EntryEventKind;
-use crate::map::ops::{MapOp, OpResult};
+use crate::map::ops::{MapOp, MergeEntry, OpResult};
 use crate::map::stats::MapCounters;
 use crate::membership::driver::Command;
 use crate::node::{Acks, Node, Outcome};
@@ -44,8 +44,14 @@ pub(crate) const MERGED: &str = "\u{0}merged";
 /// How long a merge token is remembered.
 const MERGE_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
-/// How many captured items are handed over at once.
-const IN_FLIGHT: usize = 64;
+/// How many captured items (entry batches, queues, lock fences) are handed over at once.
+const IN_FLIGHT: usize = 8;
+
+/// Most entries in one merge batch.
+const MERGE_BATCH: usize = 256;
+
+/// Bytes of keys and values after which a merge batch takes no more entries.
+const MERGE_BATCH_BYTES: usize = 1 << 20;
 
 /// How long a merging member waits for the larger cluster's table (at least; four rpc
 /// timeouts if that is longer).
@@ -54,16 +60,15 @@ const JOIN_WITHIN: Duration = Duration::from_secs(10);
 /// One thing a merging member captured from a partition copy it held.
 #[derive(Debug, Clone)]
 pub(crate) enum Captured {
-    /// A map entry.
-    Entry {
+    /// Map entries of one map in one partition copy (a batch: at most [`MERGE_BATCH`]
+    /// entries, and about [`MERGE_BATCH_BYTES`]).
+    Entries {
         partition: u32,
         map: Arc<str>,
-        key: Bytes,
-        record: Record,
-        /// The entry's [`merge_identity`]: the hand-over applies once however often, and from
-        /// however many copies, it is sent.
-        token: u64,
-        /// The lineage of the partition copy it comes from.
+        /// Each with its [`merge_identity`] as token: the hand-over applies once however often,
+        /// and from however many copies, it is sent.
+        entries: Vec<MergeEntry>,
+        /// The lineage of the partition copy they come from.
         lineage: u64,
         /// Whether that copy was the partition's primary (else a backup's).
         from_primary: bool,
@@ -83,6 +88,17 @@ pub(crate) enum Captured {
         key: Bytes,
         fence: u64,
     },
+}
+
+impl Captured {
+    /// How many entries, queue items or lock fences it holds.
+    fn size(&self) -> u64 {
+        match self {
+            Captured::Entries { entries, .. } => entries.len() as u64,
+            Captured::Queue { items, .. } => items.len() as u64,
+            Captured::LockFence { .. } => 1,
+        }
+    }
 }
 
 /// The state of this member's merges, behind [`crate::Grid::split_brain_stats`].
@@ -180,7 +196,7 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
         captured.append(&mut carried);
         node.merge
             .pending
-            .store(captured.len() as u64, Ordering::Relaxed);
+            .store(captured.iter().map(Captured::size).sum(), Ordering::Relaxed);
         node.merge.epoch.fetch_add(1, Ordering::Relaxed);
         let (done, joined) = oneshot::channel();
         if commands
@@ -262,7 +278,7 @@ impl Node {
         entries.sort_by_key(|c| {
             matches!(
                 c,
-                Captured::Entry {
+                Captured::Entries {
                     from_primary: false,
                     ..
                 }
@@ -341,8 +357,8 @@ impl Node {
                         self.merge.interrupted.fetch_add(1, Ordering::Relaxed);
                     }
                     next = attempts.next() => match next {
-                        Some((_, Some(Ok(())))) => {
-                            self.merge.pending.fetch_sub(1, Ordering::Relaxed);
+                        Some((item, Some(Ok(())))) => {
+                            self.merge.pending.fetch_sub(item.size(), Ordering::Relaxed);
                         }
                         Some((item, Some(Err(e)))) => {
                             tracing::debug!(error = %e, "merge hand-over failed; retrying");
@@ -382,27 +398,22 @@ impl Node {
             tokio::time::sleep(delay).await;
         }
         match item {
-            Captured::Entry {
+            Captured::Entries {
                 partition,
                 map,
-                key,
-                record,
-                token,
+                entries,
                 lineage,
                 from_primary,
             } => {
                 let op = MapOp::Merge {
-                    token: *token,
-                    version: record.version,
+                    entries: entries.clone(),
                     from_primary: *from_primary,
-                    value: record.value.clone(),
-                    updated_ms: record.updated_ms,
-                    hits: record.hits,
-                    expires_at_ms: record.expires_at_ms,
                     lineage: *lineage,
                 };
-                self.route(*partition, map, key.clone(), op).await?;
-                self.merge.entries_merged.fetch_add(1, Ordering::Relaxed);
+                self.route(*partition, map, Bytes::new(), op).await?;
+                self.merge
+                    .entries_merged
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
             }
             Captured::Queue {
                 partition,
@@ -439,13 +450,12 @@ impl Node {
         Ok(())
     }
 
-    /// A merging entry on the key's primary: the map's merge policy decides, and the result is
-    /// applied and replicated like a write.
+    /// Merging entries on the partition's primary: the map's merge policy decides each, and
+    /// the results are applied and replicated like writes.
     pub(crate) async fn merge_execute(
         &self,
         partition: u32,
         map: &str,
-        key: Bytes,
         op: MapOp,
     ) -> Result<Outcome<OpResult>> {
         // Nothing to wait for: applied once, as soon as the partition may be served.
@@ -454,7 +464,7 @@ impl Node {
             partition,
             &never,
             Duration::ZERO,
-            || self.merge_apply(partition, map, &key, &op),
+            || self.merge_apply(partition, map, &op),
             |_| true,
         )
         .await
@@ -464,17 +474,11 @@ impl Node {
         &self,
         partition: u32,
         map: &str,
-        key: &Bytes,
         op: &MapOp,
     ) -> Result<(Outcome<OpResult>, Acks)> {
         let MapOp::Merge {
-            token,
-            version: merging_version,
+            entries,
             from_primary,
-            value,
-            updated_ms,
-            hits,
-            expires_at_ms,
             lineage,
         } = op
         else {
@@ -488,18 +492,58 @@ impl Node {
             Ok(locked) => locked,
             Err(outcome) => return Ok((outcome, Vec::new())),
         };
+        let map_config = self.config.map_config(map);
         if superseded_by_same_lineage(
             *lineage,
             data.lineage(),
-            self.config.map_config(map).split_brain_protection.is_some(),
+            map_config.split_brain_protection.is_some(),
         ) {
-            self.merge.superseded.fetch_add(1, Ordering::Relaxed);
+            self.merge
+                .superseded
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
             return Ok((Outcome::Done(OpResult::default()), Vec::new()));
         }
         let mut acks = Vec::new();
-        let now = crate::store::now_ms();
+        let mut result = OpResult {
+            applied: true,
+            ..OpResult::default()
+        };
+        let target = MergeTarget {
+            partition,
+            map,
+            data,
+            table: &table,
+            map_config: &map_config,
+            now: crate::store::now_ms(),
+        };
+        for entry in entries {
+            if self.merge_one(&target, entry, *from_primary, &mut seq, &mut acks) {
+                result.count += 1;
+            }
+        }
+        Ok((Outcome::Done(result), acks))
+    }
+
+    /// Merges one entry under the partition's write lock; whether it changed the entry here.
+    fn merge_one(
+        &self,
+        target: &MergeTarget<'_>,
+        entry: &MergeEntry,
+        from_primary: bool,
+        seq: &mut u64,
+        acks: &mut Acks,
+    ) -> bool {
+        let MergeTarget {
+            partition,
+            map,
+            data,
+            table,
+            map_config,
+            now,
+        } = *target;
+        let key = &entry.key;
         let merged = data.entries_or_create(MERGED);
-        let token_key = Bytes::copy_from_slice(&token.to_be_bytes());
+        let token_key = Bytes::copy_from_slice(&entry.token.to_be_bytes());
         let previous_token = merged.get(&token_key);
         // A merge of this identity applied before (its answer lost, or its backups unconfirmed;
         // or the same key handed over from another copy of the partition) is not applied again:
@@ -519,10 +563,9 @@ impl Node {
             merged.insert(&token_key, &record);
             *seq += 1;
             let change = proto::mutation::Change::Upsert(proto::Record::from(&record));
-            let ctx = (partition, &*table, &self.config.map_config(MERGED));
+            let ctx = (partition, table, &self.config.map_config(MERGED));
             self.replicate_change(ctx, *seq, MERGED, token_key.clone(), change, acks);
         };
-        let map_config = self.config.map_config(map);
         let entries = data.entries_or_create(map);
         let stored = entries.get(key);
         let current = stored
@@ -530,23 +573,19 @@ impl Node {
             .filter(|r| !r.is_dead(now, map_config.max_idle_ms()));
         let next = previous_token.as_ref().map_or(Next::Decide, |r| {
             MergeRecord::decode(&r.value).map_or(Next::Skip, |earlier| {
-                earlier.next(*merging_version, *from_primary, current.map(|r| r.version))
+                earlier.next(entry.version, from_primary, current.map(|r| r.version))
             })
         });
         if next == Next::Skip {
             let remembered = previous_token.as_ref().map(|r| r.value.clone());
-            write_token(&mut seq, &mut acks, remembered.unwrap_or_default());
-            let result = OpResult {
-                applied: true,
-                ..OpResult::default()
-            };
-            return Ok((Outcome::Done(result), acks));
+            write_token(seq, acks, remembered.unwrap_or_default());
+            return false;
         }
         let merging = MergingEntry {
-            value,
-            updated_ms: *updated_ms,
-            hits: *hits,
-            expires_at_ms: *expires_at_ms,
+            value: &entry.value,
+            updated_ms: entry.updated_ms,
+            hits: entry.hits,
+            expires_at_ms: entry.expires_at_ms,
         };
         let existing = current.map(|r| MergingEntry {
             value: &r.value,
@@ -566,56 +605,50 @@ impl Node {
         let record = match decision {
             MergeOutcome::KeepExisting => None,
             MergeOutcome::TakeMerging => Some(Record {
-                value: value.clone(),
+                value: entry.value.clone(),
                 version,
-                expires_at_ms: *expires_at_ms,
+                expires_at_ms: entry.expires_at_ms,
                 last_access_ms: now,
-                hits: *hits,
-                updated_ms: *updated_ms,
+                hits: entry.hits,
+                updated_ms: entry.updated_ms,
             }),
             MergeOutcome::Value(value) => Some(Record {
                 value,
                 version,
-                expires_at_ms: *expires_at_ms,
+                expires_at_ms: entry.expires_at_ms,
                 last_access_ms: now,
                 hits: 0,
                 updated_ms: now,
             }),
-            MergeOutcome::Remove => {
-                if current.is_none() {
-                    None
-                } else {
-                    Some(Record::default())
-                }
+            MergeOutcome::Remove => current.map(|_| Record::default()),
+        };
+        // A value beyond this member's limit (a policy's own, or a member configured apart)
+        // is not stored; what was here stays.
+        let record = record.filter(|r| {
+            let fits = r.value.len() <= self.config.max_value_size;
+            if !fits {
+                tracing::warn!(
+                    member = %self.me,
+                    map,
+                    size = r.value.len(),
+                    max = self.config.max_value_size,
+                    "a merged value is too large to store; the entry here stays"
+                );
             }
-        };
-        let result = OpResult {
-            applied: record.is_some(),
-            found: current.is_some(),
-            ..OpResult::default()
-        };
-        if record
-            .as_ref()
-            .is_some_and(|r| r.value.len() > self.config.max_value_size)
-        {
-            return Err(Error::TooLarge {
-                what: "value",
-                size: record.as_ref().map_or(0, |r| r.value.len()),
-                max: self.config.max_value_size,
-            });
-        }
+            fits
+        });
         let remembered = MergeRecord {
-            version: *merging_version,
-            from_primary: *from_primary,
+            version: entry.version,
+            from_primary,
             outcome: match &record {
                 None => Applied::Kept,
                 Some(r) if took => Applied::Took(r.version),
                 Some(_) => Applied::Decided,
             },
         };
-        write_token(&mut seq, &mut acks, remembered.encode());
+        write_token(seq, acks, remembered.encode());
         let Some(record) = record else {
-            return Ok((Outcome::Done(result), acks));
+            return false;
         };
         let counters = self.counters(map);
         let removal = record.version == 0;
@@ -648,10 +681,21 @@ impl Node {
             partition,
             *seq,
         );
-        let ctx = (partition, &*table, &map_config);
-        self.replicate_change(ctx, *seq, map, key.clone(), change, &mut acks);
-        Ok((Outcome::Done(result), acks))
+        let ctx = (partition, table, map_config);
+        self.replicate_change(ctx, *seq, map, key.clone(), change, acks);
+        true
     }
+}
+
+/// Where [`Node::merge_one`] merges: a partition this member leads, under its write lock.
+#[derive(Clone, Copy)]
+struct MergeTarget<'a> {
+    partition: u32,
+    map: &'a str,
+    data: &'a crate::store::PartitionData,
+    table: &'a crate::partition::table::PartitionTable,
+    map_config: &'a crate::config::MapConfig,
+    now: u64,
 }
 
 /// The partition copy a map is captured from.
@@ -824,20 +868,40 @@ fn capture_map(
         // No other internal map carries state of its own.
         return;
     }
+    let mut batch: Vec<MergeEntry> = Vec::new();
+    let mut bytes = 0;
+    let flush = |batch: &mut Vec<MergeEntry>, entries: &mut Vec<Captured>| {
+        if !batch.is_empty() {
+            entries.push(Captured::Entries {
+                partition,
+                map: map.clone(),
+                entries: std::mem::take(batch),
+                lineage,
+                from_primary: copy.from_primary,
+            });
+        }
+    };
     contents.for_each(|stored| {
         if stored.is_dead(now, 0) {
             return;
         }
-        entries.push(Captured::Entry {
-            partition,
-            map: map.clone(),
+        let record = stored.record();
+        bytes += stored.key().len() + record.value.len();
+        batch.push(MergeEntry {
             key: Bytes::copy_from_slice(stored.key()),
-            record: stored.record(),
             token: merge_identity(partition, lineage, map, stored.key()),
-            lineage,
-            from_primary: copy.from_primary,
+            version: record.version,
+            value: record.value,
+            updated_ms: record.updated_ms,
+            hits: record.hits,
+            expires_at_ms: record.expires_at_ms,
         });
+        if batch.len() >= MERGE_BATCH || bytes >= MERGE_BATCH_BYTES {
+            flush(&mut batch, entries);
+            bytes = 0;
+        }
     });
+    flush(&mut batch, entries);
 }
 
 #[cfg(test)]
