@@ -257,8 +257,9 @@ impl Node {
             let Some(data) = self.store.partition(partition) else {
                 continue;
             };
-            if table.replicas(partition).contains(&self.me) {
-                let from_primary = table.primary(partition) == Some(self.me);
+            let from_primary = table.primary(partition) == Some(self.me);
+            // A backup's copy counts once it was installed (a new backup's may be partial).
+            if from_primary || (table.replicas(partition).contains(&self.me) && data.has_copy()) {
                 let _seq = data.lock();
                 let lineage = data.lineage();
                 for (map, contents) in data.maps() {
