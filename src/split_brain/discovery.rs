@@ -6,9 +6,9 @@
 //! name), even when some members appear in both: after a split that healed as failure detection
 //! ended, members that renewed their identity can be seen by both sides while the two sides
 //! still do not see each other, and each side's coordinator keeps publishing its own tables.
-//! [`decide`] says which of them merges into the other: the one with fewer members; on a tie,
-//! or when the views share members (whose sizes then count them on both sides), the one whose
-//! coordinator is younger, so the older coordinator keeps coordinating.
+//! [`decide`] says which of them merges into the other: the one with fewer members (when the
+//! views share members, whose sizes then count them on both sides: fewer members of its own);
+//! on a tie, the one whose coordinator is younger, so the older coordinator keeps coordinating.
 
 use std::net::SocketAddr;
 
@@ -55,13 +55,30 @@ pub(crate) fn decide(mine: &ClusterView, theirs: &ClusterView) -> Verdict {
     // Views that share members (members that still see both sides) have sizes that count
     // those members twice, and each side may count them differently: by size, both sides could
     // decide to merge into the other at once (a Jepsen run had a 3 | 2 split's two sides each
-    // merge into the other after a heal, and dropped a partition on the way). Their
-    // coordinators, though, are the same two for both sides.
+    // merge into the other after a heal, and dropped a partition on the way). The members only
+    // one side lists, though, are the same for both sides (from the same two views), so they
+    // decide: the side with fewer of its own merges. When a list is cut short (a view too large
+    // for a datagram), the coordinators decide, which are the same two for both sides.
+    //
+    // Not the coordinators' age alone: after an isolated member that had been the oldest came
+    // back before the others declared it down, and one member had renewed into its cluster
+    // (so the views shared that member's address), a side of four, with the quorum, merged
+    // into the side of the isolated member. A merge leaves out the merging side's entries and
+    // items of guarded structures where the larger side kept the same copy (see
+    // `merge::superseded_by_same_lineage`), on the ground that the merging side had no quorum:
+    // the four members' acknowledged offers were lost, and the items they had polled were
+    // polled again from the isolated member's older copy (a Jepsen process split run).
     let overlap = mine.members.iter().any(|m| theirs.members.contains(m));
-    let by_size = if overlap {
-        std::cmp::Ordering::Equal
-    } else {
+    let complete = |v: &ClusterView| v.members.len() == v.size as usize;
+    let own = |a: &ClusterView, b: &ClusterView| {
+        a.members.iter().filter(|m| !b.members.contains(m)).count()
+    };
+    let by_size = if !overlap {
         mine.size.cmp(&theirs.size)
+    } else if complete(mine) && complete(theirs) {
+        own(mine, theirs).cmp(&own(theirs, mine))
+    } else {
+        std::cmp::Ordering::Equal
     };
     match by_size {
         std::cmp::Ordering::Less => Verdict::WeMerge,
@@ -125,10 +142,24 @@ mod tests {
         // Members 3 and 4 are seen by both sides; the senders 1 and 5 do not see each other.
         let mine = view(&[1, 3, 4], (10, 1));
         let theirs = view(&[5, 6, 3, 4], (12, 5));
-        // Not by size (the shared members count on both sides): the younger coordinator's side
-        // merges, whichever side decides.
-        assert_eq!(decide(&mine, &theirs), Verdict::TheyMerge);
-        assert_eq!(decide(&theirs, &mine), Verdict::WeMerge);
+        // The side with fewer members of its own merges (1 against 5 and 6), though its
+        // coordinator is the older, whichever side decides.
+        assert_eq!(decide(&mine, &theirs), Verdict::WeMerge);
+        assert_eq!(decide(&theirs, &mine), Verdict::TheyMerge);
+        // As many of their own on each side: the younger coordinator's side merges.
+        let even = view(&[5, 3, 4], (12, 5));
+        assert_eq!(decide(&mine, &even), Verdict::TheyMerge);
+        assert_eq!(decide(&even, &mine), Verdict::WeMerge);
+    }
+
+    #[test]
+    fn an_oldest_member_back_from_isolation_merges_into_the_side_that_kept_the_quorum() {
+        // Member 1, the oldest, was cut off; 2 renewed and joined it; 3, 4 and 5 still list
+        // 2's address. By coordinator age, the side of four would merge into member 1's.
+        let isolated = view(&[1, 2], (1, 1));
+        let quorum = view(&[3, 4, 5, 2], (7, 3));
+        assert_eq!(decide(&isolated, &quorum), Verdict::WeMerge);
+        assert_eq!(decide(&quorum, &isolated), Verdict::TheyMerge);
     }
 
     #[test]
