@@ -93,18 +93,24 @@ pub trait MergeFunction: Send + Sync + 'static {
 /// common, the smaller one (fewer members; on a tie, the one whose coordinator is younger)
 /// merges into the larger one; if some members appear in both (they still see both sides, as a
 /// heal that comes while failure detection ends leaves them), sizes count those members twice
-/// and each side differently, so the side whose coordinator is younger merges, a decision both
-/// sides reach alike. The verdict must hold, for the same coordinator, for a probe interval.
+/// and each side differently, so the side with fewer members of its own (listed by it alone)
+/// merges, and on a tie the side whose coordinator is younger: decisions both sides reach
+/// alike. The verdict must hold, for the same coordinator, for a probe interval.
 ///
 /// The merging side's coordinator orders each of its members to merge, then merges itself. A
 /// merging member:
 /// 1. stops leading anything (its table is emptied, so every operation on it is re-routed), and
-///    captures the entries, queue items and lock fences of the partitions it led;
+///    captures the entries, queue items and lock fences of every partition copy it holds, the
+///    ones it led and its backups' (the tables of a cluster that merges away need not agree on
+///    who leads what: a partition whose new primary missed its promotion was captured by
+///    nobody);
 /// 2. drops every partition copy, renews its identity (a new generation, so it is the youngest
 ///    member and never the coordinator of the merged cluster) and joins the larger side through
 ///    the members that answered its probe, ignoring its old side from then on;
 /// 3. once it has the larger side's table, hands what it captured to the new primaries: each
-///    map entry through the map's [`MergePolicy`], decided by the key's primary; each queue
+///    map entry through the map's [`MergePolicy`], decided by the key's primary (in batches per
+///    partition and map; a key handed over from several copies of a partition is applied
+///    once, by its newest version, or at one version the primary's copy); each queue
 ///    item appended to its queue (deduplicated by its offer token, so a retry appends once);
 ///    each lock's fence, so the merged lock's next token is above every token either side
 ///    handed out. Locks held on the merging side are dropped: their holders' `unlock` answers
@@ -112,7 +118,7 @@ pub trait MergeFunction: Send + Sync + 'static {
 ///
 /// Nothing the merging side acknowledged is dropped silently: what a policy keeps out is its
 /// decision, and entries that could not be handed over are retried until the member stops.
-/// Limits: while a member hands over (about a second for tens of thousands of entries), its
+/// Limits: while a member hands over (about a second for a hundred thousand entries), its
 /// entries are not visible in the merged cluster yet; a merging member that crashes before it
 /// handed everything over loses the rest (it was the only copy left of its side); and entries
 /// the smaller side deleted during the split come back if the larger side still has them.
