@@ -230,18 +230,7 @@ impl Node {
                 _ => 0,
             },
             merge_entries: match op {
-                MapOp::Merge { entries, .. } => entries
-                    .iter()
-                    .map(|e| proto::MergeEntry {
-                        key: e.key.clone(),
-                        value: e.value.clone(),
-                        updated_ms: e.updated_ms,
-                        hits: e.hits,
-                        expires_at_ms: e.expires_at_ms,
-                        token: e.token,
-                        version: e.version,
-                    })
-                    .collect(),
+                MapOp::Merge { entries, .. } => entries.clone(),
                 _ => Vec::new(),
             },
             merge_from_primary: matches!(
@@ -439,19 +428,7 @@ pub(crate) fn op_from_proto(request: &proto::MapRequest) -> Option<MapOp> {
             fence: request.fence,
         },
         proto::MapOp::Merge => MapOp::Merge {
-            entries: request
-                .merge_entries
-                .iter()
-                .map(|e| crate::map::ops::MergeEntry {
-                    key: e.key.clone(),
-                    value: e.value.clone(),
-                    updated_ms: e.updated_ms,
-                    hits: e.hits,
-                    expires_at_ms: e.expires_at_ms,
-                    token: e.token,
-                    version: e.version,
-                })
-                .collect(),
+            entries: request.merge_entries.clone(),
             from_primary: request.merge_from_primary,
             lineage: request.lineage,
         },

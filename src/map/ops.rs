@@ -180,20 +180,11 @@ pub(crate) enum Change {
     Remove,
 }
 
-/// One entry of a [`MapOp::Merge`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MergeEntry {
-    pub(crate) key: Bytes,
-    pub(crate) value: Bytes,
-    pub(crate) updated_ms: u64,
-    pub(crate) hits: u32,
-    pub(crate) expires_at_ms: u64,
-    /// Identifies the key in the partition copy it comes from (the same on the copy's primary
-    /// and its backups): see `split_brain::merge::merge_identity`.
-    pub(crate) token: u64,
-    /// The entry's version in that copy: of two merges of one token, the newer wins.
-    pub(crate) version: u64,
-}
+/// One entry of a [`MapOp::Merge`]: its key, value, last update, reads and expiry; its token,
+/// which identifies the key in the partition copy it comes from (the same on the copy's primary
+/// and its backups: see `split_brain::merge::merge_identity`); and its version in that copy (of
+/// two merges of one token, the newer wins). The wire message itself: merges are internal.
+pub(crate) type MergeEntry = crate::rpc::proto::MergeEntry;
 
 impl MapOp {
     /// Whether applying the operation twice is the same as once, so a write whose outcome is
