@@ -475,8 +475,26 @@ impl Node {
                 Ok(outcome)
             }
             op => {
-                self.execute_local_as(partition, map, key, &op, writer.as_ref())
-                    .await
+                // A write that did not apply (a compare-and-set that found another value, a
+                // put-if-absent that found one) answers from what this member holds, as a read
+                // does: where reads are guarded, it passes the same barrier. (A 30-minute Jepsen
+                // run had a compare-and-set fail on a value its writer's call timed out on,
+                // which the backups never got: later reads returned the value before it.)
+                let answers = self.guarded_answers(map, &key);
+                let unconfirmed = if answers {
+                    self.store
+                        .partition(partition)
+                        .map_or(0, |d| d.unconfirmed())
+                } else {
+                    0
+                };
+                let outcome = self
+                    .execute_local_as(partition, map, key, &op, writer.as_ref())
+                    .await?;
+                if answers && matches!(&outcome, Outcome::Done(result) if !result.applied) {
+                    self.read_barrier(partition, unconfirmed).await?;
+                }
+                Ok(outcome)
             }
         }
     }

@@ -909,3 +909,69 @@ async fn a_partition_whose_new_primary_missed_its_promotion_is_handed_over_in_a_
     );
     assert_eq!(check.size().await.unwrap(), ENTRIES);
 }
+
+/// A compare-and-set that finds another value than it expected answers from the primary, like
+/// a read, and passes the same barrier: on a primary cut off from its backups, it never fails
+/// on a write they did not get. (A 30-minute Jepsen run had a compare-and-set fail on a write
+/// whose call timed out; the backups never had it, and later reads returned the value the
+/// compare-and-set had expected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_compare_and_set_never_fails_on_a_write_the_backups_do_not_hold() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let (cluster, isolated, key) = five_with_a_guarded_key_led_by(2).await;
+    let on_isolated: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
+    on_isolated.set(&key, &1).await.unwrap();
+
+    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
+    cluster
+        .switch
+        .split(&[cluster.slots[isolated].gossip], &others);
+    // A write on the isolated primary: applied there (waited for), its backups out of reach.
+    let partition = on_isolated.partition_of(&key).unwrap();
+    let before = cluster.grid(isolated).local_replica(partition).unwrap().seq;
+    let write = {
+        let map: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
+        let key = key.clone();
+        tokio::spawn(async move { map.set(&key, &2).await })
+    };
+    wait_for(
+        "the write to apply on the isolated primary",
+        DEADLINE,
+        || {
+            let seq = cluster.grid(isolated).local_replica(partition).unwrap().seq;
+            async move { (seq > before).then_some(()) }
+        },
+    )
+    .await;
+    // Compare-and-sets from 1 there until it refuses them for lack of a quorum. The backups
+    // hold 1 and take nothing from the isolated member: none may succeed, and none may fail
+    // on the value 2 (or 3) that only the isolated member holds.
+    let mut answers = Vec::new();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while tokio::time::Instant::now() < until {
+        let answer = on_isolated.replace_if_equal(&key, &1, &3).await;
+        let refused = matches!(answer, Err(Error::QuorumNotPresent { .. }));
+        answers.push(answer);
+        if refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        matches!(answers.last(), Some(Err(Error::QuorumNotPresent { .. }))),
+        "the isolated member refuses at last: {:?}",
+        answers.last()
+    );
+    assert!(write.await.unwrap().is_err(), "the isolated write fails");
+    let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
+    let value = eventually("a read on the majority", || on_majority.get(&key)).await;
+    assert_eq!(value, Some(1), "the majority holds what the backups held");
+    let answered = answers.iter().filter(|a| a.is_ok()).count();
+    assert_eq!(
+        answered,
+        0,
+        "{answered} of {} compare-and-sets on the isolated member answered: {:?}",
+        answers.len(),
+        answers.iter().filter(|a| a.is_ok()).collect::<Vec<_>>()
+    );
+}

@@ -194,9 +194,8 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
         node.settle_takeovers().await;
         let mut captured = node.stop_leading_and_capture();
         captured.append(&mut carried);
-        node.merge
-            .pending
-            .store(captured.iter().map(Captured::size).sum(), Ordering::Relaxed);
+        let items: u64 = captured.iter().map(Captured::size).sum();
+        node.merge.pending.store(items, Ordering::Relaxed);
         node.merge.epoch.fetch_add(1, Ordering::Relaxed);
         let (done, joined) = oneshot::channel();
         if commands
@@ -211,7 +210,8 @@ pub(crate) async fn run(node: Arc<Node>, commands: mpsc::Sender<Command>) {
         tracing::info!(
             member = %node.me,
             generation = identity.generation,
-            captured = captured.len(),
+            items,
+            batches = captured.len(),
             "merging into the larger cluster"
         );
         carried = node.hand_over(captured, &mut orders).await;

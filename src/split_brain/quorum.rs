@@ -24,7 +24,14 @@ impl Node {
     /// Whether `op` on `map` is a single-key read that split-brain protection guards: such a
     /// read passes a read barrier (see [`Node::read_barrier`]).
     pub(crate) fn guarded_read(&self, map: &str, key: &[u8], op: &MapOp) -> bool {
-        if !self.quorum_guarded || !op.is_read() {
+        op.is_read() && self.guarded_answers(map, key)
+    }
+
+    /// Whether what the primary answers about `map`'s entries (a read's value, or a
+    /// conditional write that found another value than it expected) passes a read barrier:
+    /// split-brain protection guards reads of the structure, and its backups are synchronous.
+    pub(crate) fn guarded_answers(&self, map: &str, key: &[u8]) -> bool {
+        if !self.quorum_guarded {
             return false;
         }
         let (_, _, protection) = self.protection_of(map, key);
