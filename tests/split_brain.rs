@@ -528,6 +528,29 @@ async fn five_with_a_guarded_key_led_by(leader: usize) -> (Cluster, usize, Strin
     (cluster, leader, key)
 }
 
+/// Cuts member `isolated` of five off from the other four.
+fn cut_off(cluster: &Cluster, isolated: usize) {
+    let others: Vec<_> = (0..5)
+        .filter(|&i| i != isolated)
+        .map(|i| cluster.slots[i].gossip)
+        .collect();
+    cluster
+        .switch
+        .split(&[cluster.slots[isolated].gossip], &others);
+}
+
+/// Sets `key` of map "guarded" to `value` on member `i`, in a task of its own.
+fn spawn_set(
+    cluster: &Cluster,
+    i: usize,
+    key: &str,
+    value: u64,
+) -> tokio::task::JoinHandle<peergrid::Result<()>> {
+    let map: peergrid::Map<String, u64> = cluster.grid(i).map("guarded");
+    let key = key.to_string();
+    tokio::spawn(async move { map.set(&key, &value).await })
+}
+
 /// The failure-detection window, closed: split-brain protection counts the members a member
 /// recently heard from (heartbeats), not its membership view. An isolated primary therefore
 /// stops serving guarded reads within the heartbeat tolerance, before the rest declare it down
@@ -541,10 +564,7 @@ async fn an_isolated_primary_stops_serving_before_the_majority_takes_its_partiti
     let on_majority: peergrid::Map<String, u64> = cluster.grid(0).map("guarded");
     on_majority.set(&key, &1).await.unwrap();
 
-    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
-    cluster
-        .switch
-        .split(&[cluster.slots[isolated].gossip], &others);
+    cut_off(&cluster, isolated);
     let split_at = tokio::time::Instant::now();
     // Reads on the isolated member until it refuses them.
     let reader = {
@@ -598,16 +618,9 @@ async fn a_guarded_read_never_returns_a_write_the_backups_do_not_hold() {
     let on_isolated: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
     on_isolated.set(&key, &1).await.unwrap();
 
-    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
-    cluster
-        .switch
-        .split(&[cluster.slots[isolated].gossip], &others);
+    cut_off(&cluster, isolated);
     // A write on the isolated primary: applied there, its backups out of reach.
-    let write = {
-        let map: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
-        let key = key.clone();
-        tokio::spawn(async move { map.set(&key, &2).await })
-    };
+    let write = spawn_set(&cluster, isolated, &key, 2);
     // Reads there until it refuses them for lack of a quorum.
     let mut reads = Vec::new();
     let until = tokio::time::Instant::now() + DEADLINE;
@@ -922,18 +935,11 @@ async fn a_guarded_compare_and_set_never_fails_on_a_write_the_backups_do_not_hol
     let on_isolated: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
     on_isolated.set(&key, &1).await.unwrap();
 
-    let others: Vec<_> = [0, 1, 3, 4].map(|i| cluster.slots[i].gossip).to_vec();
-    cluster
-        .switch
-        .split(&[cluster.slots[isolated].gossip], &others);
+    cut_off(&cluster, isolated);
     // A write on the isolated primary: applied there (waited for), its backups out of reach.
     let partition = on_isolated.partition_of(&key).unwrap();
     let before = cluster.grid(isolated).local_replica(partition).unwrap().seq;
-    let write = {
-        let map: peergrid::Map<String, u64> = cluster.grid(isolated).map("guarded");
-        let key = key.clone();
-        tokio::spawn(async move { map.set(&key, &2).await })
-    };
+    let write = spawn_set(&cluster, isolated, &key, 2);
     wait_for(
         "the write to apply on the isolated primary",
         DEADLINE,
