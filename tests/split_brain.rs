@@ -981,3 +981,70 @@ async fn a_guarded_compare_and_set_never_fails_on_a_write_the_backups_do_not_hol
         answers.iter().filter(|a| a.is_ok()).collect::<Vec<_>>()
     );
 }
+
+/// Queue items the larger side polled during a split are not polled again after it heals, from
+/// whichever side's copies held them: the smaller side hands over its primaries' and backups'
+/// copies, and the larger side leaves out the items it already had (same lineage: superseded;
+/// within the dedup window, also by their offer tokens, which is why this test passed even
+/// while backups' copies took no lineage from the mutations they were sent; the unit test
+/// `a_backup_copy_takes_its_primarys_lineage_and_refuses_another` covers that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_items_the_majority_polled_during_a_split_are_not_polled_again_after_the_heal() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = Cluster::start_with(5, |c| {
+        tune(c);
+        c.backup_count = 2;
+        c.queues = vec![(
+            "guarded-*".to_string(),
+            QueueConfig {
+                split_brain_protection: Some(SplitBrainProtection::new(3)),
+                ..QueueConfig::default()
+            },
+        )];
+    })
+    .await;
+    cluster.wait_table_settled().await;
+    // One queue led by each member: the majority promotes a backup's copy of the minority's,
+    // and the minority holds backups' copies of most of the majority's.
+    let ids: Vec<_> = (0..5).map(|i| cluster.grid(i).local_member().id).collect();
+    let mut names: Vec<String> = Vec::new();
+    for id in ids {
+        let name = (0..)
+            .map(|n| format!("guarded-{n}"))
+            .find(|n| cluster.grid(2).queue::<u64>(n).owner() == Some(id) && !names.contains(n))
+            .expect("a queue the member leads");
+        names.push(name);
+    }
+    const ITEMS: u64 = 20;
+    for name in &names {
+        let queue = cluster.grid(2).queue::<u64>(name);
+        for item in 0..ITEMS {
+            assert!(queue.offer(&item).await.unwrap());
+        }
+    }
+
+    split(&cluster).await;
+    for name in &names {
+        let queue = cluster.grid(3).queue::<u64>(name);
+        let len = eventually("a guarded read on the majority", || queue.len()).await;
+        assert_eq!(len, ITEMS, "{name}");
+        for item in 0..ITEMS {
+            assert_eq!(queue.poll().await.unwrap(), Some(item), "{name}");
+        }
+    }
+
+    heal(&cluster).await;
+    for name in &names {
+        let queue = cluster.grid(0).queue::<u64>(name);
+        let len = eventually("a guarded read after the heal", || queue.len()).await;
+        let mut back = Vec::new();
+        while let Some(item) = queue.poll().await.unwrap() {
+            back.push(item);
+        }
+        assert_eq!(
+            (len, back),
+            (0, Vec::new()),
+            "{name}: items polled on the majority came back"
+        );
+    }
+}

@@ -355,7 +355,7 @@ impl PeerGrid for PeerGridService {
             } else if self
                 .node
                 .store
-                .apply_replicated(p.partition, &p.mutations)
+                .apply_replicated(p.partition, p.lineage, &p.mutations)
                 .is_err()
             {
                 response.resync.push(p.partition);

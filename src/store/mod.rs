@@ -375,14 +375,27 @@ impl Store {
 
     /// Applies a primary's mutations in sequence order. Already applied ones are skipped; a
     /// mutation beyond the next expected number is a gap, and the partition needs a snapshot.
+    ///
+    /// `lineage` is the primary's copy's. A copy without one takes it: the copy follows that
+    /// primary's history from its first mutation on (a backup of a partition that started
+    /// empty never gets a snapshot). A copy of another lineage holds another history whose
+    /// sequence numbers mean other mutations: that is a gap too.
     pub(crate) fn apply_replicated(
         &self,
         partition: u32,
+        lineage: u64,
         mutations: &[proto::Mutation],
     ) -> Result<(), Gap> {
         let data = self.partition(partition).ok_or(Gap)?;
         let mut seq = data.lock();
+        let here = data.lineage();
+        if lineage != 0 && here != 0 && here != lineage {
+            return Err(Gap);
+        }
         data.bump_epoch();
+        if lineage != 0 && here == 0 {
+            data.lineage.store(lineage, Ordering::Release);
+        }
         for mutation in mutations {
             if mutation.seq <= *seq {
                 continue;
@@ -415,6 +428,7 @@ impl Store {
             data.bump_epoch();
             // Even an empty copy: served to a new primary, it would replace real data.
             data.has_copy.store(false, Ordering::Release);
+            data.lineage.store(0, Ordering::Release);
             data.maps.clear();
             *seq = 0;
         }
@@ -450,32 +464,56 @@ mod tests {
     fn replicated_mutations_apply_in_order_and_gaps_are_reported() {
         let store = Store::new(4);
         assert_eq!(
-            store.apply_replicated(1, &[upsert(1, "a", "1"), upsert(2, "b", "2")]),
+            store.apply_replicated(1, 0, &[upsert(1, "a", "1"), upsert(2, "b", "2")]),
             Ok(())
         );
         // A duplicate is skipped; the next one applies.
         assert_eq!(
-            store.apply_replicated(1, &[upsert(2, "b", "x"), upsert(3, "a", "3")]),
+            store.apply_replicated(1, 0, &[upsert(2, "b", "x"), upsert(3, "a", "3")]),
             Ok(())
         );
         assert_eq!(store.seq(1), 3);
         let entries = store.partition(1).unwrap().entries("m").unwrap();
         assert_eq!(&entries.get(&b"b"[..]).unwrap().value[..], b"2");
         assert_eq!(&entries.get(&b"a"[..]).unwrap().value[..], b"3");
-        assert_eq!(store.apply_replicated(1, &[upsert(5, "c", "5")]), Err(Gap));
+        assert_eq!(
+            store.apply_replicated(1, 0, &[upsert(5, "c", "5")]),
+            Err(Gap)
+        );
         assert_eq!(store.seq(1), 3);
-        assert_eq!(store.apply_replicated(99, &[upsert(1, "c", "5")]), Err(Gap));
+        assert_eq!(
+            store.apply_replicated(99, 0, &[upsert(1, "c", "5")]),
+            Err(Gap)
+        );
+    }
+
+    #[test]
+    fn a_backup_copy_takes_its_primarys_lineage_and_refuses_another() {
+        let store = Store::new(2);
+        let data = store.partition(0).unwrap();
+        assert_eq!(data.lineage(), 0);
+        assert_eq!(store.apply_replicated(0, 7, &[upsert(1, "a", "1")]), Ok(()));
+        assert_eq!(data.lineage(), 7);
+        // Another history: its sequence numbers mean other mutations.
+        assert_eq!(
+            store.apply_replicated(0, 8, &[upsert(2, "b", "2")]),
+            Err(Gap)
+        );
+        assert_eq!(store.seq(0), 1);
+        assert_eq!(store.apply_replicated(0, 7, &[upsert(2, "b", "2")]), Ok(()));
+        store.drop_partition(0);
+        assert_eq!(data.lineage(), 0);
     }
 
     #[test]
     fn snapshots_install_exactly() {
         let primary = Store::new(2);
         primary
-            .apply_replicated(0, &[upsert(1, "a", "1"), upsert(2, "b", "2")])
+            .apply_replicated(0, 0, &[upsert(1, "a", "1"), upsert(2, "b", "2")])
             .unwrap();
         let backup = Store::new(2);
         backup
-            .apply_replicated(0, &[upsert(1, "z", "stale")])
+            .apply_replicated(0, 0, &[upsert(1, "z", "stale")])
             .unwrap();
         let mut staging = snapshot::Staging::default();
         for chunk in primary.snapshot(0).unwrap().chunks(1, 1) {

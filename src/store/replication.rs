@@ -427,6 +427,10 @@ async fn send_batch(deps: &Deps, member: MemberId, batch: &[Item]) -> Result<BTr
             .map(|(partition, mutations)| proto::PartitionMutations {
                 partition,
                 mutations,
+                lineage: deps
+                    .store
+                    .partition(partition)
+                    .map_or(0, |data| data.lineage()),
             })
             .collect(),
     };
