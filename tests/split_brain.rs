@@ -1070,16 +1070,14 @@ enum QueueOutcome {
 /// while each side has declared the other down). Every acknowledged offer must be polled
 /// exactly once, in the test or in the final drain.
 ///
-/// Open (issue 12): this fails today, in most runs of about 40 s, with items polled twice and
-/// acknowledged offers lost: the side that held the quorum through a member in both views
-/// (counted under its coordinator) served guarded operations acknowledged by that member,
+/// This failed in 2 of 3 runs of about 33 s (items polled twice, acknowledged offers lost, the
+/// anomaly of a 30-minute Jepsen run): the side that held the quorum through a member in both
+/// views (counted under its coordinator) served guarded operations that member acknowledged,
 /// then lost it to the other side and merged away as the smaller one. The larger side's
-/// promoted copy descends from the same lineage but misses those operations, so the merge
-/// leaves them out as superseded (`split_brain::merge::superseded_by_same_lineage` assumes
-/// the merging side never had the quorum). Run it with `cargo test --test split_brain --
-/// --ignored overlapping`.
+/// promoted copy descended from the same lineage but missed those operations, so the merge left
+/// them out as superseded. Split-brain protection now counts only members that see the same
+/// members (see `MembershipState::quorum_present`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: reproduces the queue anomaly of issue 12 (overlapping views after short splits)"]
 async fn overlapping_views_after_short_splits_keep_every_acknowledged_queue_item_once() {
     use std::sync::atomic::{AtomicBool, Ordering};
 

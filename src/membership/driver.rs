@@ -715,6 +715,7 @@ impl Driver {
             generation: me.generation,
             coordinator,
             countable_ms,
+            view: self.state.view_key(),
         };
         for peer in self.state.peer_identities() {
             self.queue_datagram(Kind::Heartbeat, &beat, peer.gossip);

@@ -254,6 +254,9 @@ pub(crate) struct Heartbeat {
     /// For how long the sender has been countable under that coordinator, in milliseconds
     /// (negative: it will be in that many).
     pub(crate) countable_ms: i64,
+    /// The sender's view ([`MembershipState::view_key`]): it counts only for members that see
+    /// the same members.
+    pub(crate) view: u64,
 }
 
 /// This member's time under one coordinator.
@@ -286,6 +289,7 @@ struct Beat {
     at: std::time::Instant,
     coordinator: (u64, u64),
     countable_ms: i64,
+    view: u64,
 }
 
 /// A member seen going down or leaving.
@@ -420,6 +424,25 @@ impl MembershipState {
         oldest
     }
 
+    /// A digest of this member's view: every member it sees, itself included, with their
+    /// generations. Two members with the same key see the same members.
+    pub(crate) fn view_key(&self) -> u64 {
+        let local = read(&self.local);
+        let peers = read(&self.peers);
+        let mut members: Vec<(u64, u64)> = peers
+            .values()
+            .map(|p| (p.id.0, p.generation))
+            .chain(std::iter::once((local.id.0, local.generation)))
+            .collect();
+        members.sort_unstable();
+        let mut bytes = Vec::with_capacity(members.len() * 16);
+        for (id, generation) in members {
+            bytes.extend_from_slice(&id.to_le_bytes());
+            bytes.extend_from_slice(&generation.to_le_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+
     /// This member's current generation (without cloning its identity).
     pub(crate) fn local_generation(&self) -> u64 {
         read(&self.local).generation
@@ -493,6 +516,7 @@ impl MembershipState {
                 at: std::time::Instant::now(),
                 coordinator: beat.coordinator,
                 countable_ms: beat.countable_ms,
+                view: beat.view,
             },
         );
     }
@@ -566,6 +590,18 @@ impl MembershipState {
     /// for the tolerance, so by the time a member switching sides counts on the new one, the old
     /// one stopped counting it. A member that saw nobody under its old coordinator (a member
     /// that just started, or was alone) was counted by nobody, and counts at once.
+    ///
+    /// And only members that see the same members as this one ([`Self::view_key`] in their
+    /// last heartbeat). Agreeing on the coordinator was not enough: after short splits, the
+    /// declarations that arrive after the heal leave each side's view without the other while a
+    /// member still sees both and follows the oldest member's side. That side counted it, held
+    /// the quorum, and served guarded operations it acknowledged as a backup; then it lost the
+    /// member to the other side, whose tables (built from another view) had promoted copies
+    /// without those operations, and merged away as the smaller side, its operations left out
+    /// as superseded (a Jepsen run polled 46 queue items twice and lost 56 acknowledged
+    /// offers). Members whose views agree also agree on the coordinator and, once it has
+    /// published, on the table. A change of view costs the quorum until the heartbeats that
+    /// carry it arrive: members send one as soon as their view changes.
     pub(crate) fn quorum_present(&self) -> usize {
         self.note_coordinator();
         let stint = *read(&self.stint);
@@ -574,6 +610,7 @@ impl MembershipState {
             return 1;
         }
         let tolerance = self.tolerance;
+        let view = self.view_key();
         let peers = read(&self.peers);
         let beats = read(&self.beats);
         1 + peers
@@ -585,6 +622,7 @@ impl MembershipState {
                     b.generation == p.generation
                         && age <= tolerance
                         && b.coordinator == coordinator
+                        && b.view == view
                         && b.countable_ms.saturating_add(age_ms) >= 0
                 })
             })
