@@ -139,23 +139,15 @@ impl Replication {
             );
             return;
         }
-        let replicator = self.replicators.entry(backup).or_insert_with(|| {
-            let (queue, rx) = mpsc::unbounded_channel();
-            let stop = self.deps.cancel.child_token();
-            let progress = Arc::new(Progress::default());
-            tokio::spawn(run(
-                self.deps.clone(),
-                backup,
-                rx,
-                stop.clone(),
-                progress.clone(),
-            ));
-            Replicator {
-                queue,
-                stop,
-                progress,
-            }
-        });
+        let mut replicator = self
+            .replicators
+            .entry(backup)
+            .or_insert_with(|| self.start(backup));
+        if replicator.stop.is_cancelled() && !self.deps.cancel.is_cancelled() {
+            // Forgotten (declared down) and back since, under a new generation: the stopped
+            // replicator releases what it held on its own.
+            *replicator = self.start(backup);
+        }
         replicator.progress.queued.fetch_add(1, Ordering::AcqRel);
         let snapshots = u64::from(matches!(item, Item::Snapshot { .. }));
         self.deps
@@ -174,6 +166,25 @@ impl Replication {
                 &BTreeSet::new(),
                 Ack::BackupGone,
             );
+        }
+    }
+
+    /// A replicator for `backup`, its task started.
+    fn start(&self, backup: MemberId) -> Replicator {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let stop = self.deps.cancel.child_token();
+        let progress = Arc::new(Progress::default());
+        tokio::spawn(run(
+            self.deps.clone(),
+            backup,
+            rx,
+            stop.clone(),
+            progress.clone(),
+        ));
+        Replicator {
+            queue,
+            stop,
+            progress,
         }
     }
 
@@ -229,10 +240,19 @@ impl Replication {
     }
 
     /// Stops replicating to a member that is gone; its pending acknowledgements are released.
+    ///
+    /// The stopped replicator stays until its task has released what it held: a read barrier
+    /// takes a backup without one as idle, and must not before the released writes count as
+    /// not backed up (see `run`). Replicators stopped earlier and fully released go now.
     pub(crate) fn forget(&self, member: MemberId) {
-        if let Some((_, replicator)) = self.replicators.remove(&member) {
+        if let Some(replicator) = self.replicators.get(&member) {
             replicator.stop.cancel();
         }
+        self.replicators.retain(|_, r| {
+            !(r.stop.is_cancelled()
+                && r.progress.answered.load(Ordering::Acquire)
+                    >= r.progress.queued.load(Ordering::Acquire))
+        });
     }
 }
 
@@ -260,8 +280,13 @@ async fn run(
         }
         deps.snapshot_backlog
             .fetch_sub(count_snapshots(batch), Ordering::Relaxed);
-        answered(batch.len());
+        // Resolved (each write counted as not backed up on its partition) before the items
+        // count as answered: a read barrier that waits for them looks at those counts as soon
+        // as they are answered, and must not find them as they were (a guarded read on a
+        // member that had just declared its backups down returned a write they never got).
+        let n = batch.len();
         resolve(&deps.store, batch, &BTreeSet::new(), Ack::BackupGone);
+        answered(n);
     };
     loop {
         let first = tokio::select! {
