@@ -982,15 +982,9 @@ async fn a_guarded_compare_and_set_never_fails_on_a_write_the_backups_do_not_hol
     );
 }
 
-/// Queue items the larger side polled during a split are not polled again after it heals, from
-/// whichever side's copies held them: the smaller side hands over its primaries' and backups'
-/// copies, and the larger side leaves out the items it already had (same lineage: superseded;
-/// within the dedup window, also by their offer tokens, which is why this test passed even
-/// while backups' copies took no lineage from the mutations they were sent; the unit test
-/// `a_backup_copy_takes_its_primarys_lineage_and_refuses_another` covers that).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_items_the_majority_polled_during_a_split_are_not_polled_again_after_the_heal() {
-    let _turn = SPLITS.acquire().await.unwrap();
+/// Five members, settled, with `backup_count` 2 (a copy of every partition on each side of a
+/// 2 | 3 split) and queues "guarded-*" guarded by split-brain protection (a minimum of 3).
+async fn five_with_guarded_queues() -> Cluster {
     let cluster = Cluster::start_with(5, |c| {
         tune(c);
         c.backup_count = 2;
@@ -1004,6 +998,19 @@ async fn queue_items_the_majority_polled_during_a_split_are_not_polled_again_aft
     })
     .await;
     cluster.wait_table_settled().await;
+    cluster
+}
+
+/// Queue items the larger side polled during a split are not polled again after it heals, from
+/// whichever side's copies held them: the smaller side hands over its primaries' and backups'
+/// copies, and the larger side leaves out the items it already had (same lineage: superseded;
+/// within the dedup window, also by their offer tokens, which is why this test passed even
+/// while backups' copies took no lineage from the mutations they were sent; the unit test
+/// `a_backup_copy_takes_its_primarys_lineage_and_refuses_another` covers that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_items_the_majority_polled_during_a_split_are_not_polled_again_after_the_heal() {
+    let _turn = SPLITS.acquire().await.unwrap();
+    let cluster = five_with_guarded_queues().await;
     // One queue led by each member: the majority promotes a backup's copy of the minority's,
     // and the minority holds backups' copies of most of the majority's.
     let ids: Vec<_> = (0..5).map(|i| cluster.grid(i).local_member().id).collect();
@@ -1087,19 +1094,7 @@ async fn overlapping_views_after_short_splits_keep_every_acknowledged_queue_item
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let _turn = SPLITS.acquire().await.unwrap();
-    let cluster = Cluster::start_with(5, |c| {
-        tune(c);
-        c.backup_count = 2;
-        c.queues = vec![(
-            "guarded-*".to_string(),
-            QueueConfig {
-                split_brain_protection: Some(SplitBrainProtection::new(3)),
-                ..QueueConfig::default()
-            },
-        )];
-    })
-    .await;
-    cluster.wait_table_settled().await;
+    let cluster = five_with_guarded_queues().await;
     let oldest = cluster.grid(MINORITY[0]).local_member().id;
     let name = (0..)
         .map(|n| format!("guarded-{n}"))

@@ -34,6 +34,12 @@ use crate::store::Record;
 /// 80 queue items twice that way). Where the larger side started the partition afresh (no copy
 /// of it was on its side), the smaller side's copy is the only one, and it is merged as usual.
 /// Unguarded structures always merge: both sides served them during the split.
+///
+/// This assumes the smaller side never held the quorum after the sides parted. Views that
+/// overlap after a heal broke that: a member that saw both sides made the side that later
+/// merged away a quorum for a while (split-brain protection now counts only members with the
+/// same view). `tests/split_brain.rs`'s ignored overlapping-views test still finds a few queue
+/// items polled twice about once in 14 runs.
 pub(crate) fn superseded_by_same_lineage(merging: u64, here: u64, guarded: bool) -> bool {
     guarded && merging != 0 && merging == here
 }
