@@ -720,8 +720,9 @@ impl Driver {
         self.stale_heartbeats = false;
     }
 
-    /// Queues a heartbeat for every live peer (sent at the next flush). A member that has left
-    /// or is merging away sends none.
+    /// Queues a heartbeat for every live peer, and for the members gone from the view just now
+    /// (see [`Heartbeat::view`]), sent at the next flush. A member that has left or is merging
+    /// away sends none.
     fn send_heartbeats(&mut self) {
         if self.self_leaving || self.merge_ordered {
             return;
@@ -737,6 +738,9 @@ impl Driver {
         };
         for peer in self.state.peer_identities() {
             self.queue_datagram(Kind::Heartbeat, &beat, peer.gossip);
+        }
+        for gone in self.state.farewell_addresses() {
+            self.queue_datagram(Kind::Heartbeat, &beat, gone);
         }
     }
 
@@ -1282,6 +1286,47 @@ mod tests {
             .unwrap();
         notify(&mut driver);
         assert!(driver.is_excluded(&ping(&b, &renewed)));
+    }
+
+    #[tokio::test]
+    async fn a_member_declared_down_stops_counting_the_member_that_declared_it() {
+        // x coordinates (oldest); a and c are its peers, and a counts x in their common view.
+        let (x, a, c) = (identity(1, 1, 1), identity(2, 2, 1), identity(3, 3, 1));
+        let mut driver = driver_with_peers(x.clone(), &[a.clone(), c.clone()]).await;
+        driver.state.set_established(true);
+        let at_a = MembershipState::new(a.clone(), Duration::from_secs(1));
+        at_a.peer_up(x.clone());
+        at_a.peer_up(c.clone());
+        let common = driver.state.view_key();
+        assert_eq!(at_a.view_key(), common);
+        at_a.beat(Heartbeat {
+            id: x.id.0,
+            generation: x.generation,
+            coordinator: (x.generation, x.id.0),
+            countable_ms: 0,
+            view: common,
+        });
+        assert_eq!(at_a.quorum_present(), 2, "a counts x");
+        // x declares a down (a verdict gossiped by the other side of a split that healed) while
+        // a still sees x: x's next heartbeats still go to a, and name x's new view.
+        driver.declare_down(a.clone());
+        notify(&mut driver);
+        assert!(driver.state.peer(a.id).is_none());
+        driver.send_heartbeats();
+        let beats: Vec<(SocketAddr, Heartbeat)> = driver
+            .outbox
+            .iter()
+            .map(|(to, datagram)| {
+                let beat = postcard::from_bytes(&datagram[frame::HEADER_LEN..]).unwrap();
+                (*to, beat)
+            })
+            .collect();
+        let to: Vec<SocketAddr> = beats.iter().map(|(to, _)| *to).collect();
+        assert!(to.contains(&a.gossip) && to.contains(&c.gossip), "{to:?}");
+        let (_, farewell) = beats.iter().find(|(to, _)| *to == a.gossip).unwrap();
+        assert_ne!(farewell.view, common);
+        at_a.beat(*farewell);
+        assert_eq!(at_a.quorum_present(), 1, "a no longer counts x");
     }
 
     /// A driver for `me` that sees `peers` alive.

@@ -256,6 +256,14 @@ pub(crate) struct Heartbeat {
     pub(crate) countable_ms: i64,
     /// The sender's view ([`MembershipState::view_key`]): it counts only for members that see
     /// the same members.
+    ///
+    /// A member that declared a peer down goes on sending it heartbeats for the tolerance and a
+    /// quarter ([`MembershipState::farewell_addresses`]). The peer may still see it, and count
+    /// it under their old common view until its last heartbeat of that view grows older than
+    /// the tolerance, while the members of its new view count it at once: it would count on
+    /// two sides at the same time (a member back from a split declares members of the other
+    /// side down while they still see it). A heartbeat naming the new view stops the peer
+    /// counting it as soon as it arrives.
     pub(crate) view: u64,
 }
 
@@ -377,6 +385,13 @@ impl MembershipState {
         let mut addrs: Vec<SocketAddr> = gone.into_iter().map(|g| g.gossip).collect();
         addrs.dedup();
         addrs
+    }
+
+    /// The gossip addresses of the members gone from the view within the last tolerance and a
+    /// quarter (and not back under a renewed identity): heartbeats still go to them for that
+    /// long. See [`Heartbeat::view`].
+    pub(crate) fn farewell_addresses(&self) -> Vec<SocketAddr> {
+        self.recently_gone(self.tolerance + self.tolerance / 4)
     }
 
     /// Whether this member holds a cluster's partition table.
