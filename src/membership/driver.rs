@@ -448,7 +448,9 @@ impl Driver {
             Kind::Leave => self.on_leave_notice(payload),
             Kind::Heartbeat => match postcard::from_bytes::<Heartbeat>(payload) {
                 Ok(beat) => {
-                    if !self.stale_heartbeats {
+                    if beat.farewell {
+                        self.state.farewell(&beat);
+                    } else if !self.stale_heartbeats {
                         self.state.beat(beat);
                     }
                     true
@@ -720,8 +722,8 @@ impl Driver {
         self.stale_heartbeats = false;
     }
 
-    /// Queues a heartbeat for every live peer, and for the members gone from the view just now
-    /// (see [`Heartbeat::view`]), sent at the next flush. A member that has left or is merging
+    /// Queues a heartbeat for every live peer, and a farewell one for the members gone from the
+    /// view just now (see [`Heartbeat::farewell`]), sent at the next flush. A member that has left or is merging
     /// away sends none.
     fn send_heartbeats(&mut self) {
         if self.self_leaving || self.merge_ordered {
@@ -735,12 +737,17 @@ impl Driver {
             coordinator,
             countable_ms,
             view: self.state.view_key(),
+            farewell: false,
         };
         for peer in self.state.peer_identities() {
             self.queue_datagram(Kind::Heartbeat, &beat, peer.gossip);
         }
+        let farewell = Heartbeat {
+            farewell: true,
+            ..beat
+        };
         for gone in self.state.farewell_addresses() {
-            self.queue_datagram(Kind::Heartbeat, &beat, gone);
+            self.queue_datagram(Kind::Heartbeat, &farewell, gone);
         }
     }
 
@@ -1305,10 +1312,11 @@ mod tests {
             coordinator: (x.generation, x.id.0),
             countable_ms: 0,
             view: common,
+            farewell: false,
         });
         assert_eq!(at_a.quorum_present(), 2, "a counts x");
         // x declares a down (a verdict gossiped by the other side of a split that healed) while
-        // a still sees x: x's next heartbeats still go to a, and name x's new view.
+        // a still sees x: x's next heartbeats still go to a, as farewells.
         driver.declare_down(a.clone());
         notify(&mut driver);
         assert!(driver.state.peer(a.id).is_none());
@@ -1324,8 +1332,9 @@ mod tests {
         let to: Vec<SocketAddr> = beats.iter().map(|(to, _)| *to).collect();
         assert!(to.contains(&a.gossip) && to.contains(&c.gossip), "{to:?}");
         let (_, farewell) = beats.iter().find(|(to, _)| *to == a.gossip).unwrap();
-        assert_ne!(farewell.view, common);
-        at_a.beat(*farewell);
+        assert!(farewell.farewell);
+        assert!(beats.iter().all(|(to, b)| b.farewell == (*to == a.gossip)));
+        at_a.farewell(farewell);
         assert_eq!(at_a.quorum_present(), 1, "a no longer counts x");
     }
 

@@ -257,14 +257,15 @@ pub(crate) struct Heartbeat {
     /// The sender's view ([`MembershipState::view_key`]): it counts only for members that see
     /// the same members.
     ///
-    /// A member that declared a peer down goes on sending it heartbeats for the tolerance and a
-    /// quarter ([`MembershipState::farewell_addresses`]). The peer may still see it, and count
-    /// it under their old common view until its last heartbeat of that view grows older than
-    /// the tolerance, while the members of its new view count it at once: it would count on
-    /// two sides at the same time (a member back from a split declares members of the other
-    /// side down while they still see it). A heartbeat naming the new view stops the peer
-    /// counting it as soon as it arrives.
     pub(crate) view: u64,
+    /// Sent to a member this one declared down, for the tolerance and a quarter after
+    /// ([`MembershipState::farewell_addresses`]): the receiver stops counting the sender at
+    /// once. The receiver may still see the sender, and would count it under their old common
+    /// view until its last heartbeat grew older than the tolerance, while the members of the
+    /// sender's new view count it at once: it would count on two sides at the same time (a
+    /// member back from a split declares members of the other side down while they still see
+    /// it). Not a sign of life: the receiver does not count it as hearing from the sender.
+    pub(crate) farewell: bool,
 }
 
 /// This member's time under one coordinator.
@@ -388,8 +389,8 @@ impl MembershipState {
     }
 
     /// The gossip addresses of the members gone from the view within the last tolerance and a
-    /// quarter (and not back under a renewed identity): heartbeats still go to them for that
-    /// long. See [`Heartbeat::view`].
+    /// quarter (and not back under a renewed identity): farewell heartbeats go to them for
+    /// that long (see [`Heartbeat::farewell`]).
     pub(crate) fn farewell_addresses(&self) -> Vec<SocketAddr> {
         self.recently_gone(self.tolerance + self.tolerance / 4)
     }
@@ -520,6 +521,17 @@ impl MembershipState {
     }
 
     /// Records a peer's heartbeat.
+    /// A farewell heartbeat ([`Heartbeat::farewell`]): the sender is counted no more.
+    pub(crate) fn farewell(&self, beat: &Heartbeat) {
+        let mut beats = write(&self.beats);
+        if beats
+            .get(&MemberId(beat.id))
+            .is_some_and(|b| b.generation == beat.generation)
+        {
+            beats.remove(&MemberId(beat.id));
+        }
+    }
+
     pub(crate) fn beat(&self, beat: Heartbeat) {
         let id = MemberId(beat.id);
         self.heard_from(id, beat.generation);
