@@ -1153,20 +1153,13 @@ fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::identity;
     use super::*;
     use rand::RngExt;
 
     fn node(id: u64, port: u16) -> SwimNode {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let identity = Identity {
-            id: MemberId(id),
-            gossip: addr,
-            rpc: addr,
-            generation: 1,
-            name: Arc::from(format!("n{id}")),
-        };
         Foca::new(
-            identity,
+            identity(id, port, 1),
             crate::SwimConfig::default().to_foca(1388),
             SmallRng::seed_from_u64(id),
             PostcardCodec,
@@ -1200,17 +1193,6 @@ mod tests {
             }
         }
         seen
-    }
-
-    fn identity(id: u64, port: u16, generation: u64) -> Identity {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        Identity {
-            id: MemberId(id),
-            gossip: addr,
-            rpc: addr,
-            generation,
-            name: Arc::from(format!("n{id}")),
-        }
     }
 
     /// A driver for `me` on a real (unused) socket.

@@ -766,7 +766,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn identity(id: u64, port: u16, generation: u64) -> Identity {
+    /// A member's identity on loopback, with both addresses at `port`.
+    pub(super) fn identity(id: u64, port: u16, generation: u64) -> Identity {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         Identity {
             id: MemberId(id),
