@@ -1098,8 +1098,11 @@ impl Driver {
                 self.beat_now = true;
                 // The identity at an address was replaced (a restart, or a rejoin with a higher
                 // generation). If the old one was live, the new one is live too and foca sends no
-                // MemberUp for it.
-                self.admit(&new);
+                // MemberUp for it. A new identity foca holds as down is not one the joined
+                // cluster counts live: it stays ignored if it was.
+                if self.foca.iter_members().any(|m| *m.id() == new) {
+                    self.admit(&new);
+                }
                 if self.state.peer(old.id).as_ref() == Some(&old) {
                     self.state.peer_gone(&old, false);
                     self.state.peer_up(new);
@@ -1277,47 +1280,60 @@ mod tests {
         assert!(driver.is_excluded(&ping(&b, &renewed)));
     }
 
+    /// Seals the datagrams `from` queued for `to` and hands them to `to` as received; returns
+    /// the heartbeats among them.
+    fn deliver(from: &mut Driver, to: &mut Driver) -> Vec<Heartbeat> {
+        let target = to.foca.identity().gossip;
+        let mut beats = Vec::new();
+        for (addr, mut datagram) in std::mem::take(&mut from.outbox) {
+            if addr != target {
+                continue;
+            }
+            beats.push(postcard::from_bytes(&datagram[frame::HEADER_LEN..]).unwrap());
+            from.counter += 1;
+            let stamp = frame::Stamp {
+                instance: from.instance,
+                counter: from.counter,
+                sent_ms: unix_ms(),
+            };
+            frame::seal(&mut datagram, &from.keys, &stamp);
+            to.on_datagram(&datagram, from.foca.identity().gossip);
+        }
+        beats
+    }
+
     #[tokio::test]
     async fn a_member_declared_down_stops_counting_the_member_that_declared_it() {
         // x coordinates (oldest); a and c are its peers, and a counts x in their common view.
         let (x, a, c) = (identity(1, 1, 1), identity(2, 2, 1), identity(3, 3, 1));
-        let mut driver = driver_with_peers(x.clone(), &[a.clone(), c.clone()]).await;
-        driver.state.set_established(true);
-        let at_a = MembershipState::new(a.clone(), Duration::from_secs(1));
-        at_a.peer_up(x.clone());
-        at_a.peer_up(c.clone());
-        let common = driver.state.view_key();
-        assert_eq!(at_a.view_key(), common);
-        at_a.beat(Heartbeat {
-            id: x.id.0,
-            generation: x.generation,
-            coordinator: (x.generation, x.id.0),
-            countable_ms: 0,
-            view: common,
-            farewell: false,
-        });
-        assert_eq!(at_a.quorum_present(), 2, "a counts x");
+        let mut at_x = driver_with_peers(x.clone(), &[a.clone(), c.clone()]).await;
+        let mut at_a = driver_with_peers(a.clone(), &[x.clone(), c.clone()]).await;
+        at_x.state.set_established(true);
+        assert_eq!(at_a.state.view_key(), at_x.state.view_key());
+        at_x.send_heartbeats();
+        let beats = deliver(&mut at_x, &mut at_a);
+        assert!(beats.len() == 1 && !beats[0].farewell, "{beats:?}");
+        assert_eq!(at_a.state.quorum_present(), 2, "a counts x");
         // x declares a down (a verdict gossiped by the other side of a split that healed) while
-        // a still sees x: x's next heartbeats still go to a, as farewells.
-        driver.declare_down(a.clone());
-        notify(&mut driver);
-        assert!(driver.state.peer(a.id).is_none());
-        driver.send_heartbeats();
-        let beats: Vec<(SocketAddr, Heartbeat)> = driver
+        // a still sees x: x's next heartbeats still go to a, as farewells, and only to a.
+        at_x.declare_down(a.clone());
+        notify(&mut at_x);
+        assert!(at_x.state.peer(a.id).is_none());
+        at_x.send_heartbeats();
+        let to_c = at_x
             .outbox
             .iter()
-            .map(|(to, datagram)| {
-                let beat = postcard::from_bytes(&datagram[frame::HEADER_LEN..]).unwrap();
-                (*to, beat)
-            })
-            .collect();
-        let to: Vec<SocketAddr> = beats.iter().map(|(to, _)| *to).collect();
-        assert!(to.contains(&a.gossip) && to.contains(&c.gossip), "{to:?}");
-        let (_, farewell) = beats.iter().find(|(to, _)| *to == a.gossip).unwrap();
-        assert!(farewell.farewell);
-        assert!(beats.iter().all(|(to, b)| b.farewell == (*to == a.gossip)));
-        at_a.farewell(farewell);
-        assert_eq!(at_a.quorum_present(), 1, "a no longer counts x");
+            .filter(|(to, _)| *to == c.gossip)
+            .map(|(_, d)| postcard::from_bytes::<Heartbeat>(&d[frame::HEADER_LEN..]).unwrap())
+            .collect::<Vec<_>>();
+        assert!(to_c.len() == 1 && !to_c[0].farewell, "{to_c:?}");
+        let beats = deliver(&mut at_x, &mut at_a);
+        assert!(beats.len() == 1 && beats[0].farewell, "{beats:?}");
+        assert!(at_a.state.peer(x.id).is_some(), "a still sees x");
+        assert_eq!(at_a.state.quorum_present(), 1, "a no longer counts x");
+        // Once a is back under a renewed identity, x sends it heartbeats again, not farewells.
+        at_x.state.peer_up(identity(2, 2, 2));
+        assert!(at_x.state.farewell_addresses().is_empty());
     }
 
     /// A driver for `me` that sees `peers` alive.

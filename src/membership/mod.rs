@@ -256,11 +256,12 @@ pub(crate) struct Heartbeat {
     pub(crate) countable_ms: i64,
     /// The sender's view ([`MembershipState::view_key`]): it counts only for members that see
     /// the same members.
-    ///
     pub(crate) view: u64,
-    /// Sent to a member this one declared down, for the tolerance and a quarter after
+    /// Sent to a member gone from the sender's view, for the tolerance and a quarter after
     /// ([`MembershipState::farewell_addresses`]): the receiver stops counting the sender at
-    /// once. The receiver may still see the sender, and would count it under their old common
+    /// once. It matters for a member the sender declared down (to a member that left, or to
+    /// the cluster a member merged away from, it names a generation they do not count and
+    /// changes nothing). The receiver may still see the sender, and would count it under their old common
     /// view until its last heartbeat grew older than the tolerance, while the members of the
     /// sender's new view count it at once: it would count on two sides at the same time (a
     /// member back from a split declares members of the other side down while they still see
@@ -520,7 +521,6 @@ impl MembershipState {
             .is_some_and(|(g, at)| *g == generation && at.elapsed() <= within)
     }
 
-    /// Records a peer's heartbeat.
     /// A farewell heartbeat ([`Heartbeat::farewell`]): the sender is counted no more.
     pub(crate) fn farewell(&self, beat: &Heartbeat) {
         let mut beats = write(&self.beats);
@@ -532,6 +532,7 @@ impl MembershipState {
         }
     }
 
+    /// Records a peer's heartbeat.
     pub(crate) fn beat(&self, beat: Heartbeat) {
         let id = MemberId(beat.id);
         self.heard_from(id, beat.generation);
