@@ -723,8 +723,8 @@ impl Driver {
     }
 
     /// Queues a heartbeat for every live peer, and a farewell one for the members gone from the
-    /// view just now (see [`Heartbeat::farewell`]), sent at the next flush. A member that has left or is merging
-    /// away sends none.
+    /// view just now (see [`Heartbeat::farewell`]), sent at the next flush. A member that has
+    /// left or is merging away sends none.
     fn send_heartbeats(&mut self) {
         if self.self_leaving || self.merge_ordered {
             return;

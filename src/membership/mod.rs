@@ -261,11 +261,12 @@ pub(crate) struct Heartbeat {
     /// ([`MembershipState::farewell_addresses`]): the receiver stops counting the sender at
     /// once. It matters for a member the sender declared down (to a member that left, or to
     /// the cluster a member merged away from, it names a generation they do not count and
-    /// changes nothing). The receiver may still see the sender, and would count it under their old common
-    /// view until its last heartbeat grew older than the tolerance, while the members of the
-    /// sender's new view count it at once: it would count on two sides at the same time (a
-    /// member back from a split declares members of the other side down while they still see
-    /// it). Not a sign of life: the receiver does not count it as hearing from the sender.
+    /// changes nothing). The receiver may still see the sender, and would count it under their
+    /// old common view until its last heartbeat grew older than the tolerance, while the
+    /// members of the sender's new view count it at once: it would count on two sides at the
+    /// same time (a member back from a split declares members of the other side down while
+    /// they still see it). Not a sign of life: the receiver does not count it as hearing from
+    /// the sender.
     pub(crate) farewell: bool,
 }
 

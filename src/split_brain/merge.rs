@@ -38,8 +38,10 @@ use crate::store::Record;
 /// This assumes the smaller side never held the quorum after the sides parted. Views that
 /// overlap after a heal broke that: a member that saw both sides made the side that later
 /// merged away a quorum for a while (split-brain protection now counts only members with the
-/// same view). `tests/split_brain.rs`'s ignored overlapping-views test still finds a few queue
-/// items polled twice about once in 14 runs.
+/// same view, and a member declared down stops counting at once). `tests/split_brain.rs`'s
+/// overlapping-views test covers it. Table versions are counters, not terms, so a table a
+/// quorum side served under can in principle still be replaced by one not derived from it
+/// (the README's "Open" list).
 pub(crate) fn superseded_by_same_lineage(merging: u64, here: u64, guarded: bool) -> bool {
     guarded && merging != 0 && merging == here
 }
